@@ -1,0 +1,275 @@
+"""Optimizers and learning-rate schedules.
+
+`adafactor` reimplements T5X's Adafactor (Shazeer & Stern 2018) with T5X's defaults:
+decay_rate 0.8 (beta2_t = 1 - (t+1)^-0.8), factored second moments, no momentum, update clipping
+at RMS 1.0, epsilon1 1e-30, parameter-scale multiplication floored at epsilon2 1e-3, and factoring
+only dims >= 128. Which axes are factored comes from the parameters' *logical* axis names, as in
+T5X's factor rules: `embed` is the ROW axis, `mlp`/`heads`/`kv`/`joined_kv`/`vocab`/`expert_mlp`
+the COLUMN axis, and `layers`/`stack`/`expert` are BATCH axes (never averaged over), so an expert
+kernel `[expert, embed, mlp]` keeps one factored moment per expert. Slots are named like T5X's
+(`v_row`, `v_col`, `v`) so that T5X optimizer state maps over.
+
+Every optimizer here is an `optax.GradientTransformation` paired with a function giving the
+logical axes of its state, so the trainer can shard optimizer state like the parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec
+
+Array = jax.Array
+Schedule = Callable[[Array], Array]
+
+ROW, COLUMN, BATCH = "row", "column", "batch"
+FACTOR_RULES: dict[str, str] = {
+    "embed": ROW, "mlp_embed": ROW,
+    "mlp": COLUMN, "heads": COLUMN, "kv": COLUMN, "joined_kv": COLUMN, "vocab": COLUMN,
+    "expert_mlp": COLUMN,
+    "layers": BATCH, "stack": BATCH, "expert": BATCH, "expert_group": BATCH,
+}
+
+
+# ------------------------------------------------------------------------------ schedules
+@gin.configurable
+def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10000) -> Schedule:
+    """T5X `constant * rsqrt_decay`: lr = base / sqrt(max(step, warmup_steps))."""
+    if warmup_steps <= 0:
+        raise ValueError(f"warmup_steps must be positive, got {warmup_steps}.")
+
+    def schedule(step):
+        return base_learning_rate / jnp.sqrt(jnp.maximum(jnp.asarray(step, jnp.float32),
+                                                         warmup_steps))
+    return schedule
+
+
+@gin.configurable
+def warmup_cosine_schedule(peak_learning_rate: float = 1e-3, warmup_steps: int = 1000,
+                           decay_steps: int = 100000, end_fraction: float = 0.1) -> Schedule:
+    """Linear warmup from 0 to the peak, then cosine decay to `end_fraction` of it."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak_learning_rate, warmup_steps, max(decay_steps, warmup_steps + 1),
+        peak_learning_rate * end_fraction)
+
+
+@gin.configurable
+def constant_schedule(learning_rate: float = 1e-3) -> Schedule:
+    return lambda step: jnp.asarray(learning_rate, jnp.float32)
+
+
+# ----------------------------------------------------------------------------- optimizer API
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """An optax transformation and how to lay out its state.
+
+    Attributes:
+      tx: the gradient transformation (its `update` needs `params`).
+      state_axes: maps the parameters' logical axes (a tree of `PartitionSpec` of names) and the
+        abstract state to a tree of logical `PartitionSpec`s matching the state.
+      schedule: learning rate as a function of the step, for logging.
+    """
+
+    tx: optax.GradientTransformation
+    state_axes: Callable[[Any, Any], Any]
+    schedule: Schedule
+
+
+# ------------------------------------------------------------------------------ Adafactor
+class FactorSpec(NamedTuple):
+    """Which axis of a parameter is reduced for each factored moment (None: not factored)."""
+
+    row_axis: int | None  # averaged out of v_col... see `_factor_spec`.
+    col_axis: int | None
+
+
+def _factor_spec(shape: tuple[int, ...], axes: tuple[str | None, ...] | None,
+                 min_dim_size_to_factor: int) -> FactorSpec:
+    """Picks the (row, column) axes to factor, from logical names when known.
+
+    `v_row` averages the gradient square over the column axis (it has the row axis) and
+    `v_col` averages over the row axis. Without usable names, the two largest dims are used
+    (row = the second largest), as T5X's heuristic does.
+    """
+    if len(shape) < 2:
+        return FactorSpec(None, None)
+    row = col = None
+    if axes is not None and len(axes) == len(shape):
+        kinds = [FACTOR_RULES.get(a) if a is not None else None for a in axes]
+        rows = [i for i, k in enumerate(kinds) if k == ROW]
+        cols = [i for i, k in enumerate(kinds) if k == COLUMN]
+        if len(rows) == 1 and len(cols) == 1:
+            row, col = rows[0], cols[0]
+        elif len(rows) + len(cols) == 0 and all(k == BATCH for k in kinds):
+            return FactorSpec(None, None)
+    if row is None:
+        order = np.argsort(shape, kind="stable")
+        row, col = int(order[-2]), int(order[-1])
+    if shape[row] < min_dim_size_to_factor or shape[col] < min_dim_size_to_factor:
+        return FactorSpec(None, None)
+    return FactorSpec(row, col)
+
+
+class AdafactorState(NamedTuple):
+    count: Array
+    v_row: Any
+    v_col: Any
+    v: Any
+
+
+@gin.configurable
+def adafactor(
+    schedule: Schedule = gin.REQUIRED,
+    param_axes: Any = None,
+    decay_rate: float = 0.8,
+    clipping_threshold: float | None = 1.0,
+    epsilon1: float = 1e-30,
+    epsilon2: float = 1e-3,
+    multiply_by_parameter_scale: bool = True,
+    min_dim_size_to_factor: int = 128,
+    factored: bool = True,
+    weight_decay_rate: float | None = None,
+) -> Optimizer:
+    """T5X-default Adafactor. `param_axes` (a tree of logical `PartitionSpec`s like the params)
+    chooses the factored axes; the trainer fills it in."""
+
+    def specs_for(params):
+        flat_axes = None
+        if param_axes is not None:
+            flat_axes = jax.tree_util.tree_leaves(
+                param_axes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        if flat_axes is not None and len(flat_axes) != len(leaves):
+            raise ValueError(f"param_axes has {len(flat_axes)} leaves, params {len(leaves)}.")
+        specs = [
+            _factor_spec(tuple(p.shape), tuple(flat_axes[i]) if flat_axes else None,
+                         min_dim_size_to_factor) if factored else FactorSpec(None, None)
+            for i, p in enumerate(leaves)
+        ]
+        return specs, leaves, treedef
+
+    def init(params):
+        specs, leaves, treedef = specs_for(params)
+        v_row, v_col, v = [], [], []
+        for spec, p in zip(specs, leaves):
+            if spec.row_axis is not None:
+                v_row.append(jnp.zeros(_drop(p.shape, spec.col_axis), jnp.float32))
+                v_col.append(jnp.zeros(_drop(p.shape, spec.row_axis), jnp.float32))
+                v.append(jnp.zeros((1,), jnp.float32))
+            else:
+                v_row.append(jnp.zeros((1,), jnp.float32))
+                v_col.append(jnp.zeros((1,), jnp.float32))
+                v.append(jnp.zeros(p.shape, jnp.float32))
+        unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
+        return AdafactorState(jnp.zeros([], jnp.int32), unflat(v_row), unflat(v_col), unflat(v))
+
+    def update(grads, state, params):
+        if params is None:
+            raise ValueError("adafactor needs params in update() (parameter scaling).")
+        specs, p_leaves, treedef = specs_for(params)
+        g_leaves = treedef.flatten_up_to(grads)
+        vr_leaves = treedef.flatten_up_to(state.v_row)
+        vc_leaves = treedef.flatten_up_to(state.v_col)
+        v_leaves = treedef.flatten_up_to(state.v)
+        step = state.count
+        lr = schedule(step)
+        t = step.astype(jnp.float32) + 1.0
+        beta2 = 1.0 - t ** (-decay_rate)
+        out_u, out_vr, out_vc, out_v = [], [], [], []
+        for spec, p, g, vr, vc, v in zip(specs, p_leaves, g_leaves, vr_leaves, vc_leaves,
+                                          v_leaves):
+            g = g.astype(jnp.float32)
+            p32 = p.astype(jnp.float32)
+            g_sq = jnp.square(g) + epsilon1
+            if spec.row_axis is not None:
+                new_vr = beta2 * vr + (1 - beta2) * jnp.mean(g_sq, axis=spec.col_axis)
+                new_vc = beta2 * vc + (1 - beta2) * jnp.mean(g_sq, axis=spec.row_axis)
+                # Row axis index within v_row (col axis removed).
+                r_in_vr = spec.row_axis - (spec.col_axis < spec.row_axis)
+                row_mean = jnp.mean(new_vr, axis=r_in_vr, keepdims=True)
+                row_factor = jax.lax.rsqrt(new_vr / row_mean)
+                col_factor = jax.lax.rsqrt(new_vc)
+                y = (g * jnp.expand_dims(row_factor, spec.col_axis)
+                     * jnp.expand_dims(col_factor, spec.row_axis))
+                new_v = v
+            else:
+                new_v = beta2 * v + (1 - beta2) * g_sq
+                y = g * jax.lax.rsqrt(new_v)
+                new_vr, new_vc = vr, vc
+            if clipping_threshold is not None:
+                denom = jnp.maximum(1.0, jnp.sqrt(jnp.mean(jnp.square(y))) / clipping_threshold)
+                y = y / denom
+            step_size = lr
+            if multiply_by_parameter_scale:
+                step_size = step_size * jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(p32))),
+                                                    epsilon2)
+            u = -step_size * y
+            if weight_decay_rate is not None:
+                u = u - weight_decay_rate * lr * p32
+            out_u.append(u.astype(p.dtype))
+            out_vr.append(new_vr)
+            out_vc.append(new_vc)
+            out_v.append(new_v)
+        unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
+        return unflat(out_u), AdafactorState(step + 1, unflat(out_vr), unflat(out_vc),
+                                             unflat(out_v))
+
+    def state_axes(axes_tree, abstract_params):
+        specs, leaves, treedef = specs_for(abstract_params)
+        flat_axes = jax.tree_util.tree_leaves(axes_tree,
+                                              is_leaf=lambda x: isinstance(x, PartitionSpec))
+        vr, vc, v = [], [], []
+        for spec, ax in zip(specs, flat_axes):
+            ax = tuple(ax)
+            if spec.row_axis is not None:
+                vr.append(PartitionSpec(*_drop(ax, spec.col_axis)))
+                vc.append(PartitionSpec(*_drop(ax, spec.row_axis)))
+                v.append(PartitionSpec(None))
+            else:
+                vr.append(PartitionSpec(None))
+                vc.append(PartitionSpec(None))
+                v.append(PartitionSpec(*ax))
+        unflat = lambda xs: jax.tree_util.tree_unflatten(treedef, xs)  # noqa: E731
+        return AdafactorState(PartitionSpec(), unflat(vr), unflat(vc), unflat(v))
+
+    return Optimizer(optax.GradientTransformation(init, update), state_axes, schedule)
+
+
+def _drop(seq, i):
+    return tuple(x for j, x in enumerate(seq) if j != i)
+
+
+# ----------------------------------------------------------------------------------- AdamW
+@gin.configurable
+def adamw(schedule: Schedule = gin.REQUIRED, param_axes: Any = None, b1: float = 0.9,
+          b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1,
+          grad_clip_norm: float | None = 1.0) -> Optimizer:
+    """AdamW (MaxText defaults) with optional global-norm clipping; moments shard like params."""
+    del param_axes
+    parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    tx = optax.chain(*parts)
+
+    def state_axes(axes_tree, abstract_params):
+        state = jax.eval_shape(tx.init, abstract_params)
+        return optax.tree_map_params(
+            tx, lambda _, ax: ax, state, axes_tree,
+            transform_non_params=lambda _: PartitionSpec(),
+            is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+    return Optimizer(tx, state_axes, schedule)
+
+
+@gin.configurable
+def make_optimizer(optimizer_fn: Callable[..., Optimizer] = adafactor,
+                   schedule: Schedule | None = None, param_axes: Any = None) -> Optimizer:
+    """Builds the configured optimizer (default: T5X Adafactor with the rsqrt schedule)."""
+    if schedule is None:
+        schedule = rsqrt_schedule()
+    return optimizer_fn(schedule=schedule, param_axes=param_axes)

@@ -1,0 +1,260 @@
+"""The model-agnostic trainer: sharded train state, jitted train/eval steps, gradient
+accumulation, and the training loop with its periodic actions (log, eval, checkpoint)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from moetx.trainer import losses, metrics as metrics_lib, optimizers, partitioning
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Array
+    params: Any
+    opt_state: Any
+
+
+class Trainer:
+    """Owns the sharded state layout and the compiled steps for one model on one mesh.
+
+    Args:
+      model: a model wrapper (see `moetx.lm.models`).
+      optimizer_factory: `param_axes -> optimizers.Optimizer` (gin's `make_optimizer`).
+      mesh: the device mesh; rules: logical axis rules.
+      input_shapes: global shapes of the batch features (used to initialise parameters).
+      num_microbatches: split each batch into this many microbatches and accumulate gradients.
+      seed: parameter-init and dropout seed.
+    """
+
+    def __init__(self, model, optimizer_factory: Callable[..., optimizers.Optimizer],
+                 mesh: Mesh, rules, input_shapes: Mapping[str, tuple[int, ...]],
+                 num_microbatches: int = 1, seed: int = 0):
+        self.model = model
+        self.mesh = mesh
+        self.rules = tuple(rules)
+        self.input_shapes = dict(input_shapes)
+        self.num_microbatches = int(num_microbatches or 1)
+        self.seed = seed
+        batch_size = next(iter(self.input_shapes.values()))[0]
+        if batch_size % self.num_microbatches:
+            raise ValueError(f"batch_size {batch_size} is not divisible by num_microbatches "
+                             f"{self.num_microbatches}.")
+        dp = partitioning.data_parallel_size(mesh, self.rules)
+        if (batch_size // self.num_microbatches) % dp:
+            raise ValueError(
+                f"The (micro)batch size {batch_size // self.num_microbatches} is not divisible by "
+                f"the {dp} data-parallel shards of mesh {dict(mesh.shape)}; change BATCH_SIZE, "
+                f"num_microbatches or the mesh.")
+
+        # Shapes and logical axes of the parameters, without materialising them.
+        init_rng = jax.random.PRNGKey(seed)
+        boxed = jax.eval_shape(lambda: model.get_initial_variables(init_rng, self.input_shapes))
+        self.params_axes = partitioning.params_logical_axes(boxed["params"])
+        abstract_params = nn.unbox(boxed["params"])
+        self.optimizer = optimizer_factory(param_axes=self.params_axes)
+        abstract_opt = jax.eval_shape(self.optimizer.tx.init, abstract_params)
+        opt_axes = self.optimizer.state_axes(self.params_axes, abstract_params)
+        self.state_axes = TrainState(step=PartitionSpec(), params=self.params_axes,
+                                     opt_state=opt_axes)
+        self.abstract_state = TrainState(
+            step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+            opt_state=abstract_opt)
+        self.state_shardings = partitioning.logical_shardings(
+            self.state_axes, mesh, self.rules, self.abstract_state)
+        self.batch_shardings = {
+            k: partitioning.batch_sharding(mesh, self.rules, len(s))
+            for k, s in self.input_shapes.items()}
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self._train_step = jax.jit(
+            self._train_step_impl, in_shardings=(self.state_shardings, self.batch_shardings),
+            out_shardings=(self.state_shardings, self._replicated), donate_argnums=(0,))
+        self._eval_step = jax.jit(
+            self._eval_step_impl, in_shardings=(self.state_shardings.params,
+                                                self.batch_shardings),
+            out_shardings=self._replicated)
+
+    # ------------------------------------------------------------------------------ state
+    def init_state(self) -> TrainState:
+        """Fresh parameters and optimizer state, created directly in their shardings."""
+        def init():
+            variables = self.model.get_initial_variables(jax.random.PRNGKey(self.seed),
+                                                         self.input_shapes)
+            params = nn.unbox(variables["params"])
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=self.optimizer.tx.init(params))
+
+        with self.mesh, nn.logical_axis_rules(self.rules):
+            return jax.jit(init, out_shardings=self.state_shardings)()
+
+    def abstract_state_with_shardings(self) -> TrainState:
+        return jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            self.abstract_state, self.state_shardings)
+
+    # ------------------------------------------------------------------------------ steps
+    def _grads(self, params, batch, dropout_rng, weights, factor):
+        grad_fn = jax.value_and_grad(self.model.loss_fn, has_aux=True)
+        (_, sums), grads = grad_fn(params, batch, dropout_rng, weights, factor)
+        return grads, sums
+
+    def _train_step_impl(self, state: TrainState, batch: Mapping[str, Array]):
+        with nn.logical_axis_rules(self.rules):
+            weights, factor = losses.loss_weights_and_factor(
+                batch, self.model.loss_normalization)
+            step_rng = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), state.step)
+            m = self.num_microbatches
+            if m == 1:
+                grads, sums = self._grads(state.params, batch, step_rng, weights, factor)
+            else:
+                # Microbatch i takes rows i, i+m, i+2m, ...: every microbatch stays evenly
+                # sharded over the data axis, and the full-batch normaliser is used throughout.
+                def split(x):
+                    x = x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
+                    return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+                micro = {k: split(v) for k, v in batch.items()}
+                micro_w = split(weights)
+
+                def body(carry, xs):
+                    grads_acc, sums_acc = carry
+                    i, mb, w = xs
+                    g, s = self._grads(state.params, mb, jax.random.fold_in(step_rng, i), w,
+                                       factor)
+                    add = lambda a, b: a + b  # noqa: E731
+                    return (jax.tree_util.tree_map(add, grads_acc, g),
+                            jax.tree_util.tree_map(add, sums_acc, s)), None
+
+                zeros_g = jax.tree_util.tree_map(
+                    lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+                zeros_s = {k: jnp.zeros((), jnp.float32) for k in
+                           ("loss", "z_loss_sum", "cross_ent_sum", "correct", "weight")}
+                (grads, sums), _ = jax.lax.scan(
+                    body, (zeros_g, zeros_s), (jnp.arange(m), micro, micro_w))
+            updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            sums = dict(sums)
+            sums["learning_rate"] = self.optimizer.schedule(state.step)
+            sums["grad_norm"] = optax.global_norm(grads)
+            return TrainState(step=state.step + 1, params=params, opt_state=opt_state), sums
+
+    def _eval_step_impl(self, params, batch):
+        with nn.logical_axis_rules(self.rules):
+            return self.model.eval_fn(params, batch)
+
+    def train_step(self, state: TrainState, batch: Mapping[str, Array]):
+        with self.mesh:
+            return self._train_step(state, batch)
+
+    def eval_step(self, params, batch: Mapping[str, Array]):
+        with self.mesh:
+            return self._eval_step(params, batch)
+
+    # ------------------------------------------------------------------------------ batches
+    def local_rows(self, global_batch_size: int) -> slice:
+        return partitioning.process_batch_slice(self.mesh, self.rules, global_batch_size)
+
+    def to_global(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, Array]:
+        """Host-local numpy rows -> global sharded arrays (only the model's features)."""
+        global_bs = next(iter(self.input_shapes.values()))[0]
+        feats = {k: np.asarray(local_batch[k]) for k in self.input_shapes if k in local_batch}
+        missing = set(self.input_shapes) - set(feats)
+        for k in missing:  # e.g. unpacked data without segment ids: one segment per row.
+            ref = next(iter(feats.values()))
+            feats[k] = (np.asarray(local_batch["decoder_target_tokens"]) > 0).astype(np.int32) \
+                if k == "decoder_segment_ids" else np.zeros_like(ref)
+        return partitioning.host_local_batch_to_global(feats, self.mesh, self.rules, global_bs)
+
+    def evaluate(self, params, batches: Iterator[Mapping[str, np.ndarray]],
+                 max_batches: int | None = None) -> dict[str, float]:
+        """Teacher-forced loss, accuracy and perplexity over (up to `max_batches`) batches."""
+        totals: dict[str, float] = {}
+        n = 0
+        for batch in batches:
+            if max_batches is not None and n >= max_batches:
+                break
+            sums = jax.device_get(self.eval_step(params, self.to_global(batch)))
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            n += 1
+        if not n:
+            raise ValueError("The evaluation split produced no batches; is it empty?")
+        out = metrics_lib.summarize(totals)
+        out["tokens"] = totals["weight"]
+        return out
+
+
+def check_finite(step: int, value: float) -> None:
+    if not np.isfinite(value):
+        raise FloatingPointError(f"Loss became {value} at step {step}; lower the learning rate "
+                                 f"or check the data.")
+
+
+def run_training_loop(
+    trainer: Trainer,
+    state: TrainState,
+    batches: Iterator[Mapping[str, np.ndarray]],
+    train_steps: int,
+    writer: metrics_lib.MetricWriter,
+    log_every: int = 10,
+    on_step_end: Callable[[int, TrainState], None] | None = None,
+    tokens_per_batch: int = 0,
+    flops_per_step: float = 0.0,
+    peak_flops: float = 0.0,
+    history: list | None = None,
+) -> TrainState:
+    """Steps from `state.step` to `train_steps`, logging every `log_every` steps.
+
+    `history`, when given, receives (step, loss) for every step (the loss is fetched every
+    step then, which costs a device sync; tests use it to compare runs).
+    """
+    start = int(jax.device_get(state.step))
+    t_window, s_window = time.perf_counter(), start
+    t_start = t_window
+    window_sums: dict[str, float] = {}
+    for step in range(start + 1, train_steps + 1):
+        try:
+            batch = next(batches)
+        except StopIteration:
+            raise ValueError(f"The training data ran out at step {step}; the train split is "
+                             f"empty or too small for one batch.") from None
+        state, sums = trainer.train_step(state, trainer.to_global(batch))
+        if history is not None:
+            loss = float(jax.device_get(sums["loss"]))
+            check_finite(step, loss)
+            history.append((step, loss))
+        if step % log_every == 0 or step == train_steps:
+            sums = jax.device_get(sums)
+            for k, v in sums.items():
+                window_sums[k] = window_sums.get(k, 0.0) + float(v)
+            now = time.perf_counter()
+            dt = now - t_window
+            steps = step - s_window
+            scalars = metrics_lib.summarize(sums)
+            check_finite(step, scalars["cross_ent_loss"])
+            scalars["loss"] = scalars["cross_ent_loss"]
+            scalars["learning_rate"] = float(sums["learning_rate"])
+            scalars["grad_norm"] = float(sums["grad_norm"])
+            scalars["steps_per_sec"] = steps / dt
+            if tokens_per_batch:
+                scalars["tokens_per_sec"] = steps * tokens_per_batch / dt
+            if flops_per_step and peak_flops:
+                scalars["mfu"] = flops_per_step * steps / dt / peak_flops
+            writer.write_scalars(step, scalars)
+            remaining = (train_steps - step) * (now - t_start) / max(step - start, 1)
+            writer.progress(step, scalars, remaining)
+            t_window, s_window, window_sums = now, step, {}
+        if on_step_end is not None:
+            on_step_end(step, state)
+    return state
