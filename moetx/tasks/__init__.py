@@ -1,0 +1,216 @@
+"""SeqIO tasks for moetx, registered on import (no network, no file access at import time).
+
+Registered tasks (decoder-only LM objectives, see `moetx.tasks.pretraining`):
+
+- `moetx_en_causal_lm`, `moetx_en_prefix_lm`: the bundled offline English corpus (Shakespeare,
+  the King James Bible, a Wikipedia sample; splits 'train' and 'validation') with the default
+  8k SentencePiece vocabulary. Both must first be built by `python -m moetx.tasks.corpora`.
+- `c4_causal_lm`, `c4_prefix_lm`: TFDS `c4/en:3.0.1` (splits 'train', 'validation'), for users
+  who have prepared C4 in their TFDS data dir; same vocabulary.
+
+Your own text files (one example per line) become a task with `register_text_files_task`, or
+from gin with `MIXTURE_OR_TASK_NAME = @moetx.tasks.text_files_task()` and bindings such as
+`moetx.tasks.text_files_task.name = 'my_lm'` and `...train_files = ['/data/train.txt']`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from collections.abc import Sequence
+
+if "tensorflow" not in sys.modules:
+    # Set before SeqIO pulls in TensorFlow, to silence its startup log noise (users' own
+    # settings win).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import gin  # noqa: E402
+import seqio  # noqa: E402
+
+from moetx.tasks import paths, pretraining, vocab  # noqa: E402
+from moetx.tasks.paths import data_dir  # noqa: E402
+from moetx.tasks.pretraining import OBJECTIVES  # noqa: E402
+from moetx.tasks.vocab import (  # noqa: E402
+    VocabularyError,
+    build_default_vocabulary,
+    default_vocabulary_path,
+    get_vocabulary,
+    train_sentencepiece,
+)
+
+__all__ = [
+    "BUNDLED_TASKS",
+    "C4_TASKS",
+    "C4_TFDS_NAME",
+    "OBJECTIVES",
+    "BundledCorpusSource",
+    "VocabularyError",
+    "build_default_vocabulary",
+    "data_dir",
+    "default_vocabulary_path",
+    "get_task_or_mixture",
+    "get_vocabulary",
+    "register_default_tasks",
+    "register_text_files_task",
+    "text_files_task",
+    "train_sentencepiece",
+]
+
+BUNDLED_TASKS = {"moetx_en_causal_lm": "causal_lm", "moetx_en_prefix_lm": "prefix_lm"}
+C4_TASKS = {"c4_causal_lm": "causal_lm", "c4_prefix_lm": "prefix_lm"}
+C4_TFDS_NAME = "c4/en:3.0.1"
+_SPLITS = ("train", "validation")
+
+
+class BundledCorpusSource(seqio.TextLineDataSource):
+    """The bundled corpus (one paragraph a line), with its files looked up only when read.
+
+    Registration therefore works before the corpus exists; reading it before
+    `python -m moetx.tasks.corpora` has run raises an error that says so.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike | None = None):
+        self._data_dir = data_dir
+        root = paths.corpus_dir(data_dir)
+        super().__init__({split: str(root / f"{split}.txt") for split in _SPLITS})
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        if split not in _SPLITS:
+            raise ValueError(
+                f"The moetx corpus has splits {list(_SPLITS)}, not {split!r}. "
+                "Fix: ask for 'train' or 'validation'."
+            )
+        from moetx.tasks import corpora  # local: keeps `python -m moetx.tasks.corpora` clean
+
+        return [corpora.corpus_files(self._data_dir)[split]]
+
+
+def register_default_tasks(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """(Re-)registers the bundled-corpus and C4 tasks; returns their names. Idempotent.
+
+    Args:
+      data_dir: cache root of the corpus and vocabulary; default `$MOETX_DATA` or
+        `~/.cache/moetx`, resolved now so that every task agrees on one vocabulary.
+    """
+    root = paths.data_dir(data_dir)
+    vocabulary = vocab.lazy_default_vocabulary(data_dir=root)
+    source = BundledCorpusSource(root)
+    for name, objective in BUNDLED_TASKS.items():
+        pretraining.add_lm_task(name, source, vocabulary, objective)
+    # read_only: never trigger TFDS's (huge) C4 download/preparation from a training run.
+    c4 = seqio.TfdsDataSource(tfds_name=C4_TFDS_NAME, splits=_SPLITS, read_only=True)
+    for name, objective in C4_TASKS.items():
+        pretraining.add_lm_task(name, c4, vocabulary, objective)
+    return [*BUNDLED_TASKS, *C4_TASKS]
+
+
+def _check_text_files(
+    files: str | os.PathLike | Sequence[str | os.PathLike], arg: str
+) -> list[str]:
+    """Returns absolute paths of `files`, each an existing file with some non-blank text."""
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    files = list(files)
+    if not files:
+        raise ValueError(
+            f"{arg} is empty; expected one or more text files with one example per line. "
+            f"Fix: pass {arg}=['/path/to/file.txt']."
+        )
+    out = []
+    for f in files:
+        path = os.path.abspath(os.path.expanduser(os.fspath(f)))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{arg}: text file {path!r} does not exist; expected a UTF-8 file with one "
+                "example per line. Fix: check the path (relative paths resolve against the "
+                f"current directory, {os.getcwd()!r})."
+            )
+        if not _has_text(path):
+            raise ValueError(
+                f"{arg}: text file {path!r} is empty (no non-blank line); expected one example "
+                "per line. Fix: point to a file with text in it."
+            )
+        out.append(path)
+    return out
+
+
+def _has_text(path: str, block: int = 1 << 16) -> bool:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            if chunk.strip():
+                return True
+    return False
+
+
+@gin.configurable(module="moetx.tasks")
+def register_text_files_task(
+    name: str,
+    train_files: str | Sequence[str],
+    validation_files: str | Sequence[str] | None = None,
+    vocabulary_path: str | None = None,
+    objective: str = "causal_lm",
+) -> seqio.Task:
+    """Registers an LM task over your own text files (one example per line); returns it.
+
+    Args:
+      name: task name (an existing task of that name is replaced).
+      train_files: path or paths of the 'train' split.
+      validation_files: optional path or paths of the 'validation' split.
+      vocabulary_path: a SentencePiece `.model` (pad=0, eos=1); None for the default vocabulary.
+      objective: 'causal_lm' or 'prefix_lm' (see `moetx.tasks.pretraining`).
+
+    Raises:
+      FileNotFoundError: a file does not exist. ValueError: a file is empty or the objective is
+      unknown. VocabularyError: the vocabulary file is unusable.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(
+            f"Unknown objective {objective!r} for task {name!r}; expected one of "
+            f"{list(OBJECTIVES)}. Fix: pass objective='causal_lm' or 'prefix_lm'."
+        )
+    splits = {"train": _check_text_files(train_files, "train_files")}
+    if validation_files:
+        splits["validation"] = _check_text_files(validation_files, "validation_files")
+    vocabulary = (
+        vocab.lazy_default_vocabulary()
+        if vocabulary_path is None
+        else vocab.get_vocabulary(vocabulary_path)
+    )
+    source = seqio.TextLineDataSource(splits)
+    return pretraining.add_lm_task(name, source, vocabulary, objective)
+
+
+@gin.configurable(module="moetx.tasks")
+def text_files_task(
+    name: str,
+    train_files: str | Sequence[str],
+    validation_files: str | Sequence[str] | None = None,
+    vocabulary_path: str | None = None,
+    objective: str = "causal_lm",
+) -> str:
+    """`register_text_files_task` that returns the task name, for gin: `@text_files_task()`."""
+    register_text_files_task(name, train_files, validation_files, vocabulary_path, objective)
+    return name
+
+
+def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
+    """Returns the registered SeqIO task or mixture `name`.
+
+    Raises ValueError listing the closest registered names when there is none.
+    """
+    names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f"Did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        raise ValueError(
+            f"No SeqIO task or mixture is registered as {name!r}. {hint}"
+            f"({len(names)} are registered.) Fix: check the spelling, import the module that "
+            "registers it (moetx's own are registered by `import moetx.tasks`), or register text "
+            "files with `moetx.tasks.register_text_files_task`."
+        )
+    return seqio.get_mixture_or_task(name)
+
+
+register_default_tasks()
