@@ -167,3 +167,15 @@ def test_bad_config_is_rejected():
         transformer.TransformerConfig(emb_dim=0)
     with pytest.raises(ValueError, match="activation"):
         transformer.TransformerConfig(mlp_activations=("nope",))
+
+
+def test_bfloat16_activations_keep_float32_params_and_logits():
+    m32, v = _model()
+    m16, _ = _model(dtype="bfloat16")
+    params = nn.unbox(v["params"])
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(params))
+    t = jnp.asarray(np.random.RandomState(4).randint(3, 64, (2, 16)), jnp.int32)
+    b = {"decoder_input_tokens": _shift(t), "decoder_target_tokens": t}
+    l32, l16 = m32.logits(params, b), m16.logits(params, b)
+    assert l16.dtype == jnp.float32 and bool(jnp.isfinite(l16).all())
+    np.testing.assert_allclose(l16, l32, atol=0.1)

@@ -121,12 +121,25 @@ def _losses(stderr: str) -> dict[int, str]:
             for m in re.finditer(r"\[train\] step (\d+)/\d+ .*?\| loss ([\d.]+)", stderr)}
 
 
+def _event_tags(logdir) -> set[str]:
+    from tensorflow.compat.v1.train import summary_iterator
+
+    tags = set()
+    for f in logdir.glob("events.out.tfevents.*"):
+        for event in summary_iterator(str(f)):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
 def test_train_checkpoint_eval_infer_end_to_end(tmp_path):
     md = tmp_path / "run"
     r = _cli("train", _train_args(md, 6, "--gin.SAVE_EVERY=2", "--gin.KEEP_CHECKPOINTS=2"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in md.glob("checkpoint_*")) == ["checkpoint_4", "checkpoint_6"]
-    assert list((md / "train").glob("events.out.tfevents.*"))
+    tags = _event_tags(md / "train")
+    assert {"loss", "accuracy", "z_loss", "learning_rate", "tokens_per_sec", "mfu",
+            "steps_per_sec"} <= tags, tags
+    assert {"perplexity", "cross_ent_loss"} <= _event_tags(md / "eval")
     assert "[eval] before training" in r.stderr and "[eval] after training" in r.stderr
     assert set(_losses(r.stderr)) == set(range(1, 7))
 
