@@ -14,6 +14,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+from moetx.trainer import xla_env  # noqa: E402  (jax-free; must run before jax is imported)
+
+xla_env.configure_cpu_defaults()
+
 if __name__ == "__main__":
     # Run the importable module, not this `__main__` copy, so gin registers each
     # configurable once (as `moetx.trainer.train.*`).
