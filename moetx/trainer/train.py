@@ -63,7 +63,7 @@ def evaluation_batches(trainer, cfg: data.DatasetConfig):
         yield data.pad_batch(batch, local_bs)
 
 
-@gin.configurable(denylist=["history"])
+@gin.configurable
 def train(
     model: Any = gin.REQUIRED,
     model_dir: str = gin.REQUIRED,
@@ -81,7 +81,6 @@ def train(
     optimizer_factory: Callable = optimizers.make_optimizer,
     mesh_fn: Callable = partitioning.make_mesh,
     rules_fn: Callable = partitioning.standard_logical_axis_rules,
-    history: list | None = None,
 ) -> dict[str, Any]:
     """Trains `model` on `train_dataset_cfg` for `train_steps` steps in `model_dir`.
 
@@ -120,36 +119,30 @@ def train(
     eval_writer = metrics_lib.MetricWriter(os.path.join(model_dir, "eval"), train_steps, "eval")
     results: dict[str, Any] = {}
 
-    def run_eval(step: int, label: str) -> dict[str, float]:
-        m = trainer.evaluate(state_box[0].params, evaluation_batches(trainer, eval_dataset_cfg),
-                             eval_steps)
+    def run_eval(step: int, params, label: str) -> dict[str, float]:
+        m = trainer.evaluate(params, evaluation_batches(trainer, eval_dataset_cfg), eval_steps)
         eval_writer.write_scalars(step, m)
         _log(f"[eval] {label} step {step}: loss {m['cross_ent_loss']:.4f} | acc "
              f"{m['accuracy']:.3f} | perplexity {m['perplexity']:.2f} "
              f"({int(m['tokens']):,} tokens)")
         return m
 
-    state_box = [state]
     start_step = int(jax.device_get(state.step))
     if eval_dataset_cfg is not None and eval_at_start and start_step < train_steps:
-        results["eval_start"] = run_eval(start_step, "before training,")
+        results["eval_start"] = run_eval(start_step, state.params, "before training,")
 
     def on_step_end(step: int, st) -> None:
-        state_box[0] = st
         if ckpt.should_save(step) or step == train_steps:
             ckpt.save(step, st, batches.get_state())
         if eval_dataset_cfg is not None and eval_every and step % eval_every == 0 \
                 and step != train_steps:
-            run_eval(step, "")
+            run_eval(step, st.params, "")
 
     state = trainer_lib.run_training_loop(
         trainer, state, batches, train_steps, writer, log_every, on_step_end, tokens_per_batch,
-        flops_per_step, peak, history)
-    state_box[0] = state
-    if int(jax.device_get(state.step)) != start_step:
-        ckpt.save(train_steps, state, batches.get_state())
+        flops_per_step, peak)
     if eval_dataset_cfg is not None:
-        results["eval"] = run_eval(train_steps, "after training,")
+        results["eval"] = run_eval(train_steps, state.params, "after training,")
     writer.close()
     eval_writer.close()
     ckpt.close()

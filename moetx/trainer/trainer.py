@@ -212,17 +212,12 @@ def run_training_loop(
     tokens_per_batch: int = 0,
     flops_per_step: float = 0.0,
     peak_flops: float = 0.0,
-    history: list | None = None,
 ) -> TrainState:
-    """Steps from `state.step` to `train_steps`, logging every `log_every` steps.
-
-    `history`, when given, receives (step, loss) for every step (the loss is fetched every
-    step then, which costs a device sync; tests use it to compare runs).
-    """
+    """Steps from `state.step` to `train_steps`, logging every `log_every` steps (fetching
+    metrics from the devices only then) and calling `on_step_end(step, state)` after each."""
     start = int(jax.device_get(state.step))
     t_window, s_window = time.perf_counter(), start
     t_start = t_window
-    window_sums: dict[str, float] = {}
     for step in range(start + 1, train_steps + 1):
         try:
             batch = next(batches)
@@ -230,14 +225,8 @@ def run_training_loop(
             raise ValueError(f"The training data ran out at step {step}; the train split is "
                              f"empty or too small for one batch.") from None
         state, sums = trainer.train_step(state, trainer.to_global(batch))
-        if history is not None:
-            loss = float(jax.device_get(sums["loss"]))
-            check_finite(step, loss)
-            history.append((step, loss))
         if step % log_every == 0 or step == train_steps:
             sums = jax.device_get(sums)
-            for k, v in sums.items():
-                window_sums[k] = window_sums.get(k, 0.0) + float(v)
             now = time.perf_counter()
             dt = now - t_window
             steps = step - s_window
@@ -254,7 +243,7 @@ def run_training_loop(
             writer.write_scalars(step, scalars)
             remaining = (train_steps - step) * (now - t_start) / max(step - start, 1)
             writer.progress(step, scalars, remaining)
-            t_window, s_window, window_sums = now, step, {}
+            t_window, s_window = now, step
         if on_step_end is not None:
             on_step_end(step, state)
     return state
