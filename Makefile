@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-MODEL_DIR ?= runs/demo
+MODEL_DIR ?= runs/demo$(if $(filter t5,$(MODEL)),_t5,)
 DEMO_STEPS ?= 400
 export TF_CPP_MIN_LOG_LEVEL := 3
 
@@ -22,18 +22,35 @@ $(STAMP): pyproject.toml
 data: install
 	$(PY) -m moetx.tasks.corpora
 
+# `make demo` pretrains the decoder-only LM; `make demo MODEL=t5` an encoder-decoder with T5 span
+# corruption.
+MODEL ?= decoder
+ifeq ($(MODEL),t5)
+DEMO_GIN := models/t5_demo.gin
+DEMO_TASK := moetx_en_span_corruption
+DEMO_LENGTHS := {'inputs': 128, 'targets': 32}
+DEMO_PROMPTS := 'And God said, Let there be <extra_id_0>: and there was light.\nTo be, or not to <extra_id_0>, that is the question.\n'
+DEMO_INFER := --gin.VOCABULARY_EXTRA_IDS=100 --gin.MAX_LENGTH=16 --gin.TEMPERATURE=0.0
+else
+DEMO_GIN := models/decoder_small.gin
+DEMO_TASK := moetx_en_causal_lm
+DEMO_LENGTHS := {'targets': 128}
+DEMO_PROMPTS := 'The king said\nIn the beginning God\nThe city of London is\n'
+DEMO_INFER := --gin.MAX_LENGTH=48 --gin.TEMPERATURE=0.7 --gin.TOPK=40
+endif
+
 demo: data
 	$(PY) -m moetx.trainer.train \
-	  --gin_file=models/decoder_small.gin --gin_file=runs/pretrain.gin \
-	  --gin.MODEL_DIR="'$(MODEL_DIR)'" --gin.MIXTURE_OR_TASK_NAME="'moetx_en_causal_lm'" \
-	  --gin.TASK_FEATURE_LENGTHS="{'targets': 128}" --gin.TRAIN_STEPS=$(DEMO_STEPS) \
+	  --gin_file=$(DEMO_GIN) --gin_file=runs/pretrain.gin \
+	  --gin.MODEL_DIR="'$(MODEL_DIR)'" --gin.MIXTURE_OR_TASK_NAME="'$(DEMO_TASK)'" \
+	  --gin.TASK_FEATURE_LENGTHS="$(DEMO_LENGTHS)" --gin.TRAIN_STEPS=$(DEMO_STEPS) \
 	  --gin.BATCH_SIZE=16 --gin.WARMUP_STEPS=100 --gin.SAVE_EVERY=200 --gin.LOG_EVERY=20 \
 	  --gin.EVAL_STEPS=10
-	printf 'The king said\nIn the beginning God\nThe city of London is\n' > $(MODEL_DIR)/prompts.txt
+	printf $(DEMO_PROMPTS) > $(MODEL_DIR)/prompts.txt
 	$(PY) -m moetx.trainer.infer \
-	  --gin_file=models/decoder_small.gin --gin_file=runs/infer.gin \
+	  --gin_file=$(DEMO_GIN) --gin_file=runs/infer.gin \
 	  --gin.CHECKPOINT_DIR="'$(MODEL_DIR)'" --gin.PROMPTS_FILE="'$(MODEL_DIR)/prompts.txt'" \
-	  --gin.MAX_LENGTH=48 --gin.TEMPERATURE=0.7 --gin.TOPK=40
+	  $(DEMO_INFER)
 
 test: data
 	$(PY) -m pytest -q -p no:warnings

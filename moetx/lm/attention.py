@@ -1,8 +1,9 @@
-"""Multi-head dot-product attention with T5X parameter names, masks and a KV cache.
+"""Multi-head dot-product attention with T5X parameter names, masks, a KV cache, rotary position
+embeddings and Primer's multi-dconv-head attention.
 
 T5 does not scale attention logits by 1/sqrt(d_kv) at run time: the scaling is folded into the
 initializer of the query kernel (as T5X and Hugging Face T5 do), so converted checkpoints give
-identical logits.
+identical logits. Llama-style models (`scale_logits=True`) scale at run time, as HF Llama does.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ Array = jax.Array
 
 # Large negative bias for masked positions; finite so that fully masked rows (padding) stay NaN-free.
 NEG_INF = -1e10
+# Primer's causal depthwise convolution: kernel 3 taps, initialised to 0.5, 0.5/3, 0.5/3.
+DCONV_TAPS = 3
 
 
 def make_attention_mask(
@@ -34,7 +37,7 @@ def make_decoder_mask(
     decoder_segment_ids: Array | None = None,
     decoder_causal_attention: Array | None = None,
 ) -> Array:
-    """Self-attention mask of a decoder-only model, `<bool>[batch, 1, length, length]`.
+    """Self-attention mask of a decoder, `<bool>[batch, 1, length, length]`.
 
     A query attends to key positions that are (a) not padding, (b) in the same packed segment,
     and (c) not in its future, except that positions flagged by `decoder_causal_attention`
@@ -58,22 +61,110 @@ def make_decoder_mask(
     return make_attention_mask(valid, valid, causal)
 
 
+def make_padding_mask(query_tokens: Array, key_tokens: Array, query_segment_ids: Array | None,
+                      key_segment_ids: Array | None) -> Array:
+    """Bidirectional (encoder or cross-attention) mask `<bool>[batch, 1, q, k]`: both positions
+    real and, when packed, in the same segment."""
+    same = None
+    if query_segment_ids is not None and key_segment_ids is not None:
+        same = query_segment_ids[:, :, None] == key_segment_ids[:, None, :]
+    return make_attention_mask(query_tokens > 0, key_tokens > 0, same)
+
+
 def mask_to_bias(mask: Array, dtype: jnp.dtype = jnp.float32) -> Array:
     return jnp.where(mask, 0.0, NEG_INF).astype(dtype)
+
+
+def rotary_embedding(x: Array, positions: Array, theta: float = 10000.0) -> Array:
+    """Rotary position embedding (RoFormer / HF Llama "rotate half" layout).
+
+    Args:
+      x: <dtype>[batch, length, heads, d_kv].
+      positions: <int32>[batch, length] position of each token (within its packed segment).
+    Returns:
+      x rotated pairwise: channel i pairs with channel i + d_kv/2, at angle pos * theta^(-2i/d).
+    """
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"Rotary embeddings need an even head_dim, got {d}.")
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # Shape: [b, l, d/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class DepthwiseConv(nn.Module):
+    """Primer's causal depthwise convolution over length, one 3-tap filter per channel.
+
+    y_t = w0 * x_t + w1 * x_{t-1} + w2 * x_{t-2}, with zero fill: a shift never wraps and never
+    reads across a packed-segment boundary. Kernel `[3, channels]` (logical `conv_window`,
+    `joined_kv`), initialised to 0.5, 0.5/3, 0.5/3.
+
+    In decode mode the last two *pre-conv* inputs are kept in the `cache` collection
+    (`prev [batch, 2, channels]`, most recent first), so one-token steps give exactly the
+    teacher-forced outputs.
+    """
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, segment_ids: Array | None = None,
+                 decode: bool = False) -> Array:
+        """x: <dtype>[batch, length, channels] -> same shape."""
+        channels = x.shape[-1]
+
+        def init(key, shape, dtype=jnp.float32):
+            del key
+            taps = jnp.array([0.5] + [0.5 / DCONV_TAPS] * (DCONV_TAPS - 1), dtype)
+            return jnp.broadcast_to(taps[:, None], shape)
+
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            init, ("conv_window", "joined_kv")), (DCONV_TAPS, channels), jnp.float32)
+        kernel = jnp.asarray(kernel, self.dtype)
+        if decode:
+            is_initialized = self.has_variable("cache", "prev")
+            prev = self.variable("cache", "prev", jnp.zeros,
+                                 (x.shape[0], DCONV_TAPS - 1, channels), x.dtype)
+            if is_initialized:
+                # Shape: [batch, 1, channels] at position t; prev holds t-1, t-2.
+                window = jnp.concatenate([x, prev.value], axis=1)  # [x_t, x_{t-1}, x_{t-2}]
+                y = jnp.einsum("bsc,sc->bc", window, kernel)[:, None]
+                prev.value = window[:, :DCONV_TAPS - 1]
+                return y
+        y = x * kernel[0]
+        for s in range(1, DCONV_TAPS):
+            shifted = jnp.pad(x, ((0, 0), (s, 0), (0, 0)))[:, :-s]
+            if segment_ids is not None:
+                seg_shifted = jnp.pad(segment_ids, ((0, 0), (s, 0)))[:, :-s]
+                shifted = shifted * (seg_shifted == segment_ids)[..., None].astype(x.dtype)
+            y = y + shifted * kernel[s]
+        return y
 
 
 class MultiHeadDotProductAttention(nn.Module):
     """Multi-head attention: `query/key/value/kernel [embed, heads*d_kv]`, `out/kernel [heads*d_kv, embed]`.
 
-    In decode mode the module keeps `cached_key`/`cached_value` `[batch, max_length, heads, d_kv]`
-    and `cache_index` in the `cache` collection; each call then takes one position
-    (`[batch, 1, embed]`) and attends to every cached position up to and including it.
+    Options: Primer multi-dconv-head attention (`dconv`: a causal depthwise conv after each of
+    the Q, K, V projections, parameters `{query,key,value}_dconv/kernel`), rotary embeddings
+    (`rope_theta` > 0, with `positions`), and run-time 1/sqrt(d_kv) scaling (`scale_logits`).
+
+    In decode mode (self-attention only) the module keeps `cached_key`/`cached_value`
+    `[batch, max_length, heads, d_kv]` and `cache_index` in the `cache` collection; each call takes
+    one position (`[batch, 1, embed]`) and attends to every cached position up to and including it.
+    Cross-attention (`is_cross=True`) recomputes K/V from the encoder output and caches nothing.
     """
 
     num_heads: int
     head_dim: int
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    dconv: bool = False
+    rope_theta: float = 0.0
+    scale_logits: bool = False
+    is_cross: bool = False
 
     @nn.compact
     def __call__(
@@ -83,6 +174,8 @@ class MultiHeadDotProductAttention(nn.Module):
         bias: Array | None,
         deterministic: bool = True,
         decode: bool = False,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
     ) -> Array:
         """Attention of `inputs_q` over `inputs_kv`.
 
@@ -93,18 +186,25 @@ class MultiHeadDotProductAttention(nn.Module):
             mode `[batch or 1, heads or 1, 1, max_length]` for the current position.
           deterministic: disables dropout.
           decode: single-step decoding with the KV cache.
+          segment_ids: <int32>[batch, q] packed segments (keeps the dconv inside a segment).
+          positions: <int32>[batch, q] token positions (rotary embeddings).
         Returns:
           <dtype>[batch, q, embed].
         """
         joined = self.num_heads * self.head_dim
         # T5 folds the 1/sqrt(d_kv) logit scaling into the query initializer.
         query_init = nn.initializers.variance_scaling(
-            1.0 / self.head_dim, "fan_in", "truncated_normal"
-        )
+            1.0 if self.scale_logits else 1.0 / self.head_dim, "fan_in", "truncated_normal")
         q = DenseGeneral(joined, ("embed", "joined_kv"), self.dtype, kernel_init=query_init,
                          name="query")(inputs_q)
         k = DenseGeneral(joined, ("embed", "joined_kv"), self.dtype, name="key")(inputs_kv)
         v = DenseGeneral(joined, ("embed", "joined_kv"), self.dtype, name="value")(inputs_kv)
+        if self.dconv:
+            if self.is_cross:
+                raise ValueError("Primer dconv applies to self-attention only.")
+            conv = lambda name, x: DepthwiseConv(self.dtype, name=name)(  # noqa: E731
+                x, segment_ids, decode)
+            q, k, v = conv("query_dconv", q), conv("key_dconv", k), conv("value_dconv", v)
         b, lq = q.shape[:2]
         lk = k.shape[1]
         # Shape: [batch, length, heads, d_kv]
@@ -114,8 +214,15 @@ class MultiHeadDotProductAttention(nn.Module):
                       ("batch", "length", "heads", "kv"))
         v = constrain(v.reshape(b, lk, self.num_heads, self.head_dim),
                       ("batch", "length", "heads", "kv"))
+        if self.rope_theta:
+            if positions is None:
+                raise ValueError("Rotary embeddings need token positions.")
+            q = rotary_embedding(q, positions, self.rope_theta)
+            k = rotary_embedding(k, positions, self.rope_theta)
+        if self.scale_logits:
+            q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)  # after the conv, as in Primer
 
-        if decode:
+        if decode and not self.is_cross:
             k, v = self._update_cache(k, v)
 
         # Logits in float32 for a stable softmax whatever the activation dtype.

@@ -3,14 +3,15 @@
 A model wrapper owns a Flax module and knows its batch features; the trainer never looks inside.
 The contract (shared with the vision track):
 
+  feature_converter, input_shapes(batch_size, task_feature_lengths)
   get_initial_variables(rng, input_shapes) -> boxed variables (with logical axes)
   loss_fn(params, batch, dropout_rng, weights, factor) -> (loss, metric sums)
   eval_fn(params, batch) -> metric sums
   score_batch(params, batch) -> per-sequence log-likelihood
-  predict_batch(params, batch, rng, ...) -> decoded token ids
+  flops_per_step(params, input_shapes) -> training FLOPs of one step
 
-Metric sums are additive over microbatches and hosts: `loss`, `cross_ent_loss`, `z_loss`,
-`correct` (argmax hits) and `weight` (number of real target tokens).
+Metric sums are additive over microbatches and hosts: `loss`, `cross_ent_sum`, `z_loss_sum`,
+`correct` (top-logit hits) and `weight` (number of real target tokens).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import seqio
 
 from moetx.lm import decoding, transformer
-from moetx.trainer import losses
+from moetx.trainer import losses, metrics
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -40,18 +41,15 @@ def _num_correct(logits: Array, targets: Array, weights: Array) -> Array:
     return jnp.sum((target_logit >= jnp.max(logits, axis=-1)) * weights)
 
 
-@gin.configurable
 @dataclasses.dataclass
-class DecoderOnlyModel:
-    """A decoder-only language model (causal LM, or prefix LM when the batch carries
-    `decoder_causal_attention`).
+class BaseTransformerModel:
+    """Loss, metrics and scoring shared by the decoder-only and encoder-decoder wrappers.
 
     Attributes:
       config: the Transformer hyperparameters.
       z_loss: logit z-loss coefficient (T5X `Z_LOSS`, 1e-4).
       label_smoothing: label smoothing mass.
       loss_normalizing_factor: None (sum), a float, or a `LossNormalization` name.
-      prefix_lm: use SeqIO's PrefixLMFeatureConverter (inputs attend bidirectionally).
     """
 
     config: transformer.TransformerConfig = dataclasses.field(
@@ -59,47 +57,13 @@ class DecoderOnlyModel:
     z_loss: float = 1e-4
     label_smoothing: float = 0.0
     loss_normalizing_factor: Any = None
-    prefix_lm: bool = False
 
     def __post_init__(self):
-        self.module = transformer.DecoderOnly(self.config)
         self.loss_normalization = losses.parse_loss_normalizing_factor(
             self.loss_normalizing_factor)
 
-    # ----------------------------------------------------------------------------- features
-    @property
-    def feature_converter(self) -> seqio.FeatureConverter:
-        cls = seqio.PrefixLMFeatureConverter if self.prefix_lm else seqio.DecoderFeatureConverter
-        return cls(pack=True)
-
-    def input_shapes(self, batch_size: int, length: int) -> dict[str, tuple[int, ...]]:
-        shapes = {k: (batch_size, length) for k in (
-            "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
-            "decoder_segment_ids", "decoder_positions")}
-        if self.prefix_lm:
-            shapes["decoder_causal_attention"] = (batch_size, length)
-        return shapes
-
-    # ---------------------------------------------------------------------------- forward
-    def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, tuple[int, ...]]):
-        shape = input_shapes["decoder_input_tokens"]
-        ones = jnp.ones(shape, jnp.int32)
-        return self.module.init(
-            {"params": rng, "dropout": rng}, ones, ones,
-            decoder_causal_attention=ones if self.prefix_lm else None, enable_dropout=False)
-
     def logits(self, params, batch: Batch, dropout_rng: Array | None = None) -> Array:
-        """<float32>[batch, length, vocab] next-token logits for a packed batch."""
-        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-        return self.module.apply(
-            {"params": params},
-            batch["decoder_input_tokens"],
-            batch["decoder_target_tokens"],
-            decoder_segment_ids=batch.get("decoder_segment_ids"),
-            decoder_causal_attention=batch.get("decoder_causal_attention"),
-            enable_dropout=dropout_rng is not None,
-            rngs=rngs,
-        )
+        raise NotImplementedError
 
     def loss_fn(self, params, batch: Batch, dropout_rng: Array | None, weights: Array,
                 factor: Array | None) -> tuple[Array, dict[str, Array]]:
@@ -115,11 +79,9 @@ class DecoderOnlyModel:
             logits, targets, weights, self.label_smoothing, self.z_loss)
         if factor is not None:
             loss = loss / factor
-        real = (batch.get("decoder_loss_weights", targets > 0)).astype(jnp.float32)
-        correct = _num_correct(logits, targets, real)
-        metrics = {"loss": loss, "z_loss_sum": z_loss, "cross_ent_sum": cross_ent,
-                   "correct": correct, "weight": jnp.sum(real)}
-        return loss, metrics
+        real = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
+        return loss, {"loss": loss, "z_loss_sum": z_loss, "cross_ent_sum": cross_ent,
+                      "correct": _num_correct(logits, targets, real), "weight": jnp.sum(real)}
 
     def eval_fn(self, params, batch: Batch) -> dict[str, Array]:
         """Teacher-forced metric sums over real target tokens (unnormalised, no smoothing)."""
@@ -128,9 +90,8 @@ class DecoderOnlyModel:
         real = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
         _, z_loss, cross_ent = losses.compute_weighted_cross_entropy(
             logits, targets, real, 0.0, self.z_loss)
-        correct = _num_correct(logits, targets, real)
-        return {"cross_ent_sum": cross_ent, "z_loss_sum": z_loss, "correct": correct,
-                "weight": jnp.sum(real)}
+        return {"cross_ent_sum": cross_ent, "z_loss_sum": z_loss,
+                "correct": _num_correct(logits, targets, real), "weight": jnp.sum(real)}
 
     def score_batch(self, params, batch: Batch) -> Array:
         """<float32>[batch] sum of target-token log-likelihoods of each row."""
@@ -141,14 +102,78 @@ class DecoderOnlyModel:
         real = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
         return jnp.sum(token_logp * real, axis=-1)
 
+    def _attention_flops_per_token(self, num_layers: int, length: int) -> float:
+        # Forward QK^T and AV (2 * 2 * length * heads * d_kv) times 3 for forward + backward.
+        return 12.0 * num_layers * self.config.num_heads * self.config.head_dim * length
+
+
+@gin.configurable
+@dataclasses.dataclass
+class DecoderOnlyModel(BaseTransformerModel):
+    """A decoder-only language model (causal LM, or prefix LM when `prefix_lm`: the batch
+    carries `decoder_causal_attention` and the inputs attend bidirectionally)."""
+
+    prefix_lm: bool = False
+    is_encoder_decoder = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.module = transformer.DecoderOnly(self.config)
+
+    # ----------------------------------------------------------------------------- features
+    @property
+    def feature_converter(self) -> seqio.FeatureConverter:
+        cls = seqio.PrefixLMFeatureConverter if self.prefix_lm else seqio.DecoderFeatureConverter
+        return cls(pack=True)
+
+    def input_shapes(self, batch_size: int, task_feature_lengths: Mapping[str, int] | int
+                     ) -> dict[str, tuple[int, ...]]:
+        """Model feature shapes; a prefix LM's decoder holds inputs + targets."""
+        if isinstance(task_feature_lengths, int):
+            length = task_feature_lengths
+        elif self.prefix_lm:
+            length = sum(task_feature_lengths.values())
+        else:
+            length = task_feature_lengths["targets"]
+        shapes = {k: (batch_size, length) for k in (
+            "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+            "decoder_segment_ids", "decoder_positions")}
+        if self.prefix_lm:
+            shapes["decoder_causal_attention"] = (batch_size, length)
+        return shapes
+
+    def flops_per_step(self, params, input_shapes) -> float:
+        b, length = input_shapes["decoder_input_tokens"]
+        per_token = 6.0 * metrics.matmul_params(params) + self._attention_flops_per_token(
+            self.config.num_decoder_layers, length)
+        return b * length * per_token
+
+    # ---------------------------------------------------------------------------- forward
+    def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, tuple[int, ...]]):
+        ones = jnp.ones(input_shapes["decoder_input_tokens"], jnp.int32)
+        return self.module.init(
+            {"params": rng, "dropout": rng}, ones, ones,
+            decoder_causal_attention=ones if self.prefix_lm else None, enable_dropout=False)
+
+    def logits(self, params, batch: Batch, dropout_rng: Array | None = None) -> Array:
+        """<float32>[batch, length, vocab] next-token logits for a packed batch."""
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+        return self.module.apply(
+            {"params": params}, batch["decoder_input_tokens"], batch["decoder_target_tokens"],
+            decoder_segment_ids=batch.get("decoder_segment_ids"),
+            decoder_causal_attention=batch.get("decoder_causal_attention"),
+            decoder_positions=batch.get("decoder_positions"),
+            enable_dropout=dropout_rng is not None, rngs=rngs)
+
     # --------------------------------------------------------------------------- decoding
     def init_cache(self, params, batch_size: int, max_length: int) -> dict:
+        """A zeroed KV (and Primer dconv) cache for `max_length` positions (shapes only)."""
+        del params
         shape = (batch_size, max_length)
-        variables = self.module.init(
+        variables = jax.eval_shape(lambda: self.module.init(
             jax.random.PRNGKey(0), jnp.ones(shape, jnp.int32), jnp.ones(shape, jnp.int32),
-            decode=True)
-        del params  # Shapes only: the cache does not depend on parameter values.
-        return jax.tree_util.tree_map(jnp.zeros_like, variables["cache"])
+            decode=True))
+        return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), variables["cache"])
 
     def decode_step(self, params, tokens: Array, position: Array, cache: dict):
         """One cached step: tokens <int32>[batch, 1] at `position` -> logits [batch, vocab]."""
@@ -171,3 +196,98 @@ class DecoderOnlyModel:
 
         return decoding.temperature_sample(step_fn, cache, prompts, prompt_lengths, rng, eos_id,
                                            temperature, topk)
+
+
+@gin.configurable
+@dataclasses.dataclass
+class EncoderDecoderModel(BaseTransformerModel):
+    """A T5-style encoder-decoder (span corruption pretraining, finetuning on text-to-text)."""
+
+    is_encoder_decoder = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.module = transformer.EncoderDecoder(self.config)
+
+    @property
+    def feature_converter(self) -> seqio.FeatureConverter:
+        return seqio.EncDecFeatureConverter(pack=True)
+
+    def input_shapes(self, batch_size: int, task_feature_lengths: Mapping[str, int]
+                     ) -> dict[str, tuple[int, ...]]:
+        enc, dec = task_feature_lengths["inputs"], task_feature_lengths["targets"]
+        shapes = {k: (batch_size, enc) for k in (
+            "encoder_input_tokens", "encoder_segment_ids", "encoder_positions")}
+        shapes.update({k: (batch_size, dec) for k in (
+            "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+            "decoder_segment_ids", "decoder_positions")})
+        return shapes
+
+    def flops_per_step(self, params, input_shapes) -> float:
+        """6N per token over encoder and decoder tokens (each stack's share of N applied to its
+        own tokens), plus attention."""
+        b, enc_len = input_shapes["encoder_input_tokens"]
+        _, dec_len = input_shapes["decoder_input_tokens"]
+        enc_params = metrics.matmul_params(params.get("encoder", {}))
+        dec_params = metrics.matmul_params(params.get("decoder", {}))
+        cfg = self.config
+        return b * (enc_len * (6.0 * enc_params + self._attention_flops_per_token(
+            cfg.num_encoder_layers, enc_len))
+            + dec_len * (6.0 * dec_params + self._attention_flops_per_token(
+                cfg.num_decoder_layers, dec_len + enc_len)))
+
+    def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, tuple[int, ...]]):
+        enc = jnp.ones(input_shapes["encoder_input_tokens"], jnp.int32)
+        dec = jnp.ones(input_shapes["decoder_input_tokens"], jnp.int32)
+        return self.module.init({"params": rng, "dropout": rng}, enc, dec, dec)
+
+    def logits(self, params, batch: Batch, dropout_rng: Array | None = None) -> Array:
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+        return self.module.apply(
+            {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+            batch["decoder_target_tokens"], encoder_segment_ids=batch.get("encoder_segment_ids"),
+            decoder_segment_ids=batch.get("decoder_segment_ids"),
+            encoder_positions=batch.get("encoder_positions"),
+            decoder_positions=batch.get("decoder_positions"),
+            enable_dropout=dropout_rng is not None, rngs=rngs)
+
+    # --------------------------------------------------------------------------- decoding
+    def encode(self, params, encoder_input_tokens: Array) -> Array:
+        return self.module.apply({"params": params}, encoder_input_tokens,
+                                 method=transformer.EncoderDecoder.encode)
+
+    def init_cache(self, params, encoder_input_tokens: Array, max_decode_length: int) -> dict:
+        """A zeroed decoder KV cache for `max_decode_length` positions (shapes only)."""
+        del params
+        b = encoder_input_tokens.shape[0]
+        dec = jnp.ones((b, max_decode_length), jnp.int32)
+        cache_vars = jax.eval_shape(lambda: self.module.init(
+            jax.random.PRNGKey(0),
+            jnp.zeros(encoder_input_tokens.shape + (self.config.emb_dim,),
+                      self.config.jnp_dtype),
+            encoder_input_tokens, dec, decode=True, method=transformer.EncoderDecoder.decode))
+        return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), cache_vars["cache"])
+
+    def decode_step(self, params, encoded: Array, encoder_input_tokens: Array, tokens: Array,
+                    position: Array, cache: dict):
+        logits, mutated = self.module.apply(
+            {"params": params, "cache": cache}, encoded, encoder_input_tokens, tokens,
+            decode=True, decode_position=position, mutable=["cache"],
+            method=transformer.EncoderDecoder.decode)
+        return logits[:, 0], mutated["cache"]
+
+    def predict_batch(self, params, encoder_input_tokens: Array, max_decode_length: int,
+                      rng: Array, eos_id: int, temperature: float = 0.0, topk: int = 0) -> Array:
+        """Decodes targets for `encoder_input_tokens` <int32>[batch, enc_length]; returns
+        <int32>[batch, max_decode_length] (generated tokens, zeros after EOS)."""
+        encoded = self.encode(params, encoder_input_tokens)
+        cache = self.init_cache(params, encoder_input_tokens, max_decode_length)
+        b = encoder_input_tokens.shape[0]
+
+        def step_fn(tokens, position, cache):
+            return self.decode_step(params, encoded, encoder_input_tokens, tokens, position,
+                                    cache)
+
+        empty = jnp.zeros((b, max_decode_length), jnp.int32)
+        return decoding.temperature_sample(step_fn, cache, empty, jnp.zeros((b,), jnp.int32),
+                                           rng, eos_id, temperature, topk)

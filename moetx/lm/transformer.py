@@ -1,17 +1,21 @@
-"""Transformer stacks: the T5.1.1-style decoder-only model (causal and prefix LM).
+"""Transformer stacks: T5.1.1 encoder-decoder and decoder-only (causal and prefix LM), with
+Primer and Llama-style options.
 
-Parameter tree (T5X / flaxformer `DecoderOnly` names):
+Parameter trees follow T5X / flaxformer names:
 
-    decoder/token_embedder/embedding                        [vocab, embed]
-    decoder/relpos_bias/rel_embedding                       [heads, relpos_buckets]  (shared)
-    decoder/layers_{i}/pre_self_attention_layer_norm/scale  [embed]
-    decoder/layers_{i}/self_attention/{query,key,value}/kernel  [embed, heads*d_kv]
-    decoder/layers_{i}/self_attention/out/kernel            [heads*d_kv, embed]
-    decoder/layers_{i}/pre_mlp_layer_norm/scale             [embed]
-    decoder/layers_{i}/mlp/{wi_0,wi_1}/kernel               [embed, mlp]
-    decoder/layers_{i}/mlp/wo/kernel                        [mlp, embed]
-    decoder/decoder_norm/scale                              [embed]
-    decoder/logits_dense/kernel                             [embed, vocab]  (untied logits only)
+    EncoderDecoder                                          DecoderOnly
+    token_embedder/embedding [vocab, embed]                 decoder/token_embedder/embedding
+    encoder/relpos_bias/rel_embedding [heads, buckets]      decoder/relpos_bias/rel_embedding
+    encoder/layers_{i}/pre_attention_layer_norm/scale       decoder/layers_{i}/...
+    encoder/layers_{i}/attention/{query,key,value,out}/kernel
+    encoder/layers_{i}/pre_mlp_layer_norm/scale, mlp/{wi_0,wi_1,wo}/kernel
+    encoder/encoder_norm/scale
+    decoder/layers_{i}/{pre_self_attention_layer_norm, self_attention, pre_cross_attention_layer_norm,
+                        encoder_decoder_attention, pre_mlp_layer_norm, mlp}
+    decoder/decoder_norm/scale, decoder/relpos_bias/rel_embedding
+    decoder/logits_dense/kernel [embed, vocab]  (untied logits only)
+
+Primer adds `{query,key,value}_dconv/kernel [3, heads*d_kv]` to each self-attention.
 """
 
 from __future__ import annotations
@@ -39,12 +43,22 @@ class TransformerConfig:
       emb_dim: model width d_model.
       num_heads, head_dim: attention heads and per-head width d_kv.
       mlp_dim: MLP hidden width d_ff.
+      num_encoder_layers: encoder depth (encoder-decoder models only).
       num_decoder_layers: decoder depth.
       dropout_rate: dropout on residual branches, attention weights and the MLP hidden layer.
-      mlp_activations: ('gelu', 'linear') is gated GELU (T5.1.1); ('relu',) is T5 1.0.
-      logits_via_embedding: tie the output projection to the token embedding (T5 1.0 style),
-        otherwise `logits_dense` (T5.1.1).
+      mlp_activations: ('gelu', 'linear') is gated GELU (T5.1.1); ('relu',) is T5 1.0;
+        ('squared_relu',) is Primer's; ('silu', 'linear') is SwiGLU (Llama).
+      logits_via_embedding: tie the output projection to the token embedding, otherwise
+        `logits_dense` (T5.1.1).
+      tied_logits_rescale: with tied logits, divide by sqrt(d_model) first (T5 1.0 / HF T5);
+        Llama does not.
+      position_embedding: 'relative' (T5 bucketed bias) or 'rope' (rotary, Llama).
       relative_attention_num_buckets, relative_attention_max_distance: T5 relative position bias.
+      rope_theta: rotary base frequency.
+      scale_attention_logits: scale logits by 1/sqrt(d_kv) at run time (Llama) instead of in the
+        query initializer (T5).
+      primer_dconv: Primer's multi-dconv-head attention in every self-attention.
+      norm_epsilon: RMSNorm epsilon.
       dtype: activation dtype (float32 on CPU, bfloat16 on accelerators); params stay float32.
     """
 
@@ -53,12 +67,19 @@ class TransformerConfig:
     num_heads: int = 8
     head_dim: int = 64
     mlp_dim: int = 1024
+    num_encoder_layers: int = 0
     num_decoder_layers: int = 8
     dropout_rate: float = 0.0
     mlp_activations: Sequence[str] = ("gelu", "linear")
     logits_via_embedding: bool = False
+    tied_logits_rescale: bool = True
+    position_embedding: str = "relative"
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
+    rope_theta: float = 10000.0
+    scale_attention_logits: bool = False
+    primer_dconv: bool = False
+    norm_epsilon: float = 1e-6
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -67,8 +88,15 @@ class TransformerConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"TransformerConfig.{name} must be positive, got "
                                  f"{getattr(self, name)}.")
+        if self.num_encoder_layers < 0:
+            raise ValueError(f"num_encoder_layers must be >= 0, got {self.num_encoder_layers}.")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}.")
+        if self.position_embedding not in ("relative", "rope"):
+            raise ValueError(f"position_embedding must be 'relative' or 'rope', got "
+                             f"{self.position_embedding!r}.")
+        if self.position_embedding == "rope" and self.head_dim % 2:
+            raise ValueError(f"Rotary embeddings need an even head_dim, got {self.head_dim}.")
         for act in self.mlp_activations:
             layers.get_activation(act)
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
@@ -77,35 +105,119 @@ class TransformerConfig:
     def jnp_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
+    @property
+    def rope(self) -> float:
+        return self.rope_theta if self.position_embedding == "rope" else 0.0
 
-class DecoderLayer(nn.Module):
-    """Pre-norm self-attention + MLP block with residuals and dropout."""
+
+def _attention(cfg: TransformerConfig, name: str, causal: bool, is_cross: bool = False):
+    return attention.MultiHeadDotProductAttention(
+        cfg.num_heads, cfg.head_dim, cfg.dropout_rate, cfg.jnp_dtype,
+        dconv=cfg.primer_dconv and causal and not is_cross,
+        rope_theta=0.0 if is_cross else cfg.rope, scale_logits=cfg.scale_attention_logits,
+        is_cross=is_cross, name=name)
+
+
+def _norm(cfg: TransformerConfig, name: str) -> layers.RMSNorm:
+    return layers.RMSNorm(cfg.norm_epsilon, cfg.jnp_dtype, name=name)
+
+
+def _dropout(cfg: TransformerConfig, x: Array, deterministic: bool) -> Array:
+    return nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm bidirectional self-attention + MLP."""
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x: Array, bias: Array, deterministic: bool, decode: bool) -> Array:
-        """x: [batch, length, embed]; bias: additive [batch|1, heads|1, q, k]."""
+    def __call__(self, x, bias, deterministic, segment_ids=None, positions=None):
         cfg = self.config
-        dt = cfg.jnp_dtype
-        h = layers.RMSNorm(dtype=dt, name="pre_self_attention_layer_norm")(x)
-        h = attention.MultiHeadDotProductAttention(
-            cfg.num_heads, cfg.head_dim, cfg.dropout_rate, dt, name="self_attention"
-        )(h, h, bias, deterministic=deterministic, decode=decode)
-        h = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(h, deterministic=deterministic)
-        x = x + h
-        h = layers.RMSNorm(dtype=dt, name="pre_mlp_layer_norm")(x)
-        h = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, dt, name="mlp")(
-            h, deterministic=deterministic
-        )
-        h = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(h, deterministic=deterministic)
-        return layers.constrain(x + h, ("batch", "length", "embed"))
+        h = _norm(cfg, "pre_attention_layer_norm")(x)
+        h = _attention(cfg, "attention", causal=False)(
+            h, h, bias, deterministic, segment_ids=segment_ids, positions=positions)
+        x = x + _dropout(cfg, h, deterministic)
+        h = _norm(cfg, "pre_mlp_layer_norm")(x)
+        h = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.jnp_dtype,
+                            name="mlp")(h, deterministic=deterministic)
+        return layers.constrain(x + _dropout(cfg, h, deterministic), ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm causal self-attention, optional cross-attention, then MLP."""
+
+    config: TransformerConfig
+    cross_attention: bool = False
+
+    @nn.compact
+    def __call__(self, x, bias, deterministic, decode, encoded=None, cross_bias=None,
+                 segment_ids=None, positions=None):
+        cfg = self.config
+        h = _norm(cfg, "pre_self_attention_layer_norm")(x)
+        h = _attention(cfg, "self_attention", causal=True)(
+            h, h, bias, deterministic, decode, segment_ids=segment_ids, positions=positions)
+        x = x + _dropout(cfg, h, deterministic)
+        if self.cross_attention:
+            h = _norm(cfg, "pre_cross_attention_layer_norm")(x)
+            h = _attention(cfg, "encoder_decoder_attention", causal=False, is_cross=True)(
+                h, encoded, cross_bias, deterministic, decode)
+            x = x + _dropout(cfg, h, deterministic)
+        h = _norm(cfg, "pre_mlp_layer_norm")(x)
+        h = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.jnp_dtype,
+                            name="mlp")(h, deterministic=deterministic)
+        return layers.constrain(x + _dropout(cfg, h, deterministic), ("batch", "length", "embed"))
+
+
+def _relpos(cfg: TransformerConfig) -> layers.RelativePositionBiases | None:
+    if cfg.position_embedding != "relative":
+        return None
+    return layers.RelativePositionBiases(
+        cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance, cfg.num_heads,
+        cfg.jnp_dtype, name="relpos_bias")
+
+
+def _default_positions(tokens: Array, positions: Array | None) -> Array:
+    if positions is not None:
+        return positions
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+
+class Encoder(nn.Module):
+    """The encoder stack; the token embedding is shared with the decoder (`shared_embedding`)."""
+
+    config: TransformerConfig
+    shared_embedding: nn.Module
+
+    @nn.compact
+    def __call__(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
+                 encoder_positions: Array | None = None, enable_dropout: bool = False) -> Array:
+        """encoder_input_tokens: <int32>[batch, length] -> <dtype>[batch, length, embed]."""
+        cfg = self.config
+        deterministic = not enable_dropout
+        x = self.shared_embedding(encoder_input_tokens)
+        x = _dropout(cfg, layers.constrain(x, ("batch", "length", "embed")), deterministic)
+        length = encoder_input_tokens.shape[1]
+        mask = attention.make_padding_mask(encoder_input_tokens, encoder_input_tokens,
+                                           encoder_segment_ids, encoder_segment_ids)
+        bias = attention.mask_to_bias(mask)
+        relpos = _relpos(cfg)
+        if relpos is not None:
+            pos = jnp.arange(length)
+            bias = bias + relpos(pos, pos, bidirectional=True)
+        positions = _default_positions(encoder_input_tokens, encoder_positions)
+        for i in range(cfg.num_encoder_layers):
+            x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, deterministic,
+                                                      encoder_segment_ids, positions)
+        x = _norm(cfg, "encoder_norm")(x)
+        return _dropout(cfg, x, deterministic)
 
 
 class Decoder(nn.Module):
-    """The decoder stack of a decoder-only model: embeddings, layers, final norm, logits."""
+    """The decoder stack: embeddings (own, or shared with an encoder), layers, norm, logits."""
 
     config: TransformerConfig
+    shared_embedding: nn.Module | None = None
 
     @nn.compact
     def __call__(
@@ -117,6 +229,10 @@ class Decoder(nn.Module):
         enable_dropout: bool = False,
         decode: bool = False,
         decode_position: Array | None = None,
+        encoded: Array | None = None,
+        encoder_input_tokens: Array | None = None,
+        encoder_segment_ids: Array | None = None,
+        decoder_positions: Array | None = None,
     ) -> Array:
         """Logits of the next token at every position.
 
@@ -129,55 +245,75 @@ class Decoder(nn.Module):
           enable_dropout: training-mode dropout.
           decode: one-position step with the KV cache (`decoder_input_tokens` is [batch, 1]).
           decode_position: <int32>[] the position being decoded (decode mode only).
+          encoded: <dtype>[batch, enc_length, embed] encoder output (encoder-decoder only).
+          encoder_input_tokens, encoder_segment_ids: <int32>[batch, enc_length] for the
+            cross-attention mask.
+          decoder_positions: <int32>[batch, length] positions within packed segments (rotary).
         Returns:
           <float32>[batch, length, vocab] logits.
         """
         cfg = self.config
         dt = cfg.jnp_dtype
         deterministic = not enable_dropout
-        embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, dt, name="token_embedder")
-        relpos = layers.RelativePositionBiases(
-            cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
-            cfg.num_heads, dt, name="relpos_bias",
-        )
+        cross = encoded is not None
+        embedder = self.shared_embedding
+        if embedder is None:
+            embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, dt, name="token_embedder")
+        relpos = _relpos(cfg)
         x = embedder(decoder_input_tokens)
-        x = layers.constrain(x, ("batch", "length", "embed"))
-        x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+        x = _dropout(cfg, layers.constrain(x, ("batch", "length", "embed")), deterministic)
 
+        cross_bias = None
         if decode and self.is_initializing():
             # Initialising the cache: the inputs carry the full max length; no masking needed.
             length = decoder_input_tokens.shape[1]
             pos = jnp.arange(length)
-            bias = relpos(pos, pos, bidirectional=False)
+            bias = relpos(pos, pos, bidirectional=False) if relpos is not None else None
+            positions = _default_positions(decoder_input_tokens, None)
         elif decode:
             if decoder_input_tokens.shape[1] != 1 or decode_position is None:
                 raise ValueError("decode=True takes [batch, 1] tokens and a decode_position.")
             max_length = self.variables["cache"]["layers_0"]["self_attention"][
                 "cached_key"].shape[1]
             keys = jnp.arange(max_length)
-            bias = relpos(jnp.reshape(decode_position, (1,)), keys, bidirectional=False)
-            bias = bias + attention.mask_to_bias(keys <= decode_position)[None, None, None, :]
+            bias = attention.mask_to_bias(keys <= decode_position)[None, None, None, :]
+            if relpos is not None:
+                bias = bias + relpos(jnp.reshape(decode_position, (1,)), keys,
+                                     bidirectional=False)
+            positions = jnp.full(decoder_input_tokens.shape, decode_position, jnp.int32)
         else:
             if decoder_target_tokens is None:
                 raise ValueError("decoder_target_tokens is required outside decode mode.")
             length = decoder_input_tokens.shape[1]
             pos = jnp.arange(length)
-            bidirectional = decoder_causal_attention is not None
-            # Causal positions never look ahead, so one-sided buckets suffice; the prefix LM
-            # attends forward over its inputs and needs the bidirectional buckets.
-            bias = relpos(pos, pos, bidirectional=bidirectional)
             mask = attention.make_decoder_mask(
-                decoder_target_tokens, decoder_segment_ids, decoder_causal_attention
-            )
-            bias = bias + attention.mask_to_bias(mask)
+                decoder_target_tokens, decoder_segment_ids, decoder_causal_attention)
+            bias = attention.mask_to_bias(mask)
+            if relpos is not None:
+                # Causal positions never look ahead, so one-sided buckets suffice; the prefix LM
+                # attends forward over its inputs and needs the bidirectional buckets.
+                bias = bias + relpos(pos, pos,
+                                     bidirectional=decoder_causal_attention is not None)
+            positions = _default_positions(decoder_input_tokens, decoder_positions)
+        if cross:
+            query_tokens = (jnp.ones_like(decoder_input_tokens) if decode
+                            else decoder_target_tokens)
+            query_segments = None if decode else decoder_segment_ids
+            cross_bias = attention.mask_to_bias(attention.make_padding_mask(
+                query_tokens, encoder_input_tokens, query_segments,
+                encoder_segment_ids if query_segments is not None else None))
 
         for i in range(cfg.num_decoder_layers):
-            x = DecoderLayer(cfg, name=f"layers_{i}")(x, bias, deterministic, decode)
-        x = layers.RMSNorm(dtype=dt, name="decoder_norm")(x)
-        x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+            x = DecoderLayer(cfg, cross, name=f"layers_{i}")(
+                x, bias, deterministic, decode, encoded, cross_bias,
+                None if decode else decoder_segment_ids, positions)
+        x = _norm(cfg, "decoder_norm")(x)
+        x = _dropout(cfg, x, deterministic)
         if cfg.logits_via_embedding:
-            # Tied logits are rescaled by 1/sqrt(d) as in T5 1.0 / Mesh TF.
-            logits = embedder.attend(x) / jnp.sqrt(jnp.asarray(cfg.emb_dim, dt))
+            if cfg.tied_logits_rescale:
+                # Tied logits are rescaled by 1/sqrt(d) as in T5 1.0 / Mesh TF / HF T5.
+                x = x / jnp.sqrt(jnp.asarray(cfg.emb_dim, dt))
+            logits = embedder.attend(x)
         else:
             logits = layers.DenseGeneral(cfg.vocab_size, ("embed", "vocab"), dt,
                                          name="logits_dense")(x)
@@ -196,6 +332,45 @@ class DecoderOnly(nn.Module):
     def __call__(self, decoder_input_tokens: Array, decoder_target_tokens: Array | None = None,
                  decoder_segment_ids: Array | None = None,
                  decoder_causal_attention: Array | None = None, enable_dropout: bool = False,
-                 decode: bool = False, decode_position: Array | None = None) -> Array:
+                 decode: bool = False, decode_position: Array | None = None,
+                 decoder_positions: Array | None = None) -> Array:
         return self.decoder(decoder_input_tokens, decoder_target_tokens, decoder_segment_ids,
-                            decoder_causal_attention, enable_dropout, decode, decode_position)
+                            decoder_causal_attention, enable_dropout, decode, decode_position,
+                            decoder_positions=decoder_positions)
+
+
+class EncoderDecoder(nn.Module):
+    """T5-style encoder-decoder with a shared top-level `token_embedder`."""
+
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        if cfg.num_encoder_layers <= 0:
+            raise ValueError("An EncoderDecoder needs num_encoder_layers > 0.")
+        self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, cfg.jnp_dtype,
+                                           name="token_embedder")
+        self.encoder = Encoder(cfg, self.token_embedder)
+        self.decoder = Decoder(cfg, self.token_embedder)
+
+    def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None,
+               enable_dropout=False):
+        return self.encoder(encoder_input_tokens, encoder_segment_ids, encoder_positions,
+                            enable_dropout)
+
+    def decode(self, encoded, encoder_input_tokens, decoder_input_tokens,
+               decoder_target_tokens=None, encoder_segment_ids=None, decoder_segment_ids=None,
+               decoder_positions=None, enable_dropout=False, decode=False, decode_position=None):
+        return self.decoder(decoder_input_tokens, decoder_target_tokens, decoder_segment_ids,
+                            None, enable_dropout, decode, decode_position, encoded,
+                            encoder_input_tokens, encoder_segment_ids, decoder_positions)
+
+    def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+                 encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
+                 decoder_positions=None, enable_dropout=False):
+        """Teacher-forced logits <float32>[batch, dec_length, vocab]."""
+        encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
+                              enable_dropout)
+        return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                           decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                           decoder_positions, enable_dropout)

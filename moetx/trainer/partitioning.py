@@ -44,6 +44,7 @@ def standard_logical_axis_rules(fsdp: bool = False) -> tuple[tuple[str, Any], ..
         ("relpos_buckets", None),
         ("layers", None),
         ("unmodeled", None),
+        ("conv_window", None),
     ]
     rules.append(("embed", "data" if fsdp else None))
     return tuple(rules)

@@ -30,6 +30,7 @@ from typing import Any, Callable  # noqa: E402
 
 import gin  # noqa: E402
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from moetx.trainer import (  # noqa: E402
     checkpoints, cli, data, metrics as metrics_lib, optimizers, partitioning, trainer as trainer_lib,
@@ -40,9 +41,7 @@ def build_trainer(model, dataset_cfg: data.DatasetConfig, mesh_fn: Callable = pa
                   rules_fn: Callable = partitioning.standard_logical_axis_rules,
                   optimizer_factory: Callable = optimizers.make_optimizer,
                   num_microbatches: int = 1, seed: int = 0) -> trainer_lib.Trainer:
-    lengths = dict(dataset_cfg.task_feature_lengths)
-    length = sum(lengths.values()) if getattr(model, "prefix_lm", False) else lengths["targets"]
-    shapes = model.input_shapes(dataset_cfg.batch_size, length)
+    shapes = model.input_shapes(dataset_cfg.batch_size, dict(dataset_cfg.task_feature_lengths))
     return trainer_lib.Trainer(model, optimizer_factory, mesh_fn(), rules_fn(), shapes,
                                num_microbatches=num_microbatches, seed=seed)
 
@@ -108,11 +107,9 @@ def train(
 
     batches, _ = make_batches(trainer, train_dataset_cfg,
                               data_state.get("batches_consumed", 0), num_epochs=None)
-    cfg = model.config
-    length = trainer.input_shapes["decoder_input_tokens"][1]
-    tokens_per_batch = train_dataset_cfg.batch_size * length
-    flops_per_step = tokens_per_batch * metrics_lib.model_flops_per_token(
-        state.params, cfg.num_decoder_layers, cfg.num_heads * cfg.head_dim, length)
+    tokens_per_batch = sum(int(np.prod(s)) for k, s in trainer.input_shapes.items()
+                           if k in ("encoder_input_tokens", "decoder_target_tokens"))
+    flops_per_step = model.flops_per_step(state.params, trainer.input_shapes)
     peak = metrics_lib.measured_peak_flops_per_device() * jax.device_count()
 
     writer = metrics_lib.MetricWriter(os.path.join(model_dir, "train"), train_steps)

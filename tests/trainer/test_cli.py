@@ -196,3 +196,30 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert resumed and min(resumed) > 4 and max(resumed) == steps
     for step, loss in resumed.items():
         assert loss == ref_losses[step], (step, loss, ref_losses[step])
+
+
+def test_encoder_decoder_span_corruption_end_to_end(tmp_path):
+    md = tmp_path / "t5"
+    r = _cli("train", ["--gin_file=models/t5_tiny.gin", "--gin_file=runs/pretrain.gin",
+                       f"--gin.MODEL_DIR='{md}'",
+                       "--gin.MIXTURE_OR_TASK_NAME='moetx_en_span_corruption'",
+                       "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 16}",
+                       "--gin.TRAIN_STEPS=3", "--gin.BATCH_SIZE=8", "--gin.EVAL_STEPS=1",
+                       "--gin.LOG_EVERY=1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert set(_losses(r.stderr)) == {1, 2, 3} and (md / "checkpoint_3").is_dir()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"inputs": "The king <extra_id_0> said.",
+                                   "targets": "<extra_id_0> of France"}) + "\n")
+    common = ["--gin_file=models/t5_tiny.gin", "--gin_file=runs/infer.gin",
+              f"--gin.CHECKPOINT_DIR='{md}'", f"--gin.PROMPTS_FILE='{prompts}'",
+              "--gin.VOCABULARY_EXTRA_IDS=100", "--gin.MAX_LENGTH=8"]
+    out = tmp_path / "pred.jsonl"
+    r = _cli("infer", common + [f"--gin.OUTPUT_FILE='{out}'"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert row["prompt"] == "The king <extra_id_0> said." and len(row["output_ids"]) <= 8
+    r = _cli("infer", common + [f"--gin.OUTPUT_FILE='{out}'", "--gin.MODE='score'"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert row["targets"] == "<extra_id_0> of France" and row["score"] < 0
