@@ -1,12 +1,15 @@
 """SeqIO tasks for moetx, registered on import (no network, no file access at import time).
 
-Registered tasks (decoder-only LM objectives, see `moetx.tasks.pretraining`):
+Registered tasks (objectives in `moetx.tasks.pretraining`):
 
-- `moetx_en_causal_lm`, `moetx_en_prefix_lm`: the bundled offline English corpus (Shakespeare,
-  the King James Bible, a Wikipedia sample; splits 'train' and 'validation') with the default
-  8k SentencePiece vocabulary. Both must first be built by `python -m moetx.tasks.corpora`.
-- `c4_causal_lm`, `c4_prefix_lm`: TFDS `c4/en:3.0.1` (splits 'train', 'validation'), for users
-  who have prepared C4 in their TFDS data dir; same vocabulary.
+- `moetx_en_causal_lm`, `moetx_en_prefix_lm` (decoder-only) and `moetx_en_span_corruption` (T5
+  span corruption, for `seqio.EncDecFeatureConverter`; T5 feature lengths {'inputs': 512,
+  'targets': 114}): the bundled offline English corpus (Shakespeare, the King James Bible, a
+  Wikipedia sample; splits 'train' and 'validation') with the default 8k SentencePiece
+  vocabulary (plus 100 sentinel ids for span corruption). The corpus and the vocabulary must
+  first be built by `python -m moetx.tasks.corpora`.
+- `c4_causal_lm`, `c4_prefix_lm`, `c4_span_corruption`: TFDS `c4/en:3.0.1` (splits 'train',
+  'validation'), for users who have prepared C4 in their TFDS data dir; same vocabularies.
 
 Your own text files (one example per line) become a task with `register_text_files_task`, or
 from gin with `MIXTURE_OR_TASK_NAME = @moetx.tasks.text_files_task()` and bindings such as
@@ -58,8 +61,17 @@ __all__ = [
     "train_sentencepiece",
 ]
 
-BUNDLED_TASKS = {"moetx_en_causal_lm": "causal_lm", "moetx_en_prefix_lm": "prefix_lm"}
-C4_TASKS = {"c4_causal_lm": "causal_lm", "c4_prefix_lm": "prefix_lm"}
+# Task name -> objective: one of `pretraining.OBJECTIVES` (decoder-only) or "span_corruption".
+BUNDLED_TASKS = {
+    "moetx_en_causal_lm": "causal_lm",
+    "moetx_en_prefix_lm": "prefix_lm",
+    "moetx_en_span_corruption": "span_corruption",
+}
+C4_TASKS = {
+    "c4_causal_lm": "causal_lm",
+    "c4_prefix_lm": "prefix_lm",
+    "c4_span_corruption": "span_corruption",
+}
 C4_TFDS_NAME = "c4/en:3.0.1"
 _SPLITS = ("train", "validation")
 
@@ -96,13 +108,24 @@ def register_default_tasks(data_dir: str | os.PathLike | None = None) -> list[st
     """
     root = paths.data_dir(data_dir)
     vocabulary = vocab.lazy_default_vocabulary(data_dir=root)
+    # Span corruption's sentinels are extra ids appended after the 8k pieces.
+    sentinel_vocabulary = vocab.lazy_default_vocabulary(
+        extra_ids=pretraining.SPAN_CORRUPTION_EXTRA_IDS, data_dir=root
+    )
+
+    def add(name: str, source: seqio.DataSource, objective: str) -> None:
+        if objective == "span_corruption":
+            pretraining.add_span_corruption_task(name, source, sentinel_vocabulary)
+        else:
+            pretraining.add_lm_task(name, source, vocabulary, objective)
+
     source = BundledCorpusSource(root)
     for name, objective in BUNDLED_TASKS.items():
-        pretraining.add_lm_task(name, source, vocabulary, objective)
+        add(name, source, objective)
     # read_only: never trigger TFDS's (huge) C4 download/preparation from a training run.
     c4 = seqio.TfdsDataSource(tfds_name=C4_TFDS_NAME, splits=_SPLITS, read_only=True)
     for name, objective in C4_TASKS.items():
-        pretraining.add_lm_task(name, c4, vocabulary, objective)
+        add(name, c4, objective)
     return [*BUNDLED_TASKS, *C4_TASKS]
 
 

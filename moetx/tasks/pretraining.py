@@ -1,6 +1,7 @@
 """SeqIO preprocessors and task builders for language-model pretraining on raw text.
 
-Two objectives for decoder-only models, both reading one document per example:
+Two objectives for decoder-only models, both reading one document per example (the third,
+T5 span corruption for encoder-decoder models, is described further down):
 
 - **causal LM** (`seqio.DecoderFeatureConverter` / `LMFeatureConverter`): text → `targets`
   tokens, EOS appended to each document, then cut into chunks of `sequence_length['targets']`
@@ -16,8 +17,24 @@ point k is uniform in [1, min(n - 1, sequence_length['inputs'])] so nothing is e
 {'inputs': L, 'targets': L}`; the prefix-LM converter's decoder length is then 2L, and packing
 puts two or more chunks in each row.
 
+**Span corruption** (T5's pretraining objective, `seqio.EncDecFeatureConverter`): each document
+is tokenized (no EOS) and cut into chunks of `span_corruption_chunk_length(L_in)` tokens, the
+longest chunk whose corrupted form fits `sequence_length['inputs'] = L_in`. In each chunk about
+15% of the tokens, in spans of mean length 3, are noise (`random_spans_noise_mask`); `inputs` is
+the chunk with each noise span replaced by one sentinel id, `targets` lists each sentinel followed
+by the span it replaced, and both end in EOS:
+
+    chunk    a b c d e f g h           (noise: c d, g)
+    inputs   a b <S0> e f <S1> h </s>   with <S0> = vocab_size - 1, <S1> = vocab_size - 2, ...
+    targets  <S0> c d <S1> g </s>
+
+Sentinels are the vocabulary's extra ids (`get_vocabulary(path, extra_ids=100)`), so they never
+collide with real tokens. Unlike T5, chunks never straddle two documents (T5 concatenates
+documents without a separator first); short documents give short examples, which the
+feature converter packs.
+
 All preprocessors are pure tf.data functions; randomness comes from SeqIO's seeded
-`map_over_dataset(num_seeds=1)`, so `get_dataset(seed=...)` is reproducible.
+`map_over_dataset(num_seeds=...)`, so `get_dataset(seed=...)` is reproducible.
 """
 
 from __future__ import annotations
@@ -30,18 +47,35 @@ import tensorflow as tf
 
 __all__ = [
     "OBJECTIVES",
+    "SPAN_CORRUPTION_EXTRA_IDS",
+    "SPAN_CORRUPTION_FEATURE_LENGTHS",
     "add_lm_task",
+    "add_span_corruption_task",
     "causal_lm_output_features",
+    "corrupted_lengths",
     "drop_empty_text",
     "lm_preprocessors",
+    "noise_span_to_unique_sentinel",
+    "nonnoise_span_to_unique_sentinel",
     "prefix_lm_output_features",
     "random_prefix_split",
+    "random_spans_noise_mask",
+    "span_corruption",
+    "span_corruption_chunk_length",
+    "span_corruption_output_features",
+    "span_corruption_preprocessors",
     "split_tokens",
     "split_tokens_to_targets_length",
     "to_targets",
 ]
 
+# Decoder-only objectives of `add_lm_task`; span corruption has its own `add_span_corruption_task`
+# (it needs a vocabulary with sentinel ids and feeds an encoder-decoder).
 OBJECTIVES = ("causal_lm", "prefix_lm")
+# T5's choices: 100 sentinel ids, and the feature lengths of its span-corruption pretraining
+# (512 corrupted input tokens come from 568-token chunks, whose targets need 114 tokens).
+SPAN_CORRUPTION_EXTRA_IDS = 100
+SPAN_CORRUPTION_FEATURE_LENGTHS = {"inputs": 512, "targets": 114}
 
 
 def to_targets(dataset: tf.data.Dataset, text_key: str = "text") -> tf.data.Dataset:
@@ -217,6 +251,416 @@ def add_lm_task(
         source=source,
         output_features=features,
         preprocessors=lm_preprocessors(objective, text_key=text_key),
+        metric_fns=[],
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Span corruption (T5's encoder-decoder pretraining objective)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_noise_args(noise_density: float, mean_noise_span_length: float) -> None:
+    if not 0.0 < noise_density < 1.0:
+        raise ValueError(
+            f"noise_density must be in (0, 1) (the fraction of tokens to mask), got "
+            f"{noise_density!r}. Fix: use e.g. T5's 0.15."
+        )
+    if not mean_noise_span_length >= 1.0:
+        raise ValueError(
+            f"mean_noise_span_length must be >= 1 (every span has at least one token), got "
+            f"{mean_noise_span_length!r}. Fix: use e.g. T5's 3.0."
+        )
+
+
+def _noise_counts(
+    length: int, noise_density: float, mean_noise_span_length: float
+) -> tuple[int, int]:
+    """(number of noise tokens, number of noise spans) in a chunk of `length` tokens.
+
+    The Python twin of the counts in `random_spans_noise_mask`: the same float64 products and
+    round-half-to-even (Python's `round`, `tf.round`), so the lengths planned from it are exactly
+    the lengths the TF code produces.
+    """
+    if length < 2:
+        return 0, 0
+    num_noise = min(max(round(length * noise_density), 1), length - 1)
+    # Every span, noise or not, must be non-empty, so there can be no more spans than tokens of
+    # either kind (only binding for extreme densities).
+    num_spans = min(max(round(num_noise / mean_noise_span_length), 1), length - num_noise)
+    return num_noise, num_spans
+
+
+def corrupted_lengths(
+    tokens_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+) -> tuple[int, int]:
+    """(inputs length, targets length), EOS included, of a span-corrupted `tokens_length` chunk.
+
+    inputs = the non-noise tokens + one sentinel per noise span + EOS;
+    targets = the noise tokens + one sentinel per noise span + EOS.
+    """
+    _check_noise_args(noise_density, mean_noise_span_length)
+    num_noise, num_spans = _noise_counts(tokens_length, noise_density, mean_noise_span_length)
+    return tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1
+
+
+def span_corruption_chunk_length(
+    inputs_length: int, noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+) -> tuple[int, int]:
+    """The longest chunk whose span-corrupted inputs fit `inputs_length`, and its targets length.
+
+    Derivation: a chunk of n tokens has k = round(n·d) noise tokens in s = round(k/m) spans and
+    becomes inputs of (n - k) + s + 1 tokens (d = noise_density, m = mean_noise_span_length).
+    Without the rounding that is n·(1 - d + d/m) + 1, so n ≈ (inputs_length - 1) / (1 - d + d/m):
+    567.8 for T5's 512 inputs, d = 0.15, m = 3. The rounding moves the exact answer by a token
+    or so, and it must be exact (one token too many and SeqIO silently trims the EOS off), so it
+    is found by search: as k <= n·d + 1, the inputs have at least n·(1 - d) + 1 tokens, hence no
+    n above (inputs_length - 1) / (1 - d) fits, and scanning down from there the first n that
+    fits is the longest. (For d = 0.15, m = 3: 512 -> 568 tokens and 114 targets, T5's pair;
+    64 -> 70 tokens and 14 targets.)
+
+    Args:
+      inputs_length: `sequence_length['inputs']`, EOS included.
+      noise_density: fraction of the chunk's tokens that are noise.
+      mean_noise_span_length: mean number of tokens of a noise span.
+
+    Returns:
+      (chunk_length, targets_length): the pre-corruption chunk length, and the targets length
+      (EOS included) of such a chunk, the longest targets any chunk of the task gets.
+
+    Raises:
+      ValueError: the arguments are out of range, or `inputs_length` < 3 (the shortest
+        corruptible chunk, 2 tokens, needs a token, a sentinel and EOS).
+    """
+    _check_noise_args(noise_density, mean_noise_span_length)
+    upper = int((inputs_length - 1) / (1.0 - noise_density)) + 1
+    for n in range(upper, 1, -1):
+        inputs, targets = corrupted_lengths(n, noise_density, mean_noise_span_length)
+        if inputs <= inputs_length:
+            return n, targets
+    raise ValueError(
+        f"sequence_length['inputs'] = {inputs_length} is too short for span corruption: expected "
+        "at least 3 (a token, a sentinel and EOS). Fix: use a longer inputs length, e.g. 512."
+    )
+
+
+def _random_segment_lengths(num_items: tf.Tensor, num_segments: tf.Tensor, seed) -> tf.Tensor:
+    """Lengths (int32 [num_segments], each >= 1, summing to num_items) of a random segmentation.
+
+    Cuts go into num_segments - 1 of the num_items - 1 gaps between neighbouring items; taking
+    the gaps with the highest i.i.d. uniform scores picks that subset uniformly at random, so
+    every segmentation into non-empty segments is equally likely. Needs
+    1 <= num_segments <= num_items.
+    """
+    scores = tf.random.stateless_uniform(tf.reshape(num_items - 1, [1]), seed=seed)
+    _, gaps = tf.math.top_k(scores, k=num_segments - 1, sorted=False)
+    cuts = tf.sort(gaps + 1)  # a cut in gap g falls between items g and g + 1
+    bounds = tf.concat(
+        [tf.zeros([1], tf.int32), tf.cast(cuts, tf.int32), tf.reshape(num_items, [1])], axis=0
+    )
+    return bounds[1:] - bounds[:-1]
+
+
+def random_spans_noise_mask(
+    length: int | tf.Tensor,
+    noise_density: float,
+    mean_noise_span_length: float,
+    seeds: tf.Tensor,
+) -> tf.Tensor:
+    """T5's noise mask: which tokens of a `length`-token chunk are noise, in random spans.
+
+    num_noise = round(length · noise_density), clamped to [1, length - 1], and
+    num_spans = round(num_noise / mean_noise_span_length), at least 1 (and at most the number of
+    non-noise tokens). The noise tokens and the non-noise tokens are each cut into num_spans
+    non-empty runs at random, and the runs alternate starting with a non-noise one, so the
+    chunk always starts with a real token and ends with noise. Rounding is half-to-even, as
+    in `corrupted_lengths`.
+
+    Args:
+      length: int32 scalar, the number of tokens.
+      noise_density: fraction of noise tokens, in (0, 1).
+      mean_noise_span_length: mean noise span length, >= 1.
+      seeds: int32/int64 [2, 2], two stateless seeds (noise runs, non-noise runs), e.g. from
+        `seqio.map_over_dataset(num_seeds=2)`; the same seeds give the same mask.
+
+    Returns:
+      bool [length], True at noise tokens. All False when length < 2 (nothing to corrupt).
+    """
+    _check_noise_args(noise_density, mean_noise_span_length)
+    static_length = length if isinstance(length, int) else None
+    length = tf.cast(length, tf.int32)
+    seeds = tf.convert_to_tensor(seeds)
+    seeds.shape.assert_is_compatible_with([2, 2])
+
+    def _mask() -> tf.Tensor:
+        # float64 and tf.round (half to even) reproduce Python's `round` in `_noise_counts`.
+        num_noise = tf.cast(tf.round(tf.cast(length, tf.float64) * noise_density), tf.int32)
+        num_noise = tf.clip_by_value(num_noise, 1, length - 1)
+        num_spans = tf.cast(
+            tf.round(tf.cast(num_noise, tf.float64) / mean_noise_span_length), tf.int32
+        )
+        num_spans = tf.clip_by_value(num_spans, 1, length - num_noise)
+        noise_runs = _random_segment_lengths(num_noise, num_spans, seeds[0])
+        clean_runs = _random_segment_lengths(length - num_noise, num_spans, seeds[1])
+        runs = tf.reshape(tf.stack([clean_runs, noise_runs], axis=1), [-1])  # clean, noise, ...
+        flags = tf.tile(tf.constant([False, True]), tf.reshape(num_spans, [1]))
+        return tf.repeat(flags, runs)
+
+    mask = tf.cond(length >= 2, _mask, lambda: tf.zeros([length], tf.bool))
+    return tf.reshape(mask, [static_length if static_length is not None else -1])
+
+
+def _spans_to_sentinels(
+    tokens: tf.Tensor, noise_mask: tf.Tensor, vocabulary: seqio.Vocabulary, keep_noise: bool
+) -> tf.Tensor:
+    """Shared body of the two sentinel functions: one sentinel per noise span, kept tokens."""
+    extra_ids = vocabulary.extra_ids
+    if not extra_ids:
+        raise ValueError(
+            f"Span corruption needs sentinel ids, but the vocabulary {vocabulary!r} has "
+            "extra_ids=0, so sentinels would overwrite real tokens. Fix: use a vocabulary with "
+            "extra ids, e.g. moetx.tasks.get_vocabulary(path, extra_ids=100)."
+        )
+    tokens = tf.convert_to_tensor(tokens)
+    noise_mask = tf.convert_to_tensor(noise_mask, tf.bool)
+    previous = tf.concat([[False], noise_mask], axis=0)[:-1]
+    span_starts = tf.logical_and(noise_mask, tf.logical_not(previous))
+    span_index = tf.cumsum(tf.cast(span_starts, tokens.dtype)) - 1
+    sentinels = tf.cast(vocabulary.vocab_size - 1, tokens.dtype) - span_index
+    num_spans = tf.reduce_sum(tf.cast(span_starts, tf.int32))
+    checks = [
+        tf.debugging.assert_equal(
+            tf.size(tokens),
+            tf.size(noise_mask),
+            message="Span corruption: tokens and noise_mask must have the same length.",
+        ),
+        tf.debugging.assert_less_equal(
+            num_spans,
+            extra_ids,
+            message=(
+                f"Span corruption: more noise spans than the vocabulary's {extra_ids} sentinel "
+                "ids. Fix: more extra_ids, or shorter sequences / fewer spans."
+            ),
+        ),
+    ]
+    keep_token = noise_mask if keep_noise else tf.logical_not(noise_mask)
+    # Each position offers [its span's sentinel, its token]; keeping the sentinel only where a
+    # span starts and the token only where wanted, then flattening, emits both in order.
+    candidates = tf.reshape(tf.stack([sentinels, tokens], axis=1), [-1])
+    keep = tf.reshape(tf.stack([span_starts, keep_token], axis=1), [-1])
+    with tf.control_dependencies(checks):
+        return tf.boolean_mask(candidates, keep)
+
+
+def noise_span_to_unique_sentinel(
+    tokens: tf.Tensor, noise_mask: tf.Tensor, vocabulary: seqio.Vocabulary
+) -> tf.Tensor:
+    """The encoder inputs: each run of noise tokens replaced by one sentinel.
+
+    Args:
+      tokens: int [n] token ids.
+      noise_mask: bool [n], True at noise tokens.
+      vocabulary: supplies the sentinels, its last ids: the i-th noise span (from 0) becomes
+        `vocab_size - 1 - i`; it needs at least as many extra ids as there are spans.
+
+    Returns:
+      int [n - num_noise + num_spans], same dtype as `tokens`.
+    """
+    return _spans_to_sentinels(tokens, noise_mask, vocabulary, keep_noise=False)
+
+
+def nonnoise_span_to_unique_sentinel(
+    tokens: tf.Tensor, noise_mask: tf.Tensor, vocabulary: seqio.Vocabulary
+) -> tf.Tensor:
+    """The decoder targets: each noise span preceded by the sentinel that replaced it.
+
+    The inverse of `noise_span_to_unique_sentinel`: non-noise tokens are dropped and the i-th
+    noise span is introduced by `vocab_size - 1 - i`. For masks starting with a non-noise token
+    (all of `random_spans_noise_mask`'s) this is T5's "each non-noise span becomes a sentinel".
+
+    Args:
+      tokens: int [n] token ids.
+      noise_mask: bool [n], True at noise tokens.
+      vocabulary: supplies the sentinels (see `noise_span_to_unique_sentinel`).
+
+    Returns:
+      int [num_noise + num_spans], same dtype as `tokens`.
+    """
+    return _spans_to_sentinels(tokens, noise_mask, vocabulary, keep_noise=True)
+
+
+@seqio.map_over_dataset(num_seeds=2)
+def _corrupt_spans(
+    ex: Mapping[str, tf.Tensor],
+    seeds: tf.Tensor,
+    *,
+    feature_key: str,
+    noise_density: float,
+    mean_noise_span_length: float,
+    vocabulary: seqio.Vocabulary,
+) -> dict[str, tf.Tensor]:
+    """One chunk (int32 [n] under `feature_key`) -> {'inputs', 'targets'}; `seeds` int [2, 2]."""
+    tokens = ex[feature_key]
+    mask = random_spans_noise_mask(tf.size(tokens), noise_density, mean_noise_span_length, seeds)
+    return {
+        "inputs": noise_span_to_unique_sentinel(tokens, mask, vocabulary),
+        "targets": nonnoise_span_to_unique_sentinel(tokens, mask, vocabulary),
+    }
+
+
+def span_corruption(
+    dataset: tf.data.Dataset,
+    sequence_length: Mapping[str, int] | None,
+    output_features: Mapping[str, seqio.Feature],
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+    feature_key: str = "targets",
+) -> tf.data.Dataset:
+    """T5 span corruption, a SeqIO preprocessor (after tokenizing, before appending EOS).
+
+    Each example's `feature_key` tokens (int32 [n], no EOS) are cut into chunks of
+    `span_corruption_chunk_length(sequence_length['inputs'])` tokens (the last one shorter),
+    chunks of fewer than 2 tokens are dropped (nothing to corrupt), and each chunk gets a seeded
+    `random_spans_noise_mask`. `seqio.preprocessors.append_eos_after_trim` must follow: the chunk
+    length is planned so that inputs + EOS fit `sequence_length['inputs']` exactly, with no trim.
+
+    Args:
+      dataset: tokenized examples with int32 [n] `feature_key`.
+      sequence_length: needs 'inputs'; 'targets', when given, is checked to hold the targets.
+      output_features: 'inputs' and 'targets', one vocabulary with extra ids (the sentinels).
+      noise_density: fraction of noise tokens (T5: 0.15).
+      mean_noise_span_length: mean length of a noise span (T5: 3).
+      feature_key: the token feature to corrupt.
+
+    Returns:
+      {'inputs': int32 [<= L_in - 1], 'targets': int32 [<= L_tgt - 1]} examples (EOS not yet
+      appended); other features are dropped.
+
+    Raises:
+      ValueError: no inputs length, a targets length too short for the planned chunks, or a
+        vocabulary without enough sentinel ids.
+    """
+    _check_noise_args(noise_density, mean_noise_span_length)
+    lengths = dict(sequence_length or {})
+    if lengths.get("inputs") is None:
+        raise ValueError(
+            "Span corruption needs sequence_length['inputs'] to size its chunks, found "
+            f"sequence_length={sequence_length!r}. Fix: pass e.g. "
+            f"{SPAN_CORRUPTION_FEATURE_LENGTHS} to get_dataset."
+        )
+    chunk_length, targets_length = span_corruption_chunk_length(
+        int(lengths["inputs"]), noise_density, mean_noise_span_length
+    )
+    if lengths.get("targets") is not None and targets_length > int(lengths["targets"]):
+        raise ValueError(
+            f"With sequence_length['inputs'] = {lengths['inputs']} span corruption makes chunks "
+            f"of {chunk_length} tokens, whose targets need {targets_length} tokens (with EOS), "
+            f"but sequence_length['targets'] = {lengths['targets']}; they would be cut short. "
+            f"Fix: set sequence_length['targets'] >= {targets_length}."
+        )
+    missing = {"inputs", "targets"} - set(output_features)
+    if missing:
+        raise ValueError(
+            f"Span corruption writes 'inputs' and 'targets', but the task's output features are "
+            f"{sorted(output_features)} (missing {sorted(missing)}). Fix: use "
+            "span_corruption_output_features(vocabulary)."
+        )
+    vocabulary = output_features["inputs"].vocabulary
+    if output_features["targets"].vocabulary != vocabulary:
+        raise ValueError(
+            "Span corruption needs one vocabulary for 'inputs' and 'targets' (their sentinels "
+            f"must agree), found {vocabulary!r} and {output_features['targets'].vocabulary!r}. "
+            "Fix: give both features the same vocabulary."
+        )
+    max_spans = max(
+        _noise_counts(n, noise_density, mean_noise_span_length)[1]
+        for n in range(2, chunk_length + 1)
+    )
+    if vocabulary.extra_ids < max_spans:
+        raise ValueError(
+            f"Chunks of {chunk_length} tokens get up to {max_spans} noise spans, one sentinel "
+            f"each, but the vocabulary has extra_ids={vocabulary.extra_ids}. Fix: use "
+            f"moetx.tasks.get_vocabulary(path, extra_ids={SPAN_CORRUPTION_EXTRA_IDS}) (or more "
+            "extra ids), or a shorter inputs length."
+        )
+    dataset = split_tokens(dataset, chunk_length, feature_key=feature_key)
+    dataset = dataset.filter(lambda ex: tf.size(ex[feature_key]) >= 2)
+    return _corrupt_spans(
+        dataset,
+        feature_key=feature_key,
+        noise_density=noise_density,
+        mean_noise_span_length=mean_noise_span_length,
+        vocabulary=vocabulary,
+    )
+
+
+def span_corruption_output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+    """Output features of a span-corruption task: 'inputs' and 'targets', both ending in EOS."""
+    return {
+        "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True, required=True),
+        "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True, required=True),
+    }
+
+
+def span_corruption_preprocessors(
+    text_key: str = "text", noise_density: float = 0.15, mean_noise_span_length: float = 3.0
+) -> list[Callable]:
+    """The SeqIO preprocessor list of a span-corruption task reading raw text."""
+    _check_noise_args(noise_density, mean_noise_span_length)
+    return [
+        functools.partial(to_targets, text_key=text_key),
+        drop_empty_text,
+        # No EOS on the document: T5 puts one EOS at the end of the corrupted inputs/targets.
+        functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False, with_eos=False),
+        seqio.CacheDatasetPlaceholder(),
+        functools.partial(
+            span_corruption,
+            noise_density=noise_density,
+            mean_noise_span_length=mean_noise_span_length,
+        ),
+        seqio.preprocessors.append_eos_after_trim,
+    ]
+
+
+def add_span_corruption_task(
+    name: str,
+    source: seqio.DataSource,
+    vocabulary: seqio.Vocabulary,
+    text_key: str = "text",
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+    shuffle_buffer_size: int | None = 10_000,
+) -> seqio.Task:
+    """Registers (or re-registers, replacing) a T5 span-corruption task over a raw-text source.
+
+    Args:
+      name: task name in the SeqIO registry.
+      source: yields scalar strings or dicts with a `text_key` string.
+      vocabulary: vocabulary of 'inputs' and 'targets', with extra ids for the sentinels
+        (`moetx.tasks.get_vocabulary(path, extra_ids=100)`). Not loaded here.
+      text_key: text field of dict examples.
+      noise_density: fraction of noise tokens.
+      mean_noise_span_length: mean noise span length.
+      shuffle_buffer_size: example shuffle buffer of the task.
+
+    Returns:
+      The registered `seqio.Task`, for `seqio.EncDecFeatureConverter`; T5's feature lengths are
+      `SPAN_CORRUPTION_FEATURE_LENGTHS`.
+    """
+    if not vocabulary.extra_ids:
+        raise ValueError(
+            f"Task {name!r}: span corruption needs a vocabulary with sentinel (extra) ids, found "
+            f"extra_ids={vocabulary.extra_ids}. Fix: pass moetx.tasks.get_vocabulary(path, "
+            f"extra_ids={SPAN_CORRUPTION_EXTRA_IDS})."
+        )
+    preprocessors = span_corruption_preprocessors(text_key, noise_density, mean_noise_span_length)
+    seqio.TaskRegistry.remove(name)  # replacing keeps registration idempotent
+    return seqio.TaskRegistry.add(
+        name,
+        source=source,
+        output_features=span_corruption_output_features(vocabulary),
+        preprocessors=preprocessors,
         metric_fns=[],
         shuffle_buffer_size=shuffle_buffer_size,
     )
