@@ -183,8 +183,11 @@ class DecoderOnlyModel(BaseTransformerModel):
         return logits[:, 0], mutated["cache"]
 
     def predict_batch(self, params, prompts: Array, prompt_lengths: Array, rng: Array,
-                      eos_id: int, temperature: float = 0.0, topk: int = 0) -> Array:
-        """Greedy (temperature 0) or sampled continuation of left-aligned prompts.
+                      eos_id: int, temperature: float = 0.0, topk: int = 0, topp: float = 0.0,
+                      num_beams: int = 0, alpha: float = 0.6) -> Array:
+        """Greedy (temperature 0), sampled (top-k / top-p) or beam-search (`num_beams` > 0,
+        T5X length penalty `alpha`; the best beam is returned) continuation of left-aligned
+        prompts.
 
         Returns <int32>[batch, max_length]: prompt, then generated tokens, then zeros.
         """
@@ -194,8 +197,12 @@ class DecoderOnlyModel(BaseTransformerModel):
         def step_fn(tokens, position, cache):
             return self.decode_step(params, tokens, position, cache)
 
+        if num_beams:
+            seqs, _ = decoding.beam_search(step_fn, cache, prompts, prompt_lengths, eos_id,
+                                           num_beams, alpha)
+            return seqs[:, 0]
         return decoding.temperature_sample(step_fn, cache, prompts, prompt_lengths, rng, eos_id,
-                                           temperature, topk)
+                                           temperature, topk, topp)
 
 
 @gin.configurable
@@ -277,17 +284,31 @@ class EncoderDecoderModel(BaseTransformerModel):
         return logits[:, 0], mutated["cache"]
 
     def predict_batch(self, params, encoder_input_tokens: Array, max_decode_length: int,
-                      rng: Array, eos_id: int, temperature: float = 0.0, topk: int = 0) -> Array:
-        """Decodes targets for `encoder_input_tokens` <int32>[batch, enc_length]; returns
+                      rng: Array, eos_id: int, temperature: float = 0.0, topk: int = 0,
+                      topp: float = 0.0, num_beams: int = 0, alpha: float = 0.6) -> Array:
+        """Decodes targets for `encoder_input_tokens` <int32>[batch, enc_length] greedily,
+        by sampling, or by beam search (`num_beams` > 0; the best beam is returned); returns
         <int32>[batch, max_decode_length] (generated tokens, zeros after EOS)."""
         encoded = self.encode(params, encoder_input_tokens)
         cache = self.init_cache(params, encoder_input_tokens, max_decode_length)
         b = encoder_input_tokens.shape[0]
+        empty = jnp.zeros((b, max_decode_length), jnp.int32)
+        no_prompt = jnp.zeros((b,), jnp.int32)
+        if num_beams:
+            # The step function runs on batch * num_beams rows: expand what it closes over.
+            enc_x = decoding.expand_cache(encoded, num_beams)
+            enc_t = decoding.expand_cache(encoder_input_tokens, num_beams)
+
+            def beam_step(tokens, position, cache):
+                return self.decode_step(params, enc_x, enc_t, tokens, position, cache)
+
+            seqs, _ = decoding.beam_search(beam_step, cache, empty, no_prompt, eos_id,
+                                           num_beams, alpha)
+            return seqs[:, 0]
 
         def step_fn(tokens, position, cache):
             return self.decode_step(params, encoded, encoder_input_tokens, tokens, position,
                                     cache)
 
-        empty = jnp.zeros((b, max_decode_length), jnp.int32)
-        return decoding.temperature_sample(step_fn, cache, empty, jnp.zeros((b,), jnp.int32),
-                                           rng, eos_id, temperature, topk)
+        return decoding.temperature_sample(step_fn, cache, empty, no_prompt, rng, eos_id,
+                                           temperature, topk, topp)

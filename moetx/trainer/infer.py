@@ -97,6 +97,9 @@ def infer(
     max_input_length: int = 128,
     temperature: float = 0.0,
     topk: int = 0,
+    topp: float = 0.0,
+    num_beams: int = 0,
+    alpha: float = 0.6,
     seed: int = 0,
     batch_size: int = 8,
     mode: str = "predict",
@@ -104,7 +107,8 @@ def infer(
     mesh_fn: Callable = partitioning.make_mesh,
     rules_fn: Callable = partitioning.standard_logical_axis_rules,
 ) -> list[dict]:
-    """Greedy (temperature 0) or sampled decoding with the KV cache, or scoring.
+    """Greedy (temperature 0), sampled (top-k or top-p) or beam-search (`num_beams` > 0, T5X
+    length penalty `alpha`) decoding with the KV cache, or scoring.
 
     Decoder-only: `max_length` bounds prompt + continuation. Encoder-decoder: the prompt (plus
     EOS) is the encoder input, up to `max_input_length` tokens, and up to `max_length` target
@@ -130,7 +134,8 @@ def infer(
     eos = int(vocab.eos_id)
 
     with mesh, nn.logical_axis_rules(rules):
-        static = ("eos_id", "temperature", "topk") + (("max_decode_length",) if enc_dec else ())
+        static = ("eos_id", "temperature", "topk", "topp", "num_beams", "alpha") + (
+            ("max_decode_length",) if enc_dec else ())
         predict = jax.jit(model.predict_batch, static_argnames=static)
         score = jax.jit(model.score_batch)
         results = []
@@ -139,7 +144,8 @@ def infer(
             chunk = examples[start:start + batch_size]
             ids = [list(vocab.encode(e["prompt"])) for e in chunk]
             rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
-            kw = dict(eos_id=eos, temperature=float(temperature), topk=int(topk))
+            kw = dict(eos_id=eos, temperature=float(temperature), topk=int(topk),
+                      topp=float(topp), num_beams=int(num_beams), alpha=float(alpha))
             if enc_dec:
                 enc = jnp.asarray(_pad([x + [eos] for x in ids], batch_size, max_input_length,
                                        "input"))

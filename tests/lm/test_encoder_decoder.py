@@ -147,3 +147,25 @@ def test_predict_batch_greedy_matches_argmax():
         lg = m.logits(params, b)
         for pos in range(n):
             assert int(jnp.argmax(lg[0, pos])) == row[pos]
+
+
+def test_beam_search_one_beam_equals_greedy_and_four_beams_score_higher():
+    m, params = _small()
+    enc = _batch(3)["encoder_input_tokens"]
+    greedy = np.asarray(m.predict_batch(params, enc, 8, jax.random.PRNGKey(0), eos_id=1))
+    beam1 = np.asarray(m.predict_batch(params, enc, 8, jax.random.PRNGKey(0), eos_id=64,
+                                       num_beams=1, alpha=0.0))
+    greedy_no_eos = np.asarray(m.predict_batch(params, enc, 8, jax.random.PRNGKey(0), eos_id=64))
+    np.testing.assert_array_equal(beam1, greedy_no_eos)
+    beam4 = np.asarray(m.predict_batch(params, enc, 8, jax.random.PRNGKey(0), eos_id=64,
+                                       num_beams=4, alpha=0.0))
+
+    def loglik(seq):
+        seq = jnp.asarray(seq)
+        b = {"encoder_input_tokens": enc, "decoder_target_tokens": seq,
+             "decoder_input_tokens": jnp.concatenate([jnp.zeros((2, 1), jnp.int32),
+                                                      seq[:, :-1]], 1)}
+        return np.asarray(m.score_batch(params, b))
+
+    assert np.all(loglik(beam4) >= loglik(beam1) - 1e-5)
+    assert greedy.shape == (2, 8)
