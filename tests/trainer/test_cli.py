@@ -95,6 +95,15 @@ class TestErrors:
         assert code == 2 and "corpus.txt" in line
         assert not list((tmp_path / "m").glob("checkpoint_*"))
 
+    def test_prefix_lm_task_trains_an_encoder_decoder(self, tmp_path, capsys):
+        argv = [a for a in _train_args(tmp_path / "m", 2) if "decoder_tiny" not in a
+                and "TASK_FEATURE_LENGTHS" not in a and "MIXTURE" not in a] + [
+            "--gin_file=models/t5_tiny.gin", "--gin.MIXTURE_OR_TASK_NAME='moetx_en_prefix_lm'",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}"]
+        code, err = _run_train_inprocess(argv, capsys)
+        assert code == 0, err[-2000:]
+        assert (tmp_path / "m" / "checkpoint_2").is_dir()
+
     def test_user_text_files_train(self, tmp_path, capsys):
         path = tmp_path / "mine.txt"
         path.write_text("\n".join(f"Line number {i} of my own corpus, about ships and the sea."
