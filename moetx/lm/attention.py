@@ -148,7 +148,9 @@ class MultiHeadDotProductAttention(nn.Module):
     """Multi-head attention: `query/key/value/kernel [embed, heads*d_kv]`, `out/kernel [heads*d_kv, embed]`.
 
     Options: Primer multi-dconv-head attention (`dconv`: a causal depthwise conv after each of
-    the Q, K, V projections, parameters `{query,key,value}_dconv/kernel`), rotary embeddings
+    the Q, K, V projections, parameters `{query,key,value}_dconv/kernel`); full Primer's shared
+    QK representation (`share_qk`: K is the conv'd `query` projection and Q a further square
+    projection `q_solo_project` of it, so there is no `key` kernel); rotary embeddings
     (`rope_theta` > 0, with `positions`), and run-time 1/sqrt(d_kv) scaling (`scale_logits`).
 
     In decode mode (self-attention only) the module keeps `cached_key`/`cached_value`
@@ -162,6 +164,7 @@ class MultiHeadDotProductAttention(nn.Module):
     dropout_rate: float = 0.0
     dtype: jnp.dtype = jnp.float32
     dconv: bool = False
+    share_qk: bool = False
     rope_theta: float = 0.0
     scale_logits: bool = False
     is_cross: bool = False
@@ -195,16 +198,24 @@ class MultiHeadDotProductAttention(nn.Module):
         # T5 folds the 1/sqrt(d_kv) logit scaling into the query initializer.
         query_init = nn.initializers.variance_scaling(
             1.0 if self.scale_logits else 1.0 / self.head_dim, "fan_in", "truncated_normal")
+        if (self.dconv or self.share_qk) and self.is_cross:
+            raise ValueError("Primer dconv / shared QK apply to self-attention only.")
+        conv = lambda name, x: DepthwiseConv(self.dtype, name=name)(  # noqa: E731
+            x, segment_ids, decode)
         q = DenseGeneral(joined, ("embed", "joined_kv"), self.dtype, kernel_init=query_init,
                          name="query")(inputs_q)
-        k = DenseGeneral(joined, ("embed", "joined_kv"), self.dtype, name="key")(inputs_kv)
         v = DenseGeneral(joined, ("embed", "joined_kv"), self.dtype, name="value")(inputs_kv)
-        if self.dconv:
-            if self.is_cross:
-                raise ValueError("Primer dconv applies to self-attention only.")
-            conv = lambda name, x: DepthwiseConv(self.dtype, name=name)(  # noqa: E731
-                x, segment_ids, decode)
-            q, k, v = conv("query_dconv", q), conv("key_dconv", k), conv("value_dconv", v)
+        if self.share_qk:
+            # Full Primer: one projection (and conv) serves as K, and Q is projected from it.
+            k = conv("query_dconv", q) if self.dconv else q
+            q = DenseGeneral(joined, ("unmodeled", "joined_kv"), self.dtype,
+                             name="q_solo_project")(k)
+            if self.dconv:
+                v = conv("value_dconv", v)
+        else:
+            k = DenseGeneral(joined, ("embed", "joined_kv"), self.dtype, name="key")(inputs_kv)
+            if self.dconv:
+                q, k, v = conv("query_dconv", q), conv("key_dconv", k), conv("value_dconv", v)
         b, lq = q.shape[:2]
         lk = k.shape[1]
         # Shape: [batch, length, heads, d_kv]

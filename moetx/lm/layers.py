@@ -74,6 +74,28 @@ class RMSNorm(nn.Module):
         return y * jnp.asarray(scale, self.dtype)
 
 
+class PrimerNorm(nn.Module):
+    """Primer's normalisation (So et al. 2021): mean-centred, divided by the square root of the
+    "pseudo-variance" mean(x * (x - mean)), then scale and bias; statistics in float32."""
+
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x32 = jnp.asarray(x, jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        pseudo_var = jnp.mean(x32 * centred, axis=-1, keepdims=True)
+        y = jnp.asarray(centred * jax.lax.rsqrt(pseudo_var + self.epsilon), self.dtype)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],)
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (x.shape[-1],)
+        )
+        return y * jnp.asarray(scale, self.dtype) + jnp.asarray(bias, self.dtype)
+
+
 class Embed(nn.Module):
     """Token embedding `embedding [vocab, embed]`; `attend` gives tied output logits."""
 

@@ -15,7 +15,9 @@ Parameter trees follow T5X / flaxformer names:
     decoder/decoder_norm/scale, decoder/relpos_bias/rel_embedding
     decoder/logits_dense/kernel [embed, vocab]  (untied logits only)
 
-Primer adds `{query,key,value}_dconv/kernel [3, heads*d_kv]` to each self-attention.
+Primer adds `{query,key,value}_dconv/kernel [3, heads*d_kv]` to each self-attention; full Primer
+(shared QK) has `query`, `query_dconv`, `q_solo_project [heads*d_kv, heads*d_kv]`, `value`,
+`value_dconv` and no `key`.
 """
 
 from __future__ import annotations
@@ -58,7 +60,13 @@ class TransformerConfig:
       scale_attention_logits: scale logits by 1/sqrt(d_kv) at run time (Llama) instead of in the
         query initializer (T5).
       primer_dconv: Primer's multi-dconv-head attention in every self-attention.
-      norm_epsilon: RMSNorm epsilon.
+      primer_share_qk: full Primer's shared QK representation (with `q_solo_project`).
+      norm_type: 'rms' (T5's RMSNorm) or 'primer' (Primer's mean-centred pseudo-variance norm
+        with scale and bias).
+      ffn_post_norm: full Primer's alternating pre/post normalisation: attention sublayers are
+        pre-norm (x + attn(norm(x))), MLP sublayers normalise their output
+        (x + norm(mlp(x)), parameter `post_mlp_layer_norm`).
+      norm_epsilon: normalisation epsilon.
       dtype: activation dtype (float32 on CPU, bfloat16 on accelerators); params stay float32.
     """
 
@@ -79,6 +87,9 @@ class TransformerConfig:
     rope_theta: float = 10000.0
     scale_attention_logits: bool = False
     primer_dconv: bool = False
+    primer_share_qk: bool = False
+    norm_type: str = "rms"
+    ffn_post_norm: bool = False
     norm_epsilon: float = 1e-6
     dtype: str = "float32"
 
@@ -95,6 +106,8 @@ class TransformerConfig:
         if self.position_embedding not in ("relative", "rope"):
             raise ValueError(f"position_embedding must be 'relative' or 'rope', got "
                              f"{self.position_embedding!r}.")
+        if self.norm_type not in ("rms", "primer"):
+            raise ValueError(f"norm_type must be 'rms' or 'primer', got {self.norm_type!r}.")
         if self.position_embedding == "rope" and self.head_dim % 2:
             raise ValueError(f"Rotary embeddings need an even head_dim, got {self.head_dim}.")
         for act in self.mlp_activations:
@@ -114,12 +127,26 @@ def _attention(cfg: TransformerConfig, name: str, causal: bool, is_cross: bool =
     return attention.MultiHeadDotProductAttention(
         cfg.num_heads, cfg.head_dim, cfg.dropout_rate, cfg.jnp_dtype,
         dconv=cfg.primer_dconv and causal and not is_cross,
+        share_qk=cfg.primer_share_qk and causal and not is_cross,
         rope_theta=0.0 if is_cross else cfg.rope, scale_logits=cfg.scale_attention_logits,
         is_cross=is_cross, name=name)
 
 
-def _norm(cfg: TransformerConfig, name: str) -> layers.RMSNorm:
+def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
+    if cfg.norm_type == "primer":
+        return layers.PrimerNorm(cfg.norm_epsilon, cfg.jnp_dtype, name=name)
     return layers.RMSNorm(cfg.norm_epsilon, cfg.jnp_dtype, name=name)
+
+
+def _mlp_sublayer(cfg: TransformerConfig, x: Array, deterministic: bool) -> Array:
+    """The residual MLP sublayer: pre-norm, or Primer's output norm (`ffn_post_norm`)."""
+    mlp = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.jnp_dtype,
+                          name="mlp")
+    if cfg.ffn_post_norm:
+        h = _norm(cfg, "post_mlp_layer_norm")(mlp(x, deterministic=deterministic))
+    else:
+        h = mlp(_norm(cfg, "pre_mlp_layer_norm")(x), deterministic=deterministic)
+    return layers.constrain(x + _dropout(cfg, h, deterministic), ("batch", "length", "embed"))
 
 
 def _dropout(cfg: TransformerConfig, x: Array, deterministic: bool) -> Array:
@@ -138,10 +165,7 @@ class EncoderLayer(nn.Module):
         h = _attention(cfg, "attention", causal=False)(
             h, h, bias, deterministic, segment_ids=segment_ids, positions=positions)
         x = x + _dropout(cfg, h, deterministic)
-        h = _norm(cfg, "pre_mlp_layer_norm")(x)
-        h = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.jnp_dtype,
-                            name="mlp")(h, deterministic=deterministic)
-        return layers.constrain(x + _dropout(cfg, h, deterministic), ("batch", "length", "embed"))
+        return _mlp_sublayer(cfg, x, deterministic)
 
 
 class DecoderLayer(nn.Module):
@@ -163,10 +187,7 @@ class DecoderLayer(nn.Module):
             h = _attention(cfg, "encoder_decoder_attention", causal=False, is_cross=True)(
                 h, encoded, cross_bias, deterministic, decode)
             x = x + _dropout(cfg, h, deterministic)
-        h = _norm(cfg, "pre_mlp_layer_norm")(x)
-        h = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.jnp_dtype,
-                            name="mlp")(h, deterministic=deterministic)
-        return layers.constrain(x + _dropout(cfg, h, deterministic), ("batch", "length", "embed"))
+        return _mlp_sublayer(cfg, x, deterministic)
 
 
 def _relpos(cfg: TransformerConfig) -> layers.RelativePositionBiases | None:

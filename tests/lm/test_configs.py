@@ -127,3 +127,19 @@ def test_t5_1_1_common_parses_and_leaves_the_dims_to_the_size_files(parse):
     model = parse("t5_1_1_common")
     assert isinstance(model, models.EncoderDecoderModel)
     assert model.config.vocab_size == 32128 and model.loss_normalizing_factor is None
+
+
+def test_full_primer_config_parameter_count(parse):
+    """Full Primer vs its Primer-EZ base: per layer the key kernel [d, J] and key dconv [3, J] go,
+    q_solo_project [J, J] comes, and the two norms gain a bias (d each); plus the final norm's
+    bias. At T5-base dims (d = J = 768) the square projection replaces the key kernel exactly,
+    so the difference is 12 * (2 * 768 - 3 * 768) + 768 = -8,448."""
+    model = parse("primer_base")
+    cfg = model.config
+    assert cfg.primer_share_qk and cfg.norm_type == "primer" and cfg.ffn_post_norm
+    gin.clear_config(clear_constants=False)
+    ez = parse("primer_ez_base")
+    d, j, n = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.num_decoder_layers
+    extra = n * (j * j - d * j - 3 * j + 2 * d) + d
+    assert _moetx_count(model) == _moetx_count(ez) + extra
+    assert extra == -8448

@@ -126,3 +126,55 @@ def test_rope_rotation_preserves_norm_and_relative_angle():
     d2 = dot(attention.rotary_embedding(q, jnp.array([[10]])),
              attention.rotary_embedding(v, jnp.array([[13]])))
     assert abs(d1 - d2) < 1e-4
+
+
+FULL_PRIMER = dict(primer_dconv=True, primer_share_qk=True, norm_type="primer",
+                   ffn_post_norm=True, mlp_activations=("squared_relu",))
+
+
+def test_full_primer_parameters_and_cached_decoding():
+    m, params = _model(**FULL_PRIMER)
+    layer = params["decoder"]["layers_0"]
+    attn = layer["self_attention"]
+    assert set(attn) == {"query", "query_dconv", "q_solo_project", "value", "value_dconv", "out"}
+    assert set(layer) == {"pre_self_attention_layer_norm", "self_attention", "mlp",
+                          "post_mlp_layer_norm"}
+    assert set(layer["post_mlp_layer_norm"]) == {"scale", "bias"}
+    t = jnp.asarray(np.random.RandomState(5).randint(3, 64, (2, 16)), jnp.int32)
+    full = m.logits(params, {"decoder_input_tokens": _shift(t), "decoder_target_tokens": t})
+    cache = m.init_cache(params, 2, 16)
+    step = jax.jit(m.decode_step)
+    got = []
+    for i in range(16):
+        lg, cache = step(params, _shift(t)[:, i:i + 1], jnp.int32(i), cache)
+        got.append(lg)
+    np.testing.assert_allclose(jnp.stack(got, 1), full, atol=1e-5)
+
+
+def test_primer_norm_is_mean_centred_pseudo_variance():
+    x = jnp.asarray(np.random.RandomState(0).randn(3, 8) * 2 + 1, jnp.float32)
+    norm = layers.PrimerNorm()
+    v = norm.init(jax.random.PRNGKey(0), x)
+    v["params"]["scale"] = nn.LogicallyPartitioned(jnp.full((8,), 2.0), ("embed",))
+    v["params"]["bias"] = nn.LogicallyPartitioned(jnp.full((8,), 0.5), ("embed",))
+    y = norm.apply(v, x)
+    xn = np.asarray(x)
+    c = xn - xn.mean(-1, keepdims=True)
+    ref = c / np.sqrt((xn * c).mean(-1, keepdims=True) + 1e-6) * 2.0 + 0.5
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_full_primer_ffn_normalises_its_output():
+    """x + norm(mlp(x)): scaling the MLP's output kernel leaves the block output unchanged
+    (the norm removes the scale), unlike pre-norm x + mlp(norm(x))."""
+    for post, same in ((True, True), (False, False)):
+        kw = dict(FULL_PRIMER, ffn_post_norm=post)
+        m, params = _model(**kw)
+        t = jnp.asarray(np.random.RandomState(6).randint(3, 64, (1, 8)), jnp.int32)
+        b = {"decoder_input_tokens": _shift(t), "decoder_target_tokens": t}
+        base = m.logits(params, b)
+        p2 = jax.tree_util.tree_map(lambda a: a, params)
+        for i in range(2):
+            wo = p2["decoder"][f"layers_{i}"]["mlp"]["wo"]["kernel"]
+            p2["decoder"][f"layers_{i}"]["mlp"]["wo"]["kernel"] = wo * 3.0
+        assert np.allclose(base, m.logits(params=p2, batch=b), atol=1e-4) == same
