@@ -1,0 +1,1 @@
+"""Sparse mixture-of-experts: routers, MoE layers and sparse architectures."""
