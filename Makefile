@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-MODEL_DIR ?= runs/demo$(if $(filter t5,$(MODEL)),_t5,)
+MODEL_DIR ?= runs/demo$(if $(filter moe,$(MODEL)),,_$(MODEL))
 DEMO_STEPS ?= 400
 export TF_CPP_MIN_LOG_LEVEL := 3
 
@@ -22,9 +22,9 @@ $(STAMP): pyproject.toml
 data: install
 	$(PY) -m moetx.tasks.corpora
 
-# `make demo` pretrains the decoder-only LM; `make demo MODEL=t5` an encoder-decoder with T5 span
-# corruption.
-MODEL ?= decoder
+# `make demo` pretrains the MoE-Primer decoder-only LM; `make demo MODEL=dense` the dense
+# decoder; `make demo MODEL=t5` an encoder-decoder with T5 span corruption.
+MODEL ?= moe
 ifeq ($(MODEL),t5)
 DEMO_GIN := models/t5_demo.gin
 DEMO_TASK := moetx_en_span_corruption
@@ -32,7 +32,7 @@ DEMO_LENGTHS := {'inputs': 128, 'targets': 32}
 DEMO_PROMPTS := 'And God said, Let there be <extra_id_0>: and there was light.\nTo be, or not to <extra_id_0>, that is the question.\n'
 DEMO_INFER := --gin.VOCABULARY_EXTRA_IDS=100 --gin.MAX_LENGTH=16 --gin.TEMPERATURE=0.0
 else
-DEMO_GIN := models/decoder_small.gin
+DEMO_GIN := models/$(if $(filter dense,$(MODEL)),decoder_small,moe_primer_small).gin
 DEMO_TASK := moetx_en_causal_lm
 DEMO_LENGTHS := {'targets': 128}
 DEMO_PROMPTS := 'The king said\nIn the beginning God\nThe city of London is\n'

@@ -62,36 +62,80 @@ class BaseTransformerModel:
         self.loss_normalization = losses.parse_loss_normalizing_factor(
             self.loss_normalizing_factor)
 
-    def logits(self, params, batch: Batch, dropout_rng: Array | None = None) -> Array:
+    def _apply(self, variables, batch: Batch, enable_dropout: bool, rngs, mutable):
+        """The module's teacher-forced forward pass (subclasses)."""
         raise NotImplementedError
 
+    def logits(self, params, batch: Batch, dropout_rng: Array | None = None) -> Array:
+        """<float32>[batch, length, vocab] next-token logits for a packed batch."""
+        return self._logits_and_moe(params, batch, dropout_rng)[0]
+
+    def _logits_and_moe(self, params, batch: Batch, dropout_rng: Array | None
+                        ) -> tuple[Array, dict[str, Array]]:
+        """Logits and the sparse layers' sown router losses and metrics (empty when dense).
+
+        Returns metrics named `moe/<layer path>/<name>` per sparse layer plus `moe_aux_loss` and
+        `moe_router_z_loss` averaged over the sparse layers.
+        """
+        rngs = None
+        if dropout_rng is not None:
+            rngs = {"dropout": dropout_rng, "jitter": jax.random.fold_in(dropout_rng, 1)}
+        if self.config.moe is None:
+            return self._apply({"params": params}, batch, dropout_rng is not None, rngs,
+                               False), {}
+        logits, state = self._apply({"params": params}, batch, dropout_rng is not None, rngs,
+                                    ["intermediates"])
+        moe: dict[str, Array] = {}
+        per_layer: dict[str, list[Array]] = {}
+        for path, value in jax.tree_util.tree_leaves_with_path(state.get("intermediates", {})):
+            keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
+            name = next(k for k in reversed(keys) if isinstance(k, str))
+            where = "/".join(str(k) for k in keys if isinstance(k, str) and k != name)
+            moe[f"moe/{where}/{name.removeprefix('moe_')}"] = value
+            per_layer.setdefault(name, []).append(value)
+        for name, values in per_layer.items():
+            moe[name] = jnp.mean(jnp.stack(values))
+        return logits, moe
+
     def loss_fn(self, params, batch: Batch, dropout_rng: Array | None, weights: Array,
-                factor: Array | None) -> tuple[Array, dict[str, Array]]:
+                factor: Array | None, num_microbatches: int = 1) -> tuple[Array, dict[str, Array]]:
         """Loss to differentiate and additive metric sums.
+
+        loss = token cross entropy (+ logit z-loss) / factor
+               + aux_loss_factor * mean_layers(load balancing) + router_z_loss_factor *
+               mean_layers(router z-loss)  (MoE only)
 
         Args:
           weights: <float32>[batch, length] loss weights from `losses.loss_weights_and_factor`.
           factor: scalar divisor computed over the whole (not micro-) batch, or None to sum.
+          num_microbatches: the router losses are per-microbatch means, so each microbatch adds
+            1/num_microbatches of them: accumulated, they equal the full-batch means.
         """
-        logits = self.logits(params, batch, dropout_rng)
+        logits, moe = self._logits_and_moe(params, batch, dropout_rng)
         targets = batch["decoder_target_tokens"]
         loss, z_loss, cross_ent = losses.compute_weighted_cross_entropy(
             logits, targets, weights, self.label_smoothing, self.z_loss)
         if factor is not None:
             loss = loss / factor
+        if moe:
+            cfg = self.config.moe
+            loss = loss + (cfg.aux_loss_factor * moe["moe_aux_loss"] + cfg.router_z_loss_factor
+                           * moe["moe_router_z_loss"]) / num_microbatches
         real = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
-        return loss, {"loss": loss, "z_loss_sum": z_loss, "cross_ent_sum": cross_ent,
-                      "correct": _num_correct(logits, targets, real), "weight": jnp.sum(real)}
+        metrics = {"loss": loss, "z_loss_sum": z_loss, "cross_ent_sum": cross_ent,
+                   "correct": _num_correct(logits, targets, real), "weight": jnp.sum(real)}
+        metrics.update(moe)
+        return loss, metrics
 
     def eval_fn(self, params, batch: Batch) -> dict[str, Array]:
         """Teacher-forced metric sums over real target tokens (unnormalised, no smoothing)."""
-        logits = self.logits(params, batch)
+        logits, moe = self._logits_and_moe(params, batch, None)
         targets = batch["decoder_target_tokens"]
         real = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
         _, z_loss, cross_ent = losses.compute_weighted_cross_entropy(
             logits, targets, real, 0.0, self.z_loss)
         return {"cross_ent_sum": cross_ent, "z_loss_sum": z_loss,
-                "correct": _num_correct(logits, targets, real), "weight": jnp.sum(real)}
+                "correct": _num_correct(logits, targets, real), "weight": jnp.sum(real), **moe}
 
     def score_batch(self, params, batch: Batch) -> Array:
         """<float32>[batch] sum of target-token log-likelihoods of each row."""
@@ -101,6 +145,11 @@ class BaseTransformerModel:
         token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         real = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
         return jnp.sum(token_logp * real, axis=-1)
+
+    def _active_params(self, params) -> float:
+        moe = self.config.moe
+        fraction = moe.num_selected_experts / moe.num_experts if moe is not None else 1.0
+        return metrics.matmul_params(params, fraction)
 
     def _attention_flops_per_token(self, num_layers: int, length: int) -> float:
         # Forward QK^T and AV (2 * 2 * length * heads * d_kv) times 3 for forward + backward.
@@ -144,7 +193,7 @@ class DecoderOnlyModel(BaseTransformerModel):
 
     def flops_per_step(self, params, input_shapes) -> float:
         b, length = input_shapes["decoder_input_tokens"]
-        per_token = 6.0 * metrics.matmul_params(params) + self._attention_flops_per_token(
+        per_token = 6.0 * self._active_params(params) + self._attention_flops_per_token(
             self.config.num_decoder_layers, length)
         return b * length * per_token
 
@@ -155,15 +204,13 @@ class DecoderOnlyModel(BaseTransformerModel):
             {"params": rng, "dropout": rng}, ones, ones,
             decoder_causal_attention=ones if self.prefix_lm else None, enable_dropout=False)
 
-    def logits(self, params, batch: Batch, dropout_rng: Array | None = None) -> Array:
-        """<float32>[batch, length, vocab] next-token logits for a packed batch."""
-        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    def _apply(self, variables, batch: Batch, enable_dropout: bool, rngs, mutable):
         return self.module.apply(
-            {"params": params}, batch["decoder_input_tokens"], batch["decoder_target_tokens"],
+            variables, batch["decoder_input_tokens"], batch["decoder_target_tokens"],
             decoder_segment_ids=batch.get("decoder_segment_ids"),
             decoder_causal_attention=batch.get("decoder_causal_attention"),
             decoder_positions=batch.get("decoder_positions"),
-            enable_dropout=dropout_rng is not None, rngs=rngs)
+            enable_dropout=enable_dropout, rngs=rngs, mutable=mutable)
 
     # --------------------------------------------------------------------------- decoding
     def init_cache(self, params, batch_size: int, max_length: int) -> dict:
@@ -235,8 +282,8 @@ class EncoderDecoderModel(BaseTransformerModel):
         own tokens), plus attention."""
         b, enc_len = input_shapes["encoder_input_tokens"]
         _, dec_len = input_shapes["decoder_input_tokens"]
-        enc_params = metrics.matmul_params(params.get("encoder", {}))
-        dec_params = metrics.matmul_params(params.get("decoder", {}))
+        enc_params = self._active_params(params.get("encoder", {}))
+        dec_params = self._active_params(params.get("decoder", {}))
         cfg = self.config
         return b * (enc_len * (6.0 * enc_params + self._attention_flops_per_token(
             cfg.num_encoder_layers, enc_len))
@@ -248,15 +295,14 @@ class EncoderDecoderModel(BaseTransformerModel):
         dec = jnp.ones(input_shapes["decoder_input_tokens"], jnp.int32)
         return self.module.init({"params": rng, "dropout": rng}, enc, dec, dec)
 
-    def logits(self, params, batch: Batch, dropout_rng: Array | None = None) -> Array:
-        rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    def _apply(self, variables, batch: Batch, enable_dropout: bool, rngs, mutable):
         return self.module.apply(
-            {"params": params}, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+            variables, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
             batch["decoder_target_tokens"], encoder_segment_ids=batch.get("encoder_segment_ids"),
             decoder_segment_ids=batch.get("decoder_segment_ids"),
             encoder_positions=batch.get("encoder_positions"),
             decoder_positions=batch.get("decoder_positions"),
-            enable_dropout=dropout_rng is not None, rngs=rngs)
+            enable_dropout=enable_dropout, rngs=rngs, mutable=mutable)
 
     # --------------------------------------------------------------------------- decoding
     def encode(self, params, encoder_input_tokens: Array) -> Array:

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from moetx.lm import attention, layers
+from moetx.moe import layers as moe_layers
 
 Array = jax.Array
 
@@ -67,6 +68,9 @@ class TransformerConfig:
         pre-norm (x + attn(norm(x))), MLP sublayers normalise their output
         (x + norm(mlp(x)), parameter `post_mlp_layer_norm`).
       norm_epsilon: normalisation epsilon.
+      moe: Mixture-of-Experts settings (`moetx.moe.layers.MoeConfig`); None for a dense model.
+        Layer i's MLP is sparse iff i % moe.sparse_every == moe.sparse_every - 1, in the encoder
+        and the decoder alike.
       dtype: activation dtype (float32 on CPU, bfloat16 on accelerators); params stay float32.
     """
 
@@ -91,6 +95,7 @@ class TransformerConfig:
     norm_type: str = "rms"
     ffn_post_norm: bool = False
     norm_epsilon: float = 1e-6
+    moe: moe_layers.MoeConfig | None = None
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -138,14 +143,31 @@ def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
     return layers.RMSNorm(cfg.norm_epsilon, cfg.jnp_dtype, name=name)
 
 
-def _mlp_sublayer(cfg: TransformerConfig, x: Array, deterministic: bool) -> Array:
-    """The residual MLP sublayer: pre-norm, or Primer's output norm (`ffn_post_norm`)."""
-    mlp = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.jnp_dtype,
-                          name="mlp")
-    if cfg.ffn_post_norm:
-        h = _norm(cfg, "post_mlp_layer_norm")(mlp(x, deterministic=deterministic))
+def _mlp_sublayer(cfg: TransformerConfig, x: Array, deterministic: bool, layer_index: int,
+                  causal: bool) -> Array:
+    """The residual MLP sublayer(s): dense, or sparse (MoE) on sparse layers followed, with
+    ST-MoE's `extra_mlp`, by a dense one; pre-norm, or Primer's output norm (`ffn_post_norm`)."""
+    sparse = cfg.moe is not None and cfg.moe.is_sparse(layer_index)
+    if sparse:
+        mlp = moe_layers.MoeLayer(cfg.moe, cfg.emb_dim, cfg.mlp_dim, cfg.mlp_activations,
+                                  cfg.jnp_dtype, causal, name="mlp")
     else:
-        h = mlp(_norm(cfg, "pre_mlp_layer_norm")(x), deterministic=deterministic)
+        mlp = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.jnp_dtype,
+                              name="mlp")
+    x = _residual_mlp(cfg, x, mlp, deterministic, "mlp")
+    if sparse and cfg.moe.extra_mlp:
+        extra = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate,
+                                cfg.jnp_dtype, name="extra_mlp")
+        x = _residual_mlp(cfg, x, extra, deterministic, "extra_mlp")
+    return x
+
+
+def _residual_mlp(cfg: TransformerConfig, x: Array, mlp: nn.Module, deterministic: bool,
+                  name: str) -> Array:
+    if cfg.ffn_post_norm:
+        h = _norm(cfg, f"post_{name}_layer_norm")(mlp(x, deterministic=deterministic))
+    else:
+        h = mlp(_norm(cfg, f"pre_{name}_layer_norm")(x), deterministic=deterministic)
     return layers.constrain(x + _dropout(cfg, h, deterministic), ("batch", "length", "embed"))
 
 
@@ -157,6 +179,7 @@ class EncoderLayer(nn.Module):
     """Pre-norm bidirectional self-attention + MLP."""
 
     config: TransformerConfig
+    layer_index: int = 0
 
     @nn.compact
     def __call__(self, x, bias, deterministic, segment_ids=None, positions=None):
@@ -165,7 +188,7 @@ class EncoderLayer(nn.Module):
         h = _attention(cfg, "attention", causal=False)(
             h, h, bias, deterministic, segment_ids=segment_ids, positions=positions)
         x = x + _dropout(cfg, h, deterministic)
-        return _mlp_sublayer(cfg, x, deterministic)
+        return _mlp_sublayer(cfg, x, deterministic, self.layer_index, causal=False)
 
 
 class DecoderLayer(nn.Module):
@@ -173,6 +196,7 @@ class DecoderLayer(nn.Module):
 
     config: TransformerConfig
     cross_attention: bool = False
+    layer_index: int = 0
 
     @nn.compact
     def __call__(self, x, bias, deterministic, decode, encoded=None, cross_bias=None,
@@ -187,7 +211,7 @@ class DecoderLayer(nn.Module):
             h = _attention(cfg, "encoder_decoder_attention", causal=False, is_cross=True)(
                 h, encoded, cross_bias, deterministic, decode)
             x = x + _dropout(cfg, h, deterministic)
-        return _mlp_sublayer(cfg, x, deterministic)
+        return _mlp_sublayer(cfg, x, deterministic, self.layer_index, causal=True)
 
 
 def _relpos(cfg: TransformerConfig) -> layers.RelativePositionBiases | None:
@@ -228,7 +252,7 @@ class Encoder(nn.Module):
             bias = bias + relpos(pos, pos, bidirectional=True)
         positions = _default_positions(encoder_input_tokens, encoder_positions)
         for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, name=f"layers_{i}")(x, bias, deterministic,
+            x = EncoderLayer(cfg, i, name=f"layers_{i}")(x, bias, deterministic,
                                                       encoder_segment_ids, positions)
         x = _norm(cfg, "encoder_norm")(x)
         return _dropout(cfg, x, deterministic)
@@ -325,7 +349,7 @@ class Decoder(nn.Module):
                 encoder_segment_ids if query_segments is not None else None))
 
         for i in range(cfg.num_decoder_layers):
-            x = DecoderLayer(cfg, cross, name=f"layers_{i}")(
+            x = DecoderLayer(cfg, cross, i, name=f"layers_{i}")(
                 x, bias, deterministic, decode, encoded, cross_bias,
                 None if decode else decoder_segment_ids, positions)
         x = _norm(cfg, "decoder_norm")(x)

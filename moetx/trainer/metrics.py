@@ -17,15 +17,17 @@ def count_params(params: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-def matmul_params(params: Any) -> int:
+def matmul_params(params: Any, expert_fraction: float = 1.0) -> float:
     """Parameters that take part in matmuls: every kernel except the input embedding gather
-    (and bias-like 1-D vectors such as norm scales or the relative-position table)."""
-    total = 0
+    (and bias-like 1-D vectors such as norm scales or the relative-position table). Expert
+    kernels count with `expert_fraction` (k / E: each token meets k of the E experts), so the
+    result is the *active* parameter count of an MoE."""
+    total = 0.0
     for path, x in jax.tree_util.tree_leaves_with_path(params):
         name = jax.tree_util.keystr(path)
         if "embedding" in name or x.ndim < 2:
             continue
-        total += int(np.prod(x.shape))
+        total += int(np.prod(x.shape)) * (expert_fraction if "['expert']" in name else 1.0)
     return total
 
 

@@ -38,6 +38,8 @@ def standard_logical_axis_rules(fsdp: bool = False) -> tuple[tuple[str, Any], ..
         ("joined_kv", "model"),
         ("expert", "expert"),
         ("expert_mlp", "model"),
+        # Expert buffers after the all-to-all: groups over `data` only, experts over `expert`.
+        ("expert_replicas", "data"),
         ("expert_group", None),
         ("kv", None),
         ("length", None),

@@ -106,7 +106,8 @@ class Trainer:
     # ------------------------------------------------------------------------------ steps
     def _grads(self, params, batch, dropout_rng, weights, factor):
         grad_fn = jax.value_and_grad(self.model.loss_fn, has_aux=True)
-        (_, sums), grads = grad_fn(params, batch, dropout_rng, weights, factor)
+        (_, sums), grads = grad_fn(params, batch, dropout_rng, weights, factor,
+                                   num_microbatches=self.num_microbatches)
         return grads, sums
 
     def _train_step_impl(self, state: TrainState, batch: Mapping[str, Array]):
@@ -138,8 +139,11 @@ class Trainer:
 
                 zeros_g = jax.tree_util.tree_map(
                     lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-                zeros_s = {k: jnp.zeros((), jnp.float32) for k in
-                           ("loss", "z_loss_sum", "cross_ent_sum", "correct", "weight")}
+                first = jax.tree_util.tree_map(lambda x: x[0], (micro, micro_w))
+                sums_shape = jax.eval_shape(
+                    lambda: self._grads(state.params, first[0], step_rng, first[1], factor)[1])
+                zeros_s = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                                 sums_shape)
                 (grads, sums), _ = jax.lax.scan(
                     body, (zeros_g, zeros_s), (jnp.arange(m), micro, micro_w))
             updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, state.params)
@@ -191,6 +195,7 @@ class Trainer:
         if not n:
             raise ValueError("The evaluation split produced no batches; is it empty?")
         out = metrics_lib.summarize(totals)
+        out.update({k: v / n for k, v in totals.items() if k.startswith("moe")})
         out["tokens"] = totals["weight"]
         return out
 
@@ -235,6 +240,8 @@ def run_training_loop(
             scalars["loss"] = scalars["cross_ent_loss"]
             scalars["learning_rate"] = float(sums["learning_rate"])
             scalars["grad_norm"] = float(sums["grad_norm"])
+            scalars.update({k: float(v) / trainer.num_microbatches for k, v in sums.items()
+                            if k.startswith("moe")})
             scalars["steps_per_sec"] = steps / dt
             if tokens_per_batch:
                 scalars["tokens_per_sec"] = steps * tokens_per_batch / dt

@@ -1,0 +1,301 @@
+"""The sparse MLP: token grouping, routing, dispatch to experts, expert MLPs, combine.
+
+Parameter tree (flaxformer `MoeLayer` names, so T5X MoE checkpoints map one to one):
+
+    mlp/router/router_weights/w/kernel   [embed, num_experts]            ('embed', 'unmodeled')
+    mlp/expert/{wi_0, wi_1 | wi}/kernel  [num_experts, embed, d_ff]      ('expert', 'embed', 'expert_mlp')
+    mlp/expert/wo/kernel                 [num_experts, d_ff, embed]      ('expert', 'expert_mlp', 'embed')
+
+Three dispatch paths compute the same function (tests check outputs and gradients agree):
+
+* `masked`: one-hot dispatch/combine einsums (TPU-friendly; O(G·T·E·C) memory).
+* `scatter`: the router's indices scatter tokens into expert buffers and gather them back
+  (CPU/GPU-friendly; same capacity and drops).
+* `dropless`: no capacity at all: tokens sorted by expert and multiplied with grouped matmuls
+  (`jax.lax.ragged_dot`); nothing is dropped.
+
+Expert parallelism: expert inputs `[G, E, C, d]` are laid out with the group axis over the batch
+axes, then transposed to `[E, G, C, d]` with the expert axis over the mesh's `expert` axis and the
+group axis over `data` only (`expert_replicas`); GSPMD turns that change of layout into the
+all-to-all. No gradient rescaling is needed under `jax.jit`: the loss is an ordinary mean and
+GSPMD's gradients are exact (T5X's `num_expert_partitions` factor compensated for pjit's implicit
+averaging of partitioned parameter gradients; tests/moe check expert-parallel gradients equal the
+single-device ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from moetx.lm.layers import constrain, default_kernel_init, get_activation
+from moetx.moe import routing
+
+Array = jax.Array
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MoeConfig:
+    """Sparse-layer hyperparameters (defaults: ST-MoE / flaxformer gins).
+
+    Attributes:
+      num_experts: E.
+      num_selected_experts: k of tokens-choose top-k routing.
+      router_type: 'tokens_choose' or 'experts_choose' (encoders only).
+      dispatch: 'masked', 'scatter' or 'dropless' (tokens-choose only).
+      train_capacity_factor, eval_capacity_factor: CF used with and without dropout (training /
+        evaluation), capacity = max(round(CF * tokens_per_group / E), min_expert_capacity).
+      min_expert_capacity: the capacity floor (4).
+      group_size: maximum tokens per routing group.
+      batch_prioritized_routing: BPR (refused in causal decoders: it uses future tokens).
+      jitter_noise: multiplicative router-input jitter in training (rng stream 'jitter').
+      renormalize_top_k_gates, second_expert_policy, second_expert_threshold: Mesh-TF top-2.
+      aux_loss_factor: load-balancing loss weight (1e-2).
+      router_z_loss_factor: router z-loss weight (1e-3, ST-MoE-32B).
+      sparse_every: layer i is sparse iff i % sparse_every == sparse_every - 1 (0: no MoE).
+      extra_mlp: ST-MoE's extra dense FFN after each sparse FFN.
+    """
+
+    num_experts: int = 8
+    num_selected_experts: int = 2
+    router_type: str = "tokens_choose"
+    dispatch: str = "masked"
+    train_capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_expert_capacity: int = 4
+    group_size: int = 4096
+    batch_prioritized_routing: bool = False
+    jitter_noise: float = 0.0
+    renormalize_top_k_gates: bool = False
+    second_expert_policy: str = "all"
+    second_expert_threshold: float = 0.2
+    aux_loss_factor: float = 1e-2
+    router_z_loss_factor: float = 1e-3
+    sparse_every: int = 4
+    extra_mlp: bool = False
+
+    def __post_init__(self):
+        if self.num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {self.num_experts}.")
+        if not 1 <= self.num_selected_experts <= self.num_experts:
+            raise ValueError(f"num_selected_experts must be in [1, {self.num_experts}], got "
+                             f"{self.num_selected_experts}.")
+        if self.router_type not in ("tokens_choose", "experts_choose"):
+            raise ValueError(f"router_type must be 'tokens_choose' or 'experts_choose', got "
+                             f"{self.router_type!r}.")
+        if self.dispatch not in ("masked", "scatter", "dropless"):
+            raise ValueError(f"dispatch must be 'masked', 'scatter' or 'dropless', got "
+                             f"{self.dispatch!r}.")
+        if self.router_type == "experts_choose" and self.dispatch != "masked":
+            raise ValueError("experts_choose routing has only the masked dispatch path.")
+        if self.sparse_every < 0 or self.group_size < 1:
+            raise ValueError("sparse_every must be >= 0 and group_size >= 1.")
+
+    def is_sparse(self, layer: int) -> bool:
+        """Flaxformer's MIXED layout: layer i is sparse iff i % k == k - 1."""
+        k = self.sparse_every
+        return k > 0 and layer % k == k - 1
+
+
+def _batch_shards() -> int:
+    """Number of shards of the batch axes in the current mesh context (1 outside a mesh)."""
+    from jax.interpreters import pxla
+
+    mesh = pxla.thread_resources.env.physical_mesh
+    if mesh.empty:
+        return 1
+    return math.prod(mesh.shape.get(a, 1) for a in ("data", "expert"))
+
+
+def num_groups(num_tokens: int, group_size: int, shards: int = 1) -> int:
+    """The smallest group count n >= ceil(num_tokens / group_size) that divides the tokens and is
+    a multiple of the batch shards (so every group lives on one shard)."""
+    n = max(-(-num_tokens // group_size), shards)
+    n = -(-n // shards) * shards
+    while n <= num_tokens:
+        if num_tokens % n == 0:
+            return n
+        n += shards
+    raise ValueError(
+        f"Cannot split {num_tokens} tokens into equal routing groups that are a multiple of the "
+        f"{shards} batch shards; make batch * length divisible by {shards} * (a divisor of it).")
+
+
+class _StackedKernel(nn.Module):
+    """One stacked expert kernel, stored as `<name>/kernel` like flaxformer's vmapped Dense."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+
+    @nn.compact
+    def __call__(self) -> Array:
+        # Fan-in scaling per expert: the initializer is vmapped over the expert axis.
+        per_expert = jax.vmap(lambda key: default_kernel_init(key, self.shape[1:], jnp.float32))
+        return self.param("kernel", nn.with_logical_partitioning(
+            lambda key, s: per_expert(jax.random.split(key, s[0])), self.axes), self.shape)
+
+
+class ExpertsMlp(nn.Module):
+    """E independent MLPs with stacked kernels `[E, ...]` (flaxformer's vmapped expert MLP)."""
+
+    num_experts: int
+    embed_dim: int
+    intermediate_dim: int
+    activations: Sequence[str] = ("gelu", "linear")
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        e, d, f = self.num_experts, self.embed_dim, self.intermediate_dim
+        names = ["wi"] if len(self.activations) == 1 else [
+            f"wi_{i}" for i in range(len(self.activations))]
+        self.wi = [_StackedKernel((e, d, f), ("expert", "embed", "expert_mlp"), name=n)
+                   for n in names]
+        self.wo = _StackedKernel((e, f, d), ("expert", "expert_mlp", "embed"), name="wo")
+
+    def __call__(self, x: Array) -> Array:
+        """x: <dtype>[E, n, embed] (n tokens per expert) -> <dtype>[E, n, embed]."""
+        hs = [get_activation(act)(jnp.einsum("end,edf->enf", x, jnp.asarray(w(), self.dtype)))
+              for act, w in zip(self.activations, self.wi)]
+        h = functools.reduce(lambda a, b: a * b, hs)
+        return jnp.einsum("enf,efd->end", h, jnp.asarray(self.wo(), self.dtype))
+
+    def ragged(self, x: Array, group_sizes: Array) -> Array:
+        """Dropless form: x <dtype>[M, embed] sorted by expert, `group_sizes` <int32>[E] tokens
+        per expert -> <dtype>[M, embed], with grouped matmuls (`jax.lax.ragged_dot`)."""
+        hs = [get_activation(act)(jax.lax.ragged_dot(x, jnp.asarray(w(), self.dtype),
+                                                     group_sizes))
+              for act, w in zip(self.activations, self.wi)]
+        h = functools.reduce(lambda a, b: a * b, hs)
+        return jax.lax.ragged_dot(h, jnp.asarray(self.wo(), self.dtype), group_sizes)
+
+
+class MoeLayer(nn.Module):
+    """A sparse MLP replacing the dense `mlp` of a Transformer layer.
+
+    The router's losses and metrics are sown into the `intermediates` collection
+    (`moe_aux_loss`, `moe_router_z_loss`, `moe_expert_usage`, `moe_fraction_dropped`,
+    `moe_router_confidence`); the model wrapper weighs and adds the losses.
+    """
+
+    moe: MoeConfig
+    embed_dim: int
+    intermediate_dim: int
+    activations: Sequence[str] = ("gelu", "linear")
+    dtype: jnp.dtype = jnp.float32
+    causal: bool = True
+
+    def setup(self):
+        cfg = self.moe
+        routing.check_router_allowed(cfg.router_type, causal=self.causal)
+        if self.causal and cfg.batch_prioritized_routing:
+            raise ValueError("batch_prioritized_routing sorts tokens by confidence, which lets "
+                             "later tokens take capacity from earlier ones: not allowed in a "
+                             "causal decoder. Set MoeConfig.batch_prioritized_routing=False.")
+        common = dict(num_experts=cfg.num_experts, jitter_noise=cfg.jitter_noise)
+        if cfg.router_type == "experts_choose":
+            self.router = routing.ExpertsChooseMaskedRouter(**common)
+        else:
+            cls = (routing.TokensChooseMaskedRouter if cfg.dispatch == "masked"
+                   else routing.TokensChooseScatterRouter)
+            self.router = cls(
+                **common, num_selected_experts=cfg.num_selected_experts,
+                batch_prioritized_routing=cfg.batch_prioritized_routing,
+                renormalize_top_k_gates=cfg.renormalize_top_k_gates,
+                second_expert_policy=cfg.second_expert_policy,
+                second_expert_threshold=cfg.second_expert_threshold)
+        self.expert = ExpertsMlp(cfg.num_experts, self.embed_dim, self.intermediate_dim,
+                                 tuple(self.activations), self.dtype)
+
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        """x: <dtype>[batch, length, embed] -> <dtype>[batch, length, embed]."""
+        cfg = self.moe
+        b, length, d = x.shape
+        n_tokens = b * length
+        g = num_groups(n_tokens, cfg.group_size, _batch_shards())
+        t = n_tokens // g
+        # Shape: [batch, length, d] -> [G, T, d]
+        tokens = constrain(x.reshape(g, t, d), ("batch", None, "embed"))
+        cf = cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor
+        capacity = routing.expert_capacity(t, cfg.num_experts, cf, cfg.min_expert_capacity)
+        if cfg.dispatch == "dropless":
+            out = self._dropless(tokens, deterministic)
+        else:
+            routed = self.router(tokens, capacity, deterministic)
+            self._sow(routed.auxiliary_loss, routed.router_z_loss, routed.metrics)
+            if isinstance(routed, routing.RouterMask):
+                out = self._masked(tokens, routed)
+            else:
+                out = self._scatter(tokens, routed, capacity)
+        # Shape: [G, T, d] -> [batch, length, d]
+        return constrain(out.reshape(b, length, d), ("batch", "length", "embed"))
+
+    def _sow(self, aux, z, metrics) -> None:
+        self.sow("intermediates", "moe_aux_loss", aux)
+        self.sow("intermediates", "moe_router_z_loss", z)
+        self.sow("intermediates", "moe_expert_usage", metrics.expert_usage)
+        self.sow("intermediates", "moe_fraction_dropped", metrics.fraction_tokens_left_behind)
+        self.sow("intermediates", "moe_router_confidence", metrics.router_confidence)
+
+    def _experts(self, expert_inputs: Array) -> Array:
+        """Expert-parallel MLP on buffers <dtype>[G, E, C, d] -> same shape."""
+        g, e, c, d = expert_inputs.shape
+        expert_inputs = constrain(expert_inputs, ("batch", None, None, "embed"))
+        # Shape: [G, E, C, d] -> [E, G, C, d]; the re-layout is the all-to-all.
+        x = constrain(expert_inputs.transpose(1, 0, 2, 3),
+                      ("expert", "expert_replicas", None, "embed"))
+        y = self.expert(x.reshape(e, g * c, d)).reshape(e, g, c, d)
+        y = constrain(y, ("expert", "expert_replicas", None, "embed"))
+        return constrain(y.transpose(1, 0, 2, 3), ("batch", None, None, "embed"))
+
+    def _masked(self, tokens: Array, routed: routing.RouterMask) -> Array:
+        dispatch = routed.dispatch_mask.astype(self.dtype)
+        expert_inputs = jnp.einsum("gtd,gtec->gecd", tokens, dispatch)
+        expert_outputs = self._experts(expert_inputs)
+        return jnp.einsum("gecd,gtec->gtd", expert_outputs, routed.combine_array.astype(
+            self.dtype))
+
+    def _scatter(self, tokens: Array, routed: routing.RouterIndices, capacity: int) -> Array:
+        g, t, d = tokens.shape
+        e, k = self.moe.num_experts, routed.expert_index.shape[-1]
+        gi = jnp.broadcast_to(jnp.arange(g)[:, None, None], (g, t, k))
+        src = jnp.broadcast_to(tokens[:, :, None, :], (g, t, k, d))
+        # Dropped choices have buffer_position == capacity: out of bounds, so mode='drop'.
+        buffers = jnp.zeros((g, e, capacity, d), tokens.dtype).at[
+            gi, routed.expert_index, routed.buffer_position].set(src, mode="drop")
+        outputs = self._experts(buffers)
+        gathered = outputs.at[gi, routed.expert_index, routed.buffer_position].get(
+            mode="fill", fill_value=0)
+        return jnp.einsum("gtkd,gtk->gtd", gathered, routed.combine_weights.astype(self.dtype))
+
+    def _dropless(self, tokens: Array, deterministic: bool) -> Array:
+        """Every chosen (token, expert) pair is computed: grouped matmuls over expert-sorted
+        tokens. Capacity is infinite, so the aux/z losses come from the router alone."""
+        cfg = self.moe
+        g, t, d = tokens.shape
+        logits, probs = self.router.logits_and_probs(tokens, deterministic)
+        k = cfg.num_selected_experts
+        gates, experts = jax.lax.top_k(probs, k)  # Shape: [G, T, k]
+        if cfg.renormalize_top_k_gates:
+            gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
+        mask = jnp.max(jax.nn.one_hot(experts, cfg.num_experts), axis=-2)
+        aux = routing.load_balancing_loss(probs, mask)
+        z = routing.router_z_loss(logits)
+        conf = jnp.mean(jnp.sum(gates, axis=-1)) / k
+        self._sow(aux, z, routing.RouterMetrics(jnp.float32(1.0), jnp.float32(0.0), conf))
+        flat_tokens = tokens.reshape(g * t, d)
+        order, group_sizes = routing.sort_tokens_by_expert(experts.reshape(g * t, k),
+                                                           cfg.num_experts)
+        # `order` indexes the flattened (token, choice) pairs: pair p is token p // k.
+        x_sorted = flat_tokens[order // k]
+        y_sorted = self.expert.ragged(x_sorted, group_sizes)
+        y = jnp.zeros((g * t * k, d), y_sorted.dtype).at[order].set(y_sorted)
+        y = y.reshape(g, t, k, d)
+        return jnp.einsum("gtkd,gtk->gtd", y, gates.astype(self.dtype))

@@ -1,0 +1,160 @@
+"""MoeLayer: dispatch paths agree, capacity drops give exactly zero, expert parallelism is exact,
+sparse layouts and router metrics."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from moetx.lm import models, transformer
+from moetx.moe import layers as moe_layers
+from moetx.trainer import losses, partitioning
+from tests.trainer.helpers import make_trainer, packed_batch
+
+
+def _layer(dispatch="masked", **kw):
+    cfg = dict(num_experts=4, num_selected_experts=2, dispatch=dispatch, group_size=16,
+               train_capacity_factor=4.0, eval_capacity_factor=4.0, sparse_every=1)
+    cfg.update(kw)
+    return moe_layers.MoeLayer(moe_layers.MoeConfig(**cfg), 8, 16, ("gelu", "linear"))
+
+
+def _init(layer, x):
+    return layer.init({"params": jax.random.PRNGKey(0)}, x)["params"]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_masked_scatter_dropless_agree_without_drops(k):
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 16, 8), jnp.float32)
+    params = _init(_layer(num_selected_experts=k), x)
+    outs, grads = [], []
+    for dispatch in ("masked", "scatter", "dropless"):
+        layer = _layer(dispatch, num_selected_experts=k)
+        f = lambda p, x: jnp.sum(jnp.sin(layer.apply({"params": p}, x)))  # noqa: E731
+        outs.append(layer.apply({"params": params}, x))
+        grads.append(jax.grad(f, argnums=(0, 1))(params, x))
+    for o in outs[1:]:
+        np.testing.assert_allclose(o, outs[0], atol=1e-5)
+    for g in grads[1:]:
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
+                               g, grads[0])
+
+
+def _identity_layer(capacity_factor):
+    cfg = moe_layers.MoeConfig(num_experts=4, num_selected_experts=1, group_size=8,
+                               train_capacity_factor=capacity_factor,
+                               eval_capacity_factor=capacity_factor, min_expert_capacity=1,
+                               renormalize_top_k_gates=True, sparse_every=1)
+    layer = moe_layers.MoeLayer(cfg, 4, 4, ("linear",))
+    x = jnp.asarray(np.random.RandomState(1).rand(1, 8, 4) + 0.5, jnp.float32)
+    params = nn.unbox(_init(layer, x))
+    eye = jnp.broadcast_to(jnp.eye(4), (4, 4, 4))
+    params["expert"]["wi"]["kernel"] = eye
+    params["expert"]["wo"]["kernel"] = eye
+    # Every token prefers expert 0 (positive inputs, a large expert-0 column).
+    params["router"]["router_weights"]["w"]["kernel"] = jnp.zeros((4, 4)).at[:, 0].set(5.0)
+    return layer, params, x
+
+
+def test_identity_experts_return_routed_tokens_unchanged():
+    layer, params, x = _identity_layer(capacity_factor=8.0)  # capacity 16: nothing drops
+    np.testing.assert_allclose(layer.apply({"params": params}, x), x, rtol=1e-6)
+
+
+def test_capacity_toy_drops_overflow_to_exact_zero():
+    # One group of 8 tokens, 4 experts, CF 1.0 -> capacity 2; all prefer expert 0.
+    layer, params, x = _identity_layer(capacity_factor=1.0)
+    y, state = layer.apply({"params": params}, x, mutable=["intermediates"])
+    kept = np.asarray(jnp.any(y[0] != 0, axis=-1))
+    assert kept.tolist() == [True, True] + [False] * 6  # first two in token order
+    np.testing.assert_allclose(y[0, :2], x[0, :2], rtol=1e-6)
+    assert np.all(np.asarray(y[0, 2:]) == 0.0)
+    dropped = state["intermediates"]["moe_fraction_dropped"][0]
+    assert float(dropped) == pytest.approx(6 / 8)
+
+
+def test_bpr_is_refused_in_a_causal_decoder_and_experts_choose_too():
+    x = jnp.ones((1, 8, 8))
+    with pytest.raises(ValueError, match="batch_prioritized_routing"):
+        _layer(batch_prioritized_routing=True).init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError):
+        _layer(router_type="experts_choose").init(jax.random.PRNGKey(0), x)
+
+
+def test_sparse_layout_every_kth_layer_and_extra_mlp():
+    moe = moe_layers.MoeConfig(num_experts=4, sparse_every=4, extra_mlp=True)
+    assert [i for i in range(12) if moe.is_sparse(i)] == [3, 7, 11]
+    cfg = transformer.TransformerConfig(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8,
+                                        mlp_dim=32, num_decoder_layers=4, moe=moe)
+    m = models.DecoderOnlyModel(cfg)
+    p = nn.unbox(m.get_initial_variables(jax.random.PRNGKey(0), m.input_shapes(2, 8))["params"])
+    layers_ = p["decoder"]
+    assert "expert" in layers_["layers_3"]["mlp"] and "extra_mlp" in layers_["layers_3"]
+    assert "expert" not in layers_["layers_2"]["mlp"] and "extra_mlp" not in layers_["layers_2"]
+    assert layers_["layers_3"]["mlp"]["expert"]["wi_0"]["kernel"].shape == (4, 16, 32)
+
+
+def _moe_model():
+    moe = moe_layers.MoeConfig(num_experts=4, num_selected_experts=2, sparse_every=2,
+                               group_size=32, train_capacity_factor=1.25,
+                               eval_capacity_factor=2.0, jitter_noise=0.0)
+    cfg = transformer.TransformerConfig(vocab_size=128, emb_dim=32, num_heads=4, head_dim=8,
+                                        mlp_dim=64, num_decoder_layers=2, moe=moe)
+    return models.DecoderOnlyModel(cfg, loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
+
+
+def _loss_and_grads(trainer, batch):
+    model = trainer.model
+
+    def f(params, b):
+        with nn.logical_axis_rules(trainer.rules):
+            w, factor = losses.loss_weights_and_factor(b, model.loss_normalization)
+            return jax.value_and_grad(
+                lambda p: model.loss_fn(p, b, jax.random.PRNGKey(3), w, factor)[0])(params)
+
+    state = trainer.init_state()
+    with trainer.mesh:
+        fn = jax.jit(f, in_shardings=(trainer.state_shardings.params, trainer.batch_shardings))
+        return jax.device_get(fn(state.params, trainer.to_global(batch))), state
+
+
+def test_expert_parallelism_matches_single_device():
+    model = _moe_model()
+    batch = packed_batch(8, 32, seed=4)
+    (ref_loss, ref_grads), _ = _loss_and_grads(make_trainer(model, (1, 1, 1)), batch)
+    (loss, grads), state = _loss_and_grads(make_trainer(model, (2, 4, 1)), batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
+                           grads, ref_grads)
+    wi = state.params["decoder"]["layers_1"]["mlp"]["expert"]["wi_0"]["kernel"]
+    assert wi.sharding.spec == P("expert", None, "model")  # expert_mlp -> model (size 1 here)
+    assert {s.data.shape for s in wi.addressable_shards} == {(1, 32, 64)}
+
+
+def test_router_losses_are_in_the_loss_and_jitter_needs_its_rng():
+    model = _moe_model()
+    batch = {k: jnp.asarray(v) for k, v in packed_batch(4, 32, seed=5).items()}
+    params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0),
+                                                  model.input_shapes(4, 32))["params"])
+    w, f = losses.loss_weights_and_factor(batch, model.loss_normalization)
+    loss, sums = model.loss_fn(params, batch, jax.random.PRNGKey(1), w, f)
+    expected = (sums["cross_ent_sum"] + sums["z_loss_sum"]) / f + (
+        1e-2 * sums["moe_aux_loss"] + 1e-3 * sums["moe_router_z_loss"])
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert {"moe/decoder/layers_1/mlp/expert_usage", "moe_aux_loss"} <= set(sums)
+    jittery = models.DecoderOnlyModel(transformer.TransformerConfig(
+        **{**model.config.__dict__,
+           "moe": moe_layers.MoeConfig(**{**model.config.moe.__dict__, "jitter_noise": 0.1})}),
+        loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
+    a = jittery.loss_fn(params, batch, jax.random.PRNGKey(1), w, f)[0]
+    b = jittery.loss_fn(params, batch, jax.random.PRNGKey(2), w, f)[0]
+    assert float(a) != float(b)  # jitter is applied in training (it has its rng stream)
+    np.testing.assert_allclose(jittery.eval_fn(params, batch)["cross_ent_sum"],
+                               model.eval_fn(params, batch)["cross_ent_sum"], rtol=1e-6)
+
+
+def test_rules_place_expert_buffers():
+    rules = dict(partitioning.standard_logical_axis_rules())
+    assert rules["expert"] == "expert" and rules["expert_replicas"] == "data"
