@@ -80,7 +80,7 @@ class BaseTransformerModel:
         rngs = None
         if dropout_rng is not None:
             rngs = {"dropout": dropout_rng, "jitter": jax.random.fold_in(dropout_rng, 1)}
-        if self.config.moe is None:
+        if self.config.moe is None and self.config.encoder_moe is None:
             return self._apply({"params": params}, batch, dropout_rng is not None, rngs,
                                False), {}
         logits, state = self._apply({"params": params}, batch, dropout_rng is not None, rngs,
@@ -118,7 +118,7 @@ class BaseTransformerModel:
         if factor is not None:
             loss = loss / factor
         if moe:
-            cfg = self.config.moe
+            cfg = self.config.moe or self.config.encoder_moe
             loss = loss + (cfg.aux_loss_factor * moe["moe_aux_loss"] + cfg.router_z_loss_factor
                            * moe["moe_router_z_loss"]) / num_microbatches
         real = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
@@ -147,7 +147,7 @@ class BaseTransformerModel:
         return jnp.sum(token_logp * real, axis=-1)
 
     def _active_params(self, params) -> float:
-        moe = self.config.moe
+        moe = self.config.moe or self.config.encoder_moe
         fraction = moe.num_selected_experts / moe.num_experts if moe is not None else 1.0
         return metrics.matmul_params(params, fraction)
 

@@ -71,6 +71,8 @@ class TransformerConfig:
       moe: Mixture-of-Experts settings (`moetx.moe.layers.MoeConfig`); None for a dense model.
         Layer i's MLP is sparse iff i % moe.sparse_every == moe.sparse_every - 1, in the encoder
         and the decoder alike.
+      encoder_moe: an encoder-only override of `moe` (e.g. experts-choose routing in the
+        encoder with top-2 tokens-choose in the decoder, as flaxformer's experts_choose gins).
       dtype: activation dtype (float32 on CPU, bfloat16 on accelerators); params stay float32.
     """
 
@@ -96,6 +98,7 @@ class TransformerConfig:
     ffn_post_norm: bool = False
     norm_epsilon: float = 1e-6
     moe: moe_layers.MoeConfig | None = None
+    encoder_moe: moe_layers.MoeConfig | None = None
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -147,15 +150,16 @@ def _mlp_sublayer(cfg: TransformerConfig, x: Array, deterministic: bool, layer_i
                   causal: bool) -> Array:
     """The residual MLP sublayer(s): dense, or sparse (MoE) on sparse layers followed, with
     ST-MoE's `extra_mlp`, by a dense one; pre-norm, or Primer's output norm (`ffn_post_norm`)."""
-    sparse = cfg.moe is not None and cfg.moe.is_sparse(layer_index)
+    moe = cfg.encoder_moe if (not causal and cfg.encoder_moe is not None) else cfg.moe
+    sparse = moe is not None and moe.is_sparse(layer_index)
     if sparse:
-        mlp = moe_layers.MoeLayer(cfg.moe, cfg.emb_dim, cfg.mlp_dim, cfg.mlp_activations,
+        mlp = moe_layers.MoeLayer(moe, cfg.emb_dim, cfg.mlp_dim, cfg.mlp_activations,
                                   cfg.jnp_dtype, causal, name="mlp")
     else:
         mlp = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate, cfg.jnp_dtype,
                               name="mlp")
     x = _residual_mlp(cfg, x, mlp, deterministic, "mlp")
-    if sparse and cfg.moe.extra_mlp:
+    if sparse and moe.extra_mlp:
         extra = layers.MlpBlock(cfg.mlp_dim, cfg.mlp_activations, cfg.dropout_rate,
                                 cfg.jnp_dtype, name="extra_mlp")
         x = _residual_mlp(cfg, x, extra, deterministic, "extra_mlp")

@@ -115,18 +115,23 @@ def _batch_shards() -> int:
     return math.prod(mesh.shape.get(a, 1) for a in ("data", "expert"))
 
 
-def num_groups(num_tokens: int, group_size: int, shards: int = 1) -> int:
-    """The smallest group count n >= ceil(num_tokens / group_size) that divides the tokens and is
-    a multiple of the batch shards (so every group lives on one shard)."""
-    n = max(-(-num_tokens // group_size), shards)
-    n = -(-n // shards) * shards
-    while n <= num_tokens:
+def num_groups(num_tokens: int, group_size: int, shards: int = 1) -> tuple[int, int]:
+    """Routing groups for `num_tokens`: returns (num_groups, tokens_per_group).
+
+    The group count is a multiple of the batch shards (every group lives on one shard) and at
+    least ceil(num_tokens / group_size). As in T5X, the smallest such count that divides the
+    tokens is used unless that would shrink groups below half of `group_size`; otherwise the
+    smallest count is kept and the tokens are padded up to num_groups * tokens_per_group (the
+    padding takes no expert capacity and is left out of the router losses).
+    """
+    n_min = max(-(-num_tokens // group_size), shards)
+    n_min = -(-n_min // shards) * shards
+    n = n_min
+    while n <= num_tokens and num_tokens // n >= max(group_size // 2, 1):
         if num_tokens % n == 0:
-            return n
+            return n, num_tokens // n
         n += shards
-    raise ValueError(
-        f"Cannot split {num_tokens} tokens into equal routing groups that are a multiple of the "
-        f"{shards} batch shards; make batch * length divisible by {shards} * (a divisor of it).")
+    return n_min, -(-num_tokens // n_min)
 
 
 class _StackedKernel(nn.Module):
@@ -219,22 +224,28 @@ class MoeLayer(nn.Module):
         cfg = self.moe
         b, length, d = x.shape
         n_tokens = b * length
-        g = num_groups(n_tokens, cfg.group_size, _batch_shards())
-        t = n_tokens // g
-        # Shape: [batch, length, d] -> [G, T, d]
-        tokens = constrain(x.reshape(g, t, d), ("batch", None, "embed"))
+        g, t = num_groups(n_tokens, cfg.group_size, _batch_shards())
+        pad = g * t - n_tokens
+        flat = x.reshape(n_tokens, d)
+        padding_mask = None
+        if pad:
+            flat = jnp.concatenate([flat, jnp.zeros((pad, d), x.dtype)])
+            padding_mask = (jnp.arange(g * t) < n_tokens).astype(jnp.float32).reshape(g, t)
+        # Shape: [batch * length (+ pad), d] -> [G, T, d]
+        tokens = constrain(flat.reshape(g, t, d), ("batch", None, "embed"))
         cf = cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor
         capacity = routing.expert_capacity(t, cfg.num_experts, cf, cfg.min_expert_capacity)
         if cfg.dispatch == "dropless":
-            out = self._dropless(tokens, deterministic)
+            out = self._dropless(tokens, deterministic, padding_mask)
         else:
-            routed = self.router(tokens, capacity, deterministic)
+            routed = self.router(tokens, capacity, deterministic, padding_mask=padding_mask)
             self._sow(routed.auxiliary_loss, routed.router_z_loss, routed.metrics)
             if isinstance(routed, routing.RouterMask):
                 out = self._masked(tokens, routed)
             else:
                 out = self._scatter(tokens, routed, capacity)
         # Shape: [G, T, d] -> [batch, length, d]
+        out = out.reshape(g * t, d)[:n_tokens]
         return constrain(out.reshape(b, length, d), ("batch", "length", "embed"))
 
     def _sow(self, aux, z, metrics) -> None:
@@ -275,7 +286,8 @@ class MoeLayer(nn.Module):
             mode="fill", fill_value=0)
         return jnp.einsum("gtkd,gtk->gtd", gathered, routed.combine_weights.astype(self.dtype))
 
-    def _dropless(self, tokens: Array, deterministic: bool) -> Array:
+    def _dropless(self, tokens: Array, deterministic: bool,
+                  padding_mask: Array | None = None) -> Array:
         """Every chosen (token, expert) pair is computed: grouped matmuls over expert-sorted
         tokens. Capacity is infinite, so the aux/z losses come from the router alone."""
         cfg = self.moe
@@ -286,8 +298,8 @@ class MoeLayer(nn.Module):
         if cfg.renormalize_top_k_gates:
             gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
         mask = jnp.max(jax.nn.one_hot(experts, cfg.num_experts), axis=-2)
-        aux = routing.load_balancing_loss(probs, mask)
-        z = routing.router_z_loss(logits)
+        aux = routing.load_balancing_loss(probs, mask, padding_mask)
+        z = routing.router_z_loss(logits, padding_mask)
         conf = jnp.mean(jnp.sum(gates, axis=-1)) / k
         self._sow(aux, z, routing.RouterMetrics(jnp.float32(1.0), jnp.float32(0.0), conf))
         flat_tokens = tokens.reshape(g * t, d)

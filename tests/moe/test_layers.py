@@ -158,3 +158,47 @@ def test_router_losses_are_in_the_loss_and_jitter_needs_its_rng():
 def test_rules_place_expert_buffers():
     rules = dict(partitioning.standard_logical_axis_rules())
     assert rules["expert"] == "expert" and rules["expert_replicas"] == "data"
+
+
+def test_group_count_divides_or_pads_as_t5x():
+    assert moe_layers.num_groups(30, 8, 1) == (5, 6)  # divides: groups of 6 (>= 8 / 2)
+    assert moe_layers.num_groups(7, 4, 2) == (2, 4)  # prime: 2 groups of 4, one padding token
+    assert moe_layers.num_groups(256, 32, 8) == (8, 32)
+
+
+def test_padding_tokens_take_no_capacity():
+    """7 tokens (prime) in groups of 4: one padding token. With identity experts every real
+    token comes back unchanged, so the padding neither displaced nor mixed into them."""
+    cfg = moe_layers.MoeConfig(num_experts=4, num_selected_experts=1, group_size=4,
+                               train_capacity_factor=4.0, eval_capacity_factor=4.0,
+                               min_expert_capacity=1, renormalize_top_k_gates=True,
+                               sparse_every=1)
+    layer = moe_layers.MoeLayer(cfg, 4, 4, ("linear",))
+    x = jnp.asarray(np.random.RandomState(2).rand(1, 7, 4) + 0.5, jnp.float32)
+    params = nn.unbox(_init(layer, x))
+    eye = jnp.broadcast_to(jnp.eye(4), (4, 4, 4))
+    params["expert"]["wi"]["kernel"] = eye
+    params["expert"]["wo"]["kernel"] = eye
+    y, state = layer.apply({"params": params}, x, mutable=["intermediates"])
+    np.testing.assert_allclose(y, x, rtol=1e-6)
+    assert float(state["intermediates"]["moe_fraction_dropped"][0]) == 0.0
+
+
+def test_encoder_moe_override_allows_experts_choose_in_the_encoder():
+    dec_moe = moe_layers.MoeConfig(num_experts=4, num_selected_experts=2, sparse_every=2,
+                                   group_size=16)
+    enc_moe = moe_layers.MoeConfig(num_experts=4, router_type="experts_choose",
+                                   sparse_every=2, group_size=16, eval_capacity_factor=1.0)
+    base = dict(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+                num_encoder_layers=2, num_decoder_layers=2)
+    m = models.EncoderDecoderModel(transformer.TransformerConfig(
+        **base, moe=dec_moe, encoder_moe=enc_moe))
+    shapes = m.input_shapes(2, {"inputs": 8, "targets": 8})
+    v = m.get_initial_variables(jax.random.PRNGKey(0), shapes)
+    batch = {k: jnp.ones(s, jnp.int32) for k, s in shapes.items()}
+    w, f = losses.loss_weights_and_factor(batch, m.loss_normalization)
+    loss, sums = m.loss_fn(nn.unbox(v["params"]), batch, None, w, f)
+    assert np.isfinite(float(loss)) and "moe/encoder/layers_1/mlp/aux_loss" in sums
+    with pytest.raises(ValueError):  # experts-choose would break causality in the decoder
+        bad = models.EncoderDecoderModel(transformer.TransformerConfig(**base, moe=enc_moe))
+        bad.get_initial_variables(jax.random.PRNGKey(0), shapes)
