@@ -58,6 +58,7 @@ test: data
 bench: install
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/encdec_throughput.py
+	$(PY) benchmarks/moe_throughput.py
 
 clean:
 	rm -rf runs/demo

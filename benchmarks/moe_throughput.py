@@ -1,0 +1,509 @@
+#!/usr/bin/env python
+"""Mixture-of-Experts training-step throughput: MoE vs dense, dispatch paths, moetx vs HF Switch.
+
+Three measurements in one run, each printed as one self-contained JSON line on stdout (progress
+on stderr), all timing full training steps (forward, backward, T5X-default Adafactor, lr 1e-2
+from the rsqrt schedule) of `moetx.trainer.trainer.Trainer.train_step` on one device:
+
+1. `moe_vs_dense`: the `moe_primer_small` decoder-only model (moetx/gin/models/
+   moe_primer_small.gin: d_model 256, 4 layers, 4 heads x 64, d_ff 512 squared ReLU, Primer
+   multi-dconv-head attention, vocab 8192, every 2nd MLP a top-2 MoE of 4 experts, capacity
+   factor 1.25, router jitter 1e-2, masked dispatch) against the dense model of equal *active*
+   FLOPs: the same config with `moe=None` and one `mlp_dim` for every layer chosen so that the
+   dense MLPs do the work of the MoE model's MLPs, where a sparse layer does the work of k
+   experts (`--dense_mlp equal_flops`, the default: mlp_dim = d_ff * ((s - 1) + k) / s for
+   sparse_every s; with s = 1 that is d_ff * k). `--dense_mlp times_k` gives every layer
+   d_ff * k instead (then the dense model does more work than the MoE model when s > 1).
+   `overhead_ratio` = MoE step time / dense step time; `model_flops_per_step` of both (from
+   `flops_per_step`, which counts experts with k/E) shows how close the FLOPs are.
+
+2. `dispatch_paths`: the same MoE model with `MoeConfig.dispatch` masked (one-hot einsums),
+   scatter (index scatter/gather into the same capacity buffers) and dropless (ragged_dot over
+   expert-sorted tokens). masked and scatter compute the same function; dropless has no
+   capacity, so it drops nothing and its expert matmuls see exactly k * tokens rows, where the
+   other two compute E * capacity buffer rows per group (capacity factor 1.25) and drop the
+   overflow.
+
+3. `moetx_vs_hf_switch`: a small Switch Transformer (top-1) encoder-decoder: d_model 256, 4+4
+   layers, 4 heads x 64, d_ff 512 ReLU experts and dense MLPs, 8 experts in every 2nd layer of
+   both stacks, vocab 8192, logits tied to the embedding (rescaled by d_model^-0.5), batch 8,
+   128 input and 32 target tokens, no dropout, no router jitter, load-balancing loss 1e-2, no
+   router z-loss, token cross entropy + 1e-4 logit z-loss.
+     moetx  `EncoderDecoderModel` with `MoeConfig(num_selected_experts=1, group_size=
+            --input_length)`, so an encoder routing group is one sequence.
+     HF     `transformers.SwitchTransformersForConditionalGeneration` (its own init) with
+            `expert_capacity` = moetx's capacity of a group of one input sequence
+            (max(round(1.25 * input_length / E), 4)), `router_jitter_noise=0`, trained with
+            `transformers.optimization.Adafactor(lr=1e-2, scale_parameter=True,
+            relative_step=False, warmup_init=False)`; loss = cross entropy + 1e-4 logit z-loss
+            + 1e-2 (encoder + decoder load-balancing loss from `output_router_logits=True`).
+   HF routes every sequence as its own group with one capacity for both stacks; moetx's decoder
+   groups hold `group_size` tokens (here 128 / target_length sequences). Both are reported.
+
+Within each measurement the variants are timed round-robin (one step of each, repeated) after
+`--warmup` untimed steps each (compilation), median of `--steps`. The f32 matmul rate of JAX
+(and torch) is measured in the same run; JAX's best is the MFU denominator.
+`background_cpu_cores` is the CPU other processes used while timing (discard runs well above 0).
+
+  .venv/bin/python benchmarks/moe_throughput.py                 # tuned XLA CPU flags (default)
+  .venv/bin/python benchmarks/moe_throughput.py --experts 8 --top_k 1 --layers 8
+  .venv/bin/python benchmarks/moe_throughput.py --only dispatch_paths --no_xla_tuning
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+# Sibling module: the background-load meter, matmul peak and decoder batch are shared with the
+# dense benchmark (importing it imports neither jax nor torch).
+from train_throughput import CpuLoad, make_batch, measure_matmuls
+
+MEASUREMENTS = ("moe_vs_dense", "dispatch_paths", "moetx_vs_hf_switch")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Decoder-only MoE model (measurements 1 and 2): moe_primer_small.gin.
+    p.add_argument("--d_model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head_dim", type=int, default=64)
+    p.add_argument("--d_ff", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--experts", type=int, default=4, help="E")
+    p.add_argument("--top_k", type=int, default=2, help="k")
+    p.add_argument("--sparse_every", type=int, default=2)
+    p.add_argument("--group_size", type=int, default=512)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--dense_mlp", choices=("equal_flops", "times_k"), default="equal_flops")
+    # Switch encoder-decoder (measurement 3).
+    p.add_argument("--switch_experts", type=int, default=8)
+    p.add_argument("--switch_layers", type=int, default=4, help="per stack")
+    p.add_argument("--switch_batch", type=int, default=8)
+    p.add_argument("--input_length", type=int, default=128)
+    p.add_argument("--target_length", type=int, default=32)
+    p.add_argument("--switch_dispatch", choices=("masked", "scatter", "dropless"),
+                   default="masked")
+    # Timing.
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compile)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--only", choices=MEASUREMENTS, action="append",
+                   help="run only these measurements (repeatable)")
+    p.add_argument("--no_xla_tuning", action="store_true",
+                   help="do not call moetx.trainer.xla_env.configure_cpu_defaults()")
+    args = p.parse_args(argv)
+    for name in ("d_model", "layers", "heads", "head_dim", "d_ff", "vocab", "experts", "top_k",
+                 "sparse_every", "group_size", "batch", "length", "switch_experts",
+                 "switch_layers", "switch_batch", "input_length", "target_length", "steps",
+                 "threads"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.top_k > args.experts:
+        p.error("--top_k must be <= --experts")
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1 (the first step compiles)")
+    s, k = args.sparse_every, args.top_k
+    if args.dense_mlp == "equal_flops" and (args.d_ff * (s - 1 + k)) % s:
+        p.error("d_ff * (sparse_every - 1 + k) / sparse_every is not an integer")
+    args.only = tuple(args.only or MEASUREMENTS)
+    return args
+
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[moe_throughput {time.perf_counter() - _T0:5.1f}s] {msg}", file=sys.stderr,
+          flush=True)
+
+
+def time_round_robin(steps: dict, n: int, warmup: int) -> tuple[dict, dict, CpuLoad]:
+    """Per variant: first-step seconds and the timed step seconds (round-robin)."""
+    first = {}
+    for name, fn in steps.items():
+        t0 = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t0
+        log(f"{name}: first step (compile) {first[name]:.2f}s")
+        for _ in range(warmup - 1):
+            fn()
+    times = {name: [] for name in steps}
+    log(f"timing {n} steps of each of {list(steps)} (round-robin)")
+    with CpuLoad() as load:
+        for _ in range(n):
+            for name, fn in steps.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return first, times, load
+
+
+class MoetxRunner:
+    """A moetx model, its Trainer and state, one batch: `step()` runs one train step."""
+
+    def __init__(self, jax, model, batch_np, input_shapes):
+        from moetx.trainer import metrics, optimizers, partitioning, trainer as trainer_lib
+
+        self.jax = jax
+        self.model = model
+        mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+        self.tr = trainer_lib.Trainer(model, optimizers.make_optimizer, mesh,
+                                      partitioning.standard_logical_axis_rules(), input_shapes)
+        self.state = self.tr.init_state()
+        self.batch = self.tr.to_global(batch_np)
+        self.params = metrics.count_params(self.state.params)
+        self.flops_per_step = float(model.flops_per_step(self.state.params, input_shapes))
+        self.sums = None
+        self.first_loss = None  # loss of the first step (initial parameters)
+
+    def step(self):
+        self.state, self.sums = self.tr.train_step(self.state, self.batch)
+        self.jax.block_until_ready((self.state, self.sums))
+        if self.first_loss is None:
+            self.first_loss = float(self.sums["loss"])
+            self.first_sums = self.jax.device_get(self.sums)
+
+    def loss(self) -> float:
+        return float(self.sums["loss"])
+
+
+def primer_config(args, moe):
+    from moetx.lm import transformer
+
+    return transformer.TransformerConfig(
+        vocab_size=args.vocab, emb_dim=args.d_model, num_heads=args.heads,
+        head_dim=args.head_dim, mlp_dim=args.d_ff, num_decoder_layers=args.layers,
+        dropout_rate=0.0, mlp_activations=("squared_relu",), primer_dconv=True,
+        logits_via_embedding=False, dtype="float32", moe=moe)
+
+
+def moe_config(args, dispatch: str):
+    from moetx.moe import layers as moe_layers
+
+    # moe_common.gin + moe_primer_small.gin.
+    return moe_layers.MoeConfig(
+        num_experts=args.experts, num_selected_experts=args.top_k, dispatch=dispatch,
+        train_capacity_factor=1.25, eval_capacity_factor=2.0, min_expert_capacity=4,
+        group_size=args.group_size, batch_prioritized_routing=False, jitter_noise=1e-2,
+        aux_loss_factor=1e-2, router_z_loss_factor=1e-3, sparse_every=args.sparse_every)
+
+
+def decoder_model(args, moe=None, mlp_dim=None):
+    import dataclasses
+
+    from moetx.lm import models
+
+    cfg = primer_config(args, moe)
+    if mlp_dim is not None:
+        cfg = dataclasses.replace(cfg, mlp_dim=mlp_dim)
+    return models.DecoderOnlyModel(config=cfg, z_loss=1e-4,
+                                   loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
+
+
+def capacity_info(args, moe, tokens: int) -> dict:
+    from moetx.moe import layers as moe_layers, routing
+
+    g = moe_layers.num_groups(tokens, moe.group_size)
+    t = tokens // g
+    c = routing.expert_capacity(t, moe.num_experts, moe.train_capacity_factor,
+                                moe.min_expert_capacity)
+    return {"groups": g, "tokens_per_group": t, "train_capacity": c,
+            "expert_rows_per_layer": g * moe.num_experts * c,
+            "routed_rows_per_layer": tokens * moe.num_selected_experts}
+
+
+def common_fields(args, jax, torch, peak, mm, mm_load) -> dict:
+    return {
+        "steps": args.steps, "warmup": args.warmup,
+        "peak_flops_f32_matmul": peak,
+        "matmul_gflops": {k: round(v / 1e9, 1) for k, v in mm.items()},
+        "xla_tuning": not args.no_xla_tuning,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_version": jax.__version__,
+        "torch_version": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "background_cpu_cores_matmul": mm_load.cores,
+    }
+
+
+def measure_moe_vs_dense(args, jax, np, runners: dict) -> dict:
+    s, k = args.sparse_every, args.top_k
+    dense_mlp = (args.d_ff * (s - 1 + k) // s if args.dense_mlp == "equal_flops"
+                 else args.d_ff * k)
+    batch_np = make_batch(np, args.vocab, args.batch, args.length)
+    shapes = decoder_model(args).input_shapes(args.batch, args.length)
+    log(f"building MoE (masked) and dense (mlp_dim {dense_mlp}) models")
+    moe = runners.get("masked") or MoetxRunner(
+        jax, decoder_model(args, moe_config(args, "masked")), batch_np, shapes)
+    runners["masked"] = moe
+    dense = MoetxRunner(jax, decoder_model(args, mlp_dim=dense_mlp), batch_np, shapes)
+    first, times, load = time_round_robin({"moe": moe.step, "dense": dense.step}, args.steps,
+                                          args.warmup)
+    tokens = args.batch * args.length
+    tm, td = statistics.median(times["moe"]), statistics.median(times["dense"])
+    mcfg = moe.model.config.moe
+    return {
+        "benchmark": "moe_vs_dense",
+        "model": {"shape": "moe_primer_small", "d_model": args.d_model, "layers": args.layers,
+                  "heads": args.heads, "head_dim": args.head_dim, "d_ff": args.d_ff,
+                  "vocab": args.vocab, "mlp": "squared_relu", "primer_dconv": True,
+                  "experts": args.experts, "top_k": k, "sparse_every": s,
+                  "group_size": args.group_size, "capacity_factor": 1.25,
+                  "dispatch": "masked"},
+        "dense_model": {"moe": None, "mlp_dim": dense_mlp, "rule": args.dense_mlp},
+        "batch": args.batch, "length": args.length,
+        "capacity": capacity_info(args, mcfg, tokens),
+        "moe_params": moe.params, "dense_params": dense.params,
+        "moe_model_flops_per_step": moe.flops_per_step,
+        "dense_model_flops_per_step": dense.flops_per_step,
+        "flops_ratio_moe_over_dense": moe.flops_per_step / dense.flops_per_step,
+        "moe_step_time_s": tm, "dense_step_time_s": td,
+        "moe_tokens_per_sec": tokens / tm, "dense_tokens_per_sec": tokens / td,
+        "overhead_ratio": tm / td,
+        "moe_mfu": moe.flops_per_step / tm / args.peak,
+        "dense_mfu": dense.flops_per_step / td / args.peak,
+        "moe_first_step_s": first["moe"], "dense_first_step_s": first["dense"],
+        "moe_first_loss": moe.first_loss, "dense_first_loss": dense.first_loss,
+        "moe_fraction_dropped": _dropped(moe),
+        "background_cpu_cores": load.cores, "own_cpu_cores": load.own_cores,
+    }
+
+
+def _dropped(runner) -> float | None:
+    """Mean over sparse layers of the sown fraction of tokens left behind (no expert at all),
+    at the first step (initial parameters, so every variant sees the same router)."""
+    vals = [float(v) for k, v in runner.first_sums.items() if k.endswith("/fraction_dropped")]
+    return sum(vals) / len(vals) if vals else None
+
+
+def measure_dispatch_paths(args, jax, np, runners: dict) -> dict:
+    batch_np = make_batch(np, args.vocab, args.batch, args.length)
+    shapes = decoder_model(args).input_shapes(args.batch, args.length)
+    for d in ("masked", "scatter", "dropless"):
+        if d not in runners:
+            log(f"building MoE model, dispatch={d}")
+            runners[d] = MoetxRunner(jax, decoder_model(args, moe_config(args, d)), batch_np,
+                                     shapes)
+    paths = ("masked", "scatter", "dropless")
+    first, times, load = time_round_robin({d: runners[d].step for d in paths}, args.steps,
+                                          args.warmup)
+    tokens = args.batch * args.length
+    med = {d: statistics.median(times[d]) for d in paths}
+    return {
+        "benchmark": "dispatch_paths",
+        "model": {"shape": "moe_primer_small", "d_model": args.d_model, "layers": args.layers,
+                  "d_ff": args.d_ff, "vocab": args.vocab, "experts": args.experts,
+                  "top_k": args.top_k, "sparse_every": args.sparse_every,
+                  "group_size": args.group_size, "capacity_factor": 1.25},
+        "batch": args.batch, "length": args.length,
+        "capacity": capacity_info(args, runners["masked"].model.config.moe, tokens),
+        "params": runners["masked"].params,
+        "note": "dropless has no capacity: nothing is dropped and its expert matmuls see "
+                "k*tokens rows (ragged_dot); masked/scatter compute E*capacity rows per group "
+                "and drop overflow, so dropless's loss differs; masked and scatter first-step losses should agree",
+        **{f"{d}_step_time_s": med[d] for d in paths},
+        **{f"{d}_tokens_per_sec": tokens / med[d] for d in paths},
+        **{f"{d}_first_step_s": first[d] for d in paths},
+        **{f"{d}_first_loss": runners[d].first_loss for d in paths},
+        **{f"{d}_fraction_dropped": _dropped(runners[d]) for d in paths},
+        "ratio_scatter_over_masked": med["scatter"] / med["masked"],
+        "ratio_dropless_over_masked": med["dropless"] / med["masked"],
+        "background_cpu_cores": load.cores, "own_cpu_cores": load.own_cores,
+    }
+
+
+def encdec_batch(np, vocab, b, n, t) -> dict:
+    """One segment per row of random ids in [2, vocab) (0 is padding/BOS, 1 is EOS)."""
+    rng = np.random.default_rng(0)
+    enc = rng.integers(2, vocab, size=(b, n), dtype=np.int32)
+    targets = rng.integers(2, vocab, size=(b, t), dtype=np.int32)
+    dec_in = np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1)
+    ones = lambda k: np.ones((b, k), np.int32)  # noqa: E731
+    pos = lambda k: np.broadcast_to(np.arange(k, dtype=np.int32), (b, k)).copy()  # noqa: E731
+    return {
+        "encoder_input_tokens": enc, "encoder_segment_ids": ones(n), "encoder_positions": pos(n),
+        "decoder_input_tokens": dec_in, "decoder_target_tokens": targets,
+        "decoder_loss_weights": ones(t), "decoder_segment_ids": ones(t),
+        "decoder_positions": pos(t),
+    }
+
+
+def build_hf_switch(args, torch, batch_np, capacity: int):
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+    from transformers.optimization import Adafactor
+
+    torch.manual_seed(0)
+    L = args.switch_layers
+    config = SwitchTransformersConfig(
+        vocab_size=args.vocab, d_model=args.d_model, d_kv=args.head_dim, d_ff=args.d_ff,
+        expert_capacity=capacity, num_layers=L, num_decoder_layers=L,
+        num_sparse_encoder_layers=L // 2, num_sparse_decoder_layers=L // 2,
+        num_heads=args.heads, num_experts=args.switch_experts, router_bias=False,
+        router_jitter_noise=0.0, router_dtype="float32", relative_attention_num_buckets=32,
+        relative_attention_max_distance=128, dropout_rate=0.0, router_z_loss_coef=0.0,
+        router_aux_loss_coef=1e-2, dense_act_fn="relu", tie_word_embeddings=True,
+        use_cache=False)
+    model = SwitchTransformersForConditionalGeneration(config)
+    model.train()
+    sparse = {"encoder": [i for i, blk in enumerate(model.encoder.block) if blk.is_sparse],
+              "decoder": [i for i, blk in enumerate(model.decoder.block) if blk.is_sparse]}
+    params = sum(p.numel() for p in model.parameters())
+    opt = Adafactor(model.parameters(), lr=1e-2, scale_parameter=True, relative_step=False,
+                    warmup_init=False)
+    enc = torch.from_numpy(batch_np["encoder_input_tokens"].astype("int64"))
+    dec_in = torch.from_numpy(batch_np["decoder_input_tokens"].astype("int64"))
+    targets = torch.from_numpy(batch_np["decoder_target_tokens"].astype("int64"))
+    z_loss = 1e-4
+    state = {}
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(input_ids=enc, decoder_input_ids=dec_in, output_router_logits=True,
+                    use_cache=False)
+        logits = out.logits.float()
+        log_z = torch.logsumexp(logits, dim=-1)
+        target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        loss = (log_z - target_logit + z_loss * log_z.square()).mean()
+        loss = loss + 1e-2 * (out.encoder_aux_loss + out.decoder_aux_loss)
+        loss.backward()
+        opt.step()
+        state.setdefault("first_loss", float(loss.detach()))
+
+    return step, state, params, sparse, config._attn_implementation
+
+
+def measure_switch(args, jax, np, torch) -> dict:
+    from moetx.lm import models, transformer
+    from moetx.moe import layers as moe_layers, routing
+
+    b, n, t = args.switch_batch, args.input_length, args.target_length
+    E = args.switch_experts
+    moe = moe_layers.MoeConfig(
+        num_experts=E, num_selected_experts=1, dispatch=args.switch_dispatch,
+        train_capacity_factor=1.25, eval_capacity_factor=2.0, min_expert_capacity=4,
+        group_size=n, jitter_noise=0.0, aux_loss_factor=1e-2, router_z_loss_factor=0.0,
+        sparse_every=2)
+    cfg = transformer.TransformerConfig(
+        vocab_size=args.vocab, emb_dim=args.d_model, num_heads=args.heads,
+        head_dim=args.head_dim, mlp_dim=args.d_ff, num_encoder_layers=args.switch_layers,
+        num_decoder_layers=args.switch_layers, dropout_rate=0.0, mlp_activations=("relu",),
+        logits_via_embedding=True, relative_attention_num_buckets=32,
+        relative_attention_max_distance=128, dtype="float32", moe=moe)
+    model = models.EncoderDecoderModel(config=cfg, z_loss=1e-4,
+                                       loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
+    batch_np = encdec_batch(np, args.vocab, b, n, t)
+    shapes = model.input_shapes(b, {"inputs": n, "targets": t})
+    log("building moetx Switch encoder-decoder")
+    mx = MoetxRunner(jax, model, batch_np, shapes)
+    capacity = routing.expert_capacity(n, E, 1.25, 4)  # a group of one input sequence
+    log(f"building HF SwitchTransformersForConditionalGeneration (expert_capacity {capacity})")
+    hf_step, hf_state, hf_params, hf_sparse, attn_impl = build_hf_switch(args, torch, batch_np,
+                                                                         capacity)
+    mx_sparse = {s: [i for i in range(args.switch_layers) if moe.is_sparse(i)]
+                 for s in ("encoder", "decoder")}
+    if hf_params != mx.params:
+        log(f"WARNING: parameter counts differ: moetx {mx.params:,} vs HF {hf_params:,}")
+    first, times, load = time_round_robin({"moetx": mx.step, "hf": hf_step}, args.steps,
+                                          args.warmup)
+    tokens = b * (n + t)
+    tm, th = statistics.median(times["moetx"]), statistics.median(times["hf"])
+    return {
+        "benchmark": "moetx_vs_hf_switch",
+        "model": {"d_model": args.d_model, "encoder_layers": args.switch_layers,
+                  "decoder_layers": args.switch_layers, "heads": args.heads,
+                  "head_dim": args.head_dim, "d_ff": args.d_ff, "mlp": "relu",
+                  "vocab": args.vocab, "experts": E, "top_k": 1, "sparse_every": 2,
+                  "logits": "tied", "capacity_factor": 1.25, "jitter": 0.0,
+                  "moetx_dispatch": args.switch_dispatch},
+        "batch": b, "input_length": n, "target_length": t,
+        "tokens_per_step": tokens,
+        "sparse_layers_moetx": mx_sparse, "sparse_layers_hf": hf_sparse,
+        "moetx_groups": {
+            "encoder": capacity_info(args, moe, b * n),
+            "decoder": capacity_info(args, moe, b * t)},
+        "hf_expert_capacity": capacity,
+        "hf_groups": f"one per sequence ({n} encoder / {t} decoder tokens), capacity "
+                     f"{capacity} in both stacks",
+        "moetx_params": mx.params, "hf_params": hf_params,
+        "params_match": hf_params == mx.params,
+        "model_flops_per_step": mx.flops_per_step,
+        "moetx_step_time_s": tm, "hf_step_time_s": th,
+        "moetx_tokens_per_sec": tokens / tm, "hf_tokens_per_sec": tokens / th,
+        "ratio_moetx_over_hf": th / tm,
+        "moetx_mfu": mx.flops_per_step / tm / args.peak,
+        "hf_mfu": mx.flops_per_step / th / args.peak,
+        "moetx_first_step_s": first["moetx"], "hf_first_step_s": first["hf"],
+        "moetx_first_loss": mx.first_loss, "hf_first_loss": hf_state["first_loss"],
+        "moetx_fraction_dropped": _dropped(mx),
+        "hf_attn_implementation": attn_impl, "threads": args.threads,
+        "background_cpu_cores": load.cores, "own_cpu_cores": load.own_cores,
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    json_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    out = os.fdopen(json_fd, "w")
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    if not args.no_xla_tuning:
+        from moetx.trainer import xla_env
+        xla_env.configure_cpu_defaults()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    log(f"jax {jax.__version__}, torch {torch.__version__}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; measurements {list(args.only)}")
+    log("measuring f32 matmul FLOP/s")
+    with CpuLoad() as mm_load:
+        mm = measure_matmuls(jax, jnp, torch)
+    args.peak = max(mm["jax_1024"], mm["jax_2048"])
+    common = common_fields(args, jax, torch, args.peak, mm, mm_load)
+
+    runners: dict = {}
+    for name in args.only:
+        if name == "moe_vs_dense":
+            result = measure_moe_vs_dense(args, jax, np, runners)
+            log(f"MoE {result['moe_step_time_s'] * 1e3:.0f} ms vs dense "
+                f"{result['dense_step_time_s'] * 1e3:.0f} ms: overhead "
+                f"{result['overhead_ratio']:.2f}")
+        elif name == "dispatch_paths":
+            result = measure_dispatch_paths(args, jax, np, runners)
+            log("dispatch " + ", ".join(f"{d} {result[f'{d}_step_time_s'] * 1e3:.0f} ms"
+                                        for d in ("masked", "scatter", "dropless")))
+        else:
+            runners.clear()  # free the decoder-only models
+            result = measure_switch(args, jax, np, torch)
+            log(f"Switch: moetx {result['moetx_step_time_s'] * 1e3:.0f} ms vs HF "
+                f"{result['hf_step_time_s'] * 1e3:.0f} ms (HF / moetx "
+                f"{result['ratio_moetx_over_hf']:.2f})")
+        for key in ("moe_first_loss", "dense_first_loss", "masked_first_loss",
+                    "moetx_first_loss"):
+            if key in result and not np.isfinite(result[key]):
+                raise FloatingPointError(f"{key} is {result[key]}")
+        result.update(common)
+        result["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        sys.stderr.flush()
+        out.write(json.dumps(result) + "\n")
+        out.flush()
+    out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
