@@ -649,6 +649,9 @@ class Router(nn.Module):
 class TokensChooseMaskedRouter(Router):
     """Router + `tokens_choose_masked`. Attributes beyond `Router` mirror that function."""
 
+    # The routing function; the scatter router differs only in this.
+    _route = staticmethod(tokens_choose_masked)
+
     num_selected_experts: int = 1
     batch_prioritized_routing: bool = False
     renormalize_top_k_gates: bool = False
@@ -672,10 +675,10 @@ class TokensChooseMaskedRouter(Router):
     def __call__(
         self, token_inputs: Array, capacity: int, deterministic: bool = True,
         padding_mask: Array | None = None,
-    ) -> RouterMask:
+    ) -> RouterOutput:
         """token_inputs: <any float>[G, T, d]; padding_mask: optional <float32>[G, T]."""
         logits, probs = self.logits_and_probs(token_inputs, deterministic)
-        return tokens_choose_masked(
+        return self._route(
             probs, logits, capacity=capacity, padding_mask=padding_mask, **self._routing_kwargs()
         )
 
@@ -683,15 +686,7 @@ class TokensChooseMaskedRouter(Router):
 class TokensChooseScatterRouter(TokensChooseMaskedRouter):
     """Router + `tokens_choose_scatter`: the same decisions as the masked router, as indices."""
 
-    def __call__(
-        self, token_inputs: Array, capacity: int, deterministic: bool = True,
-        padding_mask: Array | None = None,
-    ) -> RouterIndices:
-        """token_inputs: <any float>[G, T, d]; padding_mask: optional <float32>[G, T]."""
-        logits, probs = self.logits_and_probs(token_inputs, deterministic)
-        return tokens_choose_scatter(
-            probs, logits, capacity=capacity, padding_mask=padding_mask, **self._routing_kwargs()
-        )
+    _route = staticmethod(tokens_choose_scatter)
 
 
 class ExpertsChooseMaskedRouter(Router):
