@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from moetx.lm import attention, layers, models, transformer
+from tests.lm.test_transformer import assert_cached_decoding_matches_teacher_forcing
 
 BASE = dict(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_decoder_layers=2)
 
@@ -71,16 +72,7 @@ def test_squared_relu():
 ])
 def test_cached_decoding_equals_teacher_forcing(kw):
     m, params = _model(**kw)
-    t = jnp.asarray(np.random.RandomState(3).randint(3, 64, (2, 16)), jnp.int32)
-    full = m.logits(params, {"decoder_input_tokens": _shift(t), "decoder_target_tokens": t})
-    cache = m.init_cache(params, 2, 16)
-    step = jax.jit(m.decode_step)
-    inp = _shift(t)
-    got = []
-    for i in range(16):
-        lg, cache = step(params, inp[:, i:i + 1], jnp.int32(i), cache)
-        got.append(lg)
-    np.testing.assert_allclose(jnp.stack(got, 1), full, atol=1e-5)
+    assert_cached_decoding_matches_teacher_forcing(m, params)
 
 
 @pytest.mark.parametrize("kw", [dict(primer_dconv=True), dict(position_embedding="rope")])
@@ -140,15 +132,7 @@ def test_full_primer_parameters_and_cached_decoding():
     assert set(layer) == {"pre_self_attention_layer_norm", "self_attention", "mlp",
                           "post_mlp_layer_norm"}
     assert set(layer["post_mlp_layer_norm"]) == {"scale", "bias"}
-    t = jnp.asarray(np.random.RandomState(5).randint(3, 64, (2, 16)), jnp.int32)
-    full = m.logits(params, {"decoder_input_tokens": _shift(t), "decoder_target_tokens": t})
-    cache = m.init_cache(params, 2, 16)
-    step = jax.jit(m.decode_step)
-    got = []
-    for i in range(16):
-        lg, cache = step(params, _shift(t)[:, i:i + 1], jnp.int32(i), cache)
-        got.append(lg)
-    np.testing.assert_allclose(jnp.stack(got, 1), full, atol=1e-5)
+    assert_cached_decoding_matches_teacher_forcing(m, params, seed=5)
 
 
 def test_primer_norm_is_mean_centred_pseudo_variance():

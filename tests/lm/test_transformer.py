@@ -109,20 +109,25 @@ def test_prefix_lm_inputs_are_bidirectional_targets_causal():
     np.testing.assert_allclose(base2[:, :13], pert2[:, :13], atol=1e-6)
 
 
-@pytest.mark.parametrize("untied", [True, False])
-def test_kv_cache_decoding_equals_teacher_forcing(untied):
-    m, v = _model(logits_via_embedding=not untied)
-    params = nn.unbox(v["params"])
-    t = jnp.asarray(np.random.RandomState(3).randint(3, 64, (2, 16)), jnp.int32)
-    full = m.logits(params, {"decoder_input_tokens": _shift(t), "decoder_target_tokens": t})
+def assert_cached_decoding_matches_teacher_forcing(m, params, seed: int = 3) -> None:
+    """Feeding a sequence one token at a time through the cache gives the logits of the full
+    teacher-forced forward pass at every position (shared by the Primer/RoPE tests)."""
+    t = jnp.asarray(np.random.RandomState(seed).randint(3, 64, (2, 16)), jnp.int32)
+    inp = _shift(t)
+    full = m.logits(params, {"decoder_input_tokens": inp, "decoder_target_tokens": t})
     cache = m.init_cache(params, 2, 16)
     step = jax.jit(m.decode_step)
-    inp = _shift(t)
     got = []
     for i in range(16):
         lg, cache = step(params, inp[:, i:i + 1], jnp.int32(i), cache)
         got.append(lg)
     np.testing.assert_allclose(jnp.stack(got, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("untied", [True, False])
+def test_kv_cache_decoding_equals_teacher_forcing(untied):
+    m, v = _model(logits_via_embedding=not untied)
+    assert_cached_decoding_matches_teacher_forcing(m, nn.unbox(v["params"]))
 
 
 def test_greedy_decoding_forces_prompt_and_follows_argmax():
