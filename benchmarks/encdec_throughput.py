@@ -93,12 +93,12 @@ def log(msg: str) -> None:
           flush=True)
 
 
-def make_batch(np, args) -> dict:
-    """One segment per row of random ids in [2, vocab) (0 is padding/BOS, 1 is T5's EOS)."""
+def encdec_batch(np, vocab: int, b: int, n: int, t: int) -> dict:
+    """One segment per row of random ids in [2, vocab) (0 is padding/BOS, 1 is T5's EOS); shared
+    with moe_throughput.py."""
     rng = np.random.default_rng(0)
-    b, n, t = args.batch, args.input_length, args.target_length
-    enc = rng.integers(2, args.vocab, size=(b, n), dtype=np.int32)
-    targets = rng.integers(2, args.vocab, size=(b, t), dtype=np.int32)
+    enc = rng.integers(2, vocab, size=(b, n), dtype=np.int32)
+    targets = rng.integers(2, vocab, size=(b, t), dtype=np.int32)
     dec_in = np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1)
     ones = lambda k: np.ones((b, k), np.int32)  # noqa: E731
     pos = lambda k: np.broadcast_to(np.arange(k, dtype=np.int32), (b, k)).copy()  # noqa: E731
@@ -108,6 +108,10 @@ def make_batch(np, args) -> dict:
         "decoder_loss_weights": ones(t), "decoder_segment_ids": ones(t),
         "decoder_positions": pos(t),
     }
+
+
+def make_batch(np, args) -> dict:
+    return encdec_batch(np, args.vocab, args.batch, args.input_length, args.target_length)
 
 
 def moetx_config(args):

@@ -61,6 +61,7 @@ import time
 
 # Sibling module: the background-load meter, matmul peak and decoder batch are shared with the
 # dense benchmark (importing it imports neither jax nor torch).
+from encdec_throughput import encdec_batch
 from train_throughput import CpuLoad, make_batch, measure_matmuls
 
 MEASUREMENTS = ("moe_vs_dense", "dispatch_paths", "moetx_vs_hf_switch")
@@ -317,22 +318,6 @@ def measure_dispatch_paths(args, jax, np, runners: dict) -> dict:
         "ratio_scatter_over_masked": med["scatter"] / med["masked"],
         "ratio_dropless_over_masked": med["dropless"] / med["masked"],
         "background_cpu_cores": load.cores, "own_cpu_cores": load.own_cores,
-    }
-
-
-def encdec_batch(np, vocab, b, n, t) -> dict:
-    """One segment per row of random ids in [2, vocab) (0 is padding/BOS, 1 is EOS)."""
-    rng = np.random.default_rng(0)
-    enc = rng.integers(2, vocab, size=(b, n), dtype=np.int32)
-    targets = rng.integers(2, vocab, size=(b, t), dtype=np.int32)
-    dec_in = np.concatenate([np.zeros((b, 1), np.int32), targets[:, :-1]], axis=1)
-    ones = lambda k: np.ones((b, k), np.int32)  # noqa: E731
-    pos = lambda k: np.broadcast_to(np.arange(k, dtype=np.int32), (b, k)).copy()  # noqa: E731
-    return {
-        "encoder_input_tokens": enc, "encoder_segment_ids": ones(n), "encoder_positions": pos(n),
-        "decoder_input_tokens": dec_in, "decoder_target_tokens": targets,
-        "decoder_loss_weights": ones(t), "decoder_segment_ids": ones(t),
-        "decoder_positions": pos(t),
     }
 
 
