@@ -23,6 +23,7 @@ import transformers  # noqa: E402
 from moetx.lm import models, transformer  # noqa: E402
 from moetx.moe.layers import MoeConfig  # noqa: E402
 from moetx.tools import hf  # noqa: E402
+from tests.tools.test_hf import _randomize_  # O(1) weights: routers spread tokens
 
 TC = transformer.TransformerConfig
 ATOL = 1e-4
@@ -42,20 +43,6 @@ def _cfg(tied: bool = True, **moe) -> TC:
               num_encoder_layers=4, num_decoder_layers=4, mlp_activations=("relu",),
               logits_via_embedding=tied, relative_attention_num_buckets=8,
               relative_attention_max_distance=12, moe=moe_cfg)
-
-
-def _randomize_(model: torch.nn.Module, seed: int) -> None:
-    """O(1) weights: router logits of order 1 spread tokens over experts, and norms away from 1
-    make a swapped norm show."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # tied parameters appear once
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif any(s in name for s in ("embed_tokens", "shared", "relative_attention_bias")):
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:  # nn.Linear weight [out, in]
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
 
 
 def _hf_switch(cfg: TC, seed: int = 0):
