@@ -13,6 +13,12 @@ from moetx.trainer import xla_env  # noqa: E402
 
 xla_env.configure_cpu_defaults()
 
+# Tests import TensorFlow (SeqIO) and torch (parity peers) in one process; triton must not load
+# after TensorFlow (segfault), and torch on the CPU never needs it.
+from moetx.tools import torch_env  # noqa: E402
+
+torch_env.block_triton_after_tensorflow(force=True)
+
 import pytest  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
