@@ -134,7 +134,7 @@ def build_hf(torch, cfg, params_np, train: bool):
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(hf.t5_config_to_hf(cfg))
     # transformers >= 5 ties T5's lm_head to `shared` in memory even for an untied (T5.1.1)
-    # config (see moetx/tools/hf.py); give it its own parameter, as tests/tools/test_hf.py does.
+    # config (see moetx/tools/hf/); give it its own parameter, as tests/tools/test_hf.py does.
     model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
     sd = hf.moetx_to_hf_t5(params_np, cfg=cfg)
     # The embed_tokens of both stacks are the `shared` module itself; load them as its copies.
