@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Training throughput (images/s) of a moetx vision model against the same timm model (torch,
+CPU), same run.
+
+Both sides train the same architecture on the same random batch with SGD (Nesterov momentum
+0.9, constant learning rate 0.1, no weight decay) and softmax cross entropy, in training mode
+(BatchNorm batch statistics, the variant's dropout and stochastic depth):
+
+  moetx  `moetx.trainer.trainer.Trainer.train_step` (jitted) on one device, with
+         `moetx.vision.model.ImageClassificationModel` (no augmentation, no label smoothing)
+         and `optimizers.sgd_momentum`.
+  timm   `timm.create_model(<timm name>)` (`resnetrs<depth>` or `tf_efficientnetv2_<v>`) with
+         `torch.optim.SGD(lr=0.1, momentum=0.9, nesterov=True)`.
+
+The trainable parameter counts must match (`params_match`). Steps are timed alternately (one
+moetx step, one timm step, ...) after `--warmup` untimed steps each, and each side's step time
+is the median, so a change in background load hits both alike. `background_cpu_cores` is the
+CPU other processes used while timing: this machine's two cores are shared, so discard runs
+where it is well above 0. Under such load torch's OpenMP threads oversubscribe badly: measured
+on this machine with ~1.5 cores busy elsewhere, a tf_efficientnetv2_b0 step (64^2, batch 16)
+took 2.3 s with `--threads 2` and 0.34 s with `--threads 1`, so compare the two sides with
+`--threads 1` unless the machine is idle.
+
+Prints exactly one JSON line on stdout; progress goes to stderr. Examples:
+
+  .venv/bin/python benchmarks/vision_throughput.py                      # ResNet-RS-50, 64x64
+  .venv/bin/python benchmarks/vision_throughput.py --model efficientnet_v2/b0 --image_size 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_throughput import CpuLoad  # noqa: E402  (same directory; no heavy imports)
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[vision_throughput {time.perf_counter() - _T0:5.1f}s] {msg}", file=sys.stderr,
+          flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet_rs/50",
+                   help="resnet_rs/<50..420> or efficientnet_v2/<s,m,l,b0..b3>")
+    p.add_argument("--image_size", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--num_classes", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side (compile)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--no_xla_tuning", action="store_true",
+                   help="do not call moetx.trainer.xla_env.configure_cpu_defaults()")
+    p.add_argument("--skip_timm", action="store_true", help="time moetx only (no peer)")
+    args = p.parse_args(argv)
+    for name in ("image_size", "batch", "num_classes", "steps", "threads"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1 (the first step compiles)")
+    family, _, variant = args.model.partition("/")
+    if family == "resnet_rs" and variant.isdigit():
+        args.timm_name = f"resnetrs{variant}"
+    elif family == "efficientnet_v2" and variant in ("s", "m", "l", "b0", "b1", "b2", "b3"):
+        args.timm_name = f"tf_efficientnetv2_{variant}"
+    else:
+        p.error(f"--model must be resnet_rs/<depth> or efficientnet_v2/<s|m|l|b0..b3> (models "
+                f"timm has too), got {args.model!r}")
+    return args
+
+
+def regularisation(args) -> tuple[float, float]:
+    """(dropout, drop_path) of the moetx variant, applied to both sides."""
+    from moetx.vision.models import get_family
+
+    family, _, variant = args.model.partition("/")
+    cfg = get_family(family).VARIANTS[variant]
+    drop_path = cfg.get("drop_path_rate", 0.2 if family == "efficientnet_v2" else 0.0)
+    return float(cfg["dropout_rate"]), float(drop_path)
+
+
+def build_moetx(args, jax, np, images, labels, dropout, drop_path):
+    from moetx.trainer import metrics, optimizers, partitioning, trainer as trainer_lib
+    from moetx.vision import model as vision_model
+
+    model = vision_model.ImageClassificationModel(
+        model_name=args.model, num_classes=args.num_classes,
+        model_overrides={"dropout_rate": dropout, "drop_path_rate": drop_path},
+        mean=(0.0,), std=(1.0,))
+    mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    shapes = model.input_shapes(args.batch, {"image": (args.image_size, args.image_size, 3)})
+    tr = trainer_lib.Trainer(
+        model, lambda param_axes: optimizers.sgd_momentum(optimizers.constant_schedule(0.1)),
+        mesh, partitioning.standard_logical_axis_rules(), shapes, seed=0)
+    state = tr.init_state()
+    # Float images are passed through preprocess's to_float unchanged (already in [0, 1]).
+    batch = tr.to_global({"image": images, "label": labels,
+                          "mask": np.ones(args.batch, np.float32)})
+    return tr, state, batch, metrics.count_params(state.params)
+
+
+def build_timm(args, torch, images, labels, dropout, drop_path):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(args.timm_name, pretrained=False, num_classes=args.num_classes,
+                              drop_rate=dropout, drop_path_rate=drop_path)
+    model.train()
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    y = torch.from_numpy(labels.astype("int64"))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step, params
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    json_fd = os.dup(1)  # the JSON line is the only stdout output
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if not args.no_xla_tuning:
+        from moetx.trainer import xla_env
+        xla_env.configure_cpu_defaults()
+
+    import jax
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    log(f"jax {jax.__version__}, torch {torch.__version__} ({args.threads} threads); "
+        f"{args.model} vs timm {args.timm_name}, batch {args.batch} x {args.image_size}^2")
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (args.batch, args.image_size, args.image_size, 3)).astype(
+        np.float32)
+    labels = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
+    dropout, drop_path = regularisation(args)
+
+    log("building moetx (init compiles)")
+    tr, state, batch, params = build_moetx(args, jax, np, images, labels, dropout, drop_path)
+    timm_step = timm_params = None
+    if not args.skip_timm:
+        log("building timm")
+        timm_step, timm_params = build_timm(args, torch, images, labels, dropout, drop_path)
+        if timm_params != params:
+            log(f"WARNING: parameter counts differ: moetx {params:,} vs timm {timm_params:,}")
+
+    def moetx_step():
+        nonlocal state
+        state, sums = tr.train_step(state, batch)
+        jax.block_until_ready((state, sums))
+        return sums
+
+    t0 = time.perf_counter()
+    moetx_step()
+    moetx_first = time.perf_counter() - t0
+    log(f"moetx first step (compile) {moetx_first:.1f}s")
+    for _ in range(args.warmup - 1):
+        moetx_step()
+    timm_first = None
+    if timm_step is not None:
+        t0 = time.perf_counter()
+        timm_step()
+        timm_first = time.perf_counter() - t0
+        for _ in range(args.warmup - 1):
+            timm_step()
+
+    log(f"timing {args.steps} steps per side (alternating)")
+    mx_times, tm_times = [], []
+    with CpuLoad() as load:
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            sums = moetx_step()
+            mx_times.append(time.perf_counter() - t0)
+            if timm_step is not None:
+                t0 = time.perf_counter()
+                timm_loss = timm_step()
+                tm_times.append(time.perf_counter() - t0)
+    mx_loss = float(sums["loss"])
+    if not np.isfinite(mx_loss):
+        raise FloatingPointError(f"moetx loss is {mx_loss}")
+
+    mx_t = statistics.median(mx_times)
+    result = {
+        "benchmark": "vision_throughput",
+        "model": args.model, "timm_model": args.timm_name,
+        "image_size": args.image_size, "batch": args.batch, "num_classes": args.num_classes,
+        "dropout": dropout, "drop_path": drop_path,
+        "steps": args.steps, "warmup": args.warmup, "torch_threads": args.threads,
+        "params": params, "timm_params": timm_params,
+        "params_match": None if timm_params is None else timm_params == params,
+        "moetx_step_time_s": mx_t,
+        "moetx_images_per_sec": args.batch / mx_t,
+        "moetx_first_step_s": moetx_first,
+        "moetx_loss": mx_loss,
+    }
+    if timm_step is not None:
+        tm_t = statistics.median(tm_times)
+        result.update({
+            "timm_step_time_s": tm_t,
+            "timm_images_per_sec": args.batch / tm_t,
+            "timm_first_step_s": timm_first,
+            "timm_loss": float(timm_loss),
+            "ratio_moetx_over_timm": tm_t / mx_t,
+        })
+    result.update({
+        "background_cpu_cores": None if load.cores is None else round(load.cores, 2),
+        "xla_tuning": not args.no_xla_tuning,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    })
+    os.write(json_fd, (json.dumps(result) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
