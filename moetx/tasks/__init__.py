@@ -11,6 +11,9 @@ Registered tasks (objectives in `moetx.tasks.pretraining`):
 - `c4_causal_lm`, `c4_prefix_lm`, `c4_span_corruption`: TFDS `c4/en:3.0.1` (splits 'train',
   'validation'), for users who have prepared C4 in their TFDS data dir; same vocabularies.
 
+FLAN instruction-tuning tasks and mixtures (`flan_*`) are registered by `moetx.tasks.flan`,
+imported here.
+
 Your own text files (one example per line) become a task with `register_text_files_task`, or
 from gin with `MIXTURE_OR_TASK_NAME = @moetx.tasks.text_files_task()` and bindings such as
 `moetx.tasks.text_files_task.name = 'my_lm'` and `...train_files = ['/data/train.txt']`.
@@ -237,3 +240,6 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
 
 
 register_default_tasks()
+
+# The FLAN tasks and mixtures (registration reads no data; see moetx.tasks.flan).
+from moetx.tasks import flan  # noqa: E402,F401

