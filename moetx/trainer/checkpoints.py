@@ -81,6 +81,10 @@ class Checkpointer:
         """Restores `step` into the structure, dtypes and shardings of `abstract_state`
         (a tree of `jax.ShapeDtypeStruct` with `sharding`)."""
         target = flax.serialization.to_state_dict(abstract_state)
+        # Checkpoints written before TrainState had `model_state`/`ema` lack those parts; when
+        # the run keeps none (empty dicts, as every LM run does) they restore as empty.
+        absent = [k for k in self._absent_parts(step, target) if target[k] == {}]
+        target = {k: v for k, v in target.items() if k not in absent}
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), dataset=ocp.args.JsonRestore()))
@@ -89,8 +93,18 @@ class Checkpointer:
                 f"Could not restore checkpoint_{step} in {self.directory}: {e}. The checkpoint "
                 f"does not match the configured model/optimizer; use another MODEL_DIR or the "
                 f"same gin config it was written with.") from e
-        state = flax.serialization.from_state_dict(abstract_state, restored["state"])
+        state = flax.serialization.from_state_dict(
+            abstract_state, {**restored["state"], **{k: {} for k in absent}})
         return state, dict(restored["dataset"] or {})
+
+    def _absent_parts(self, step: int, target: dict) -> list[str]:
+        """Top-level parts of `target` that checkpoint_<step>'s saved state does not have."""
+        path = os.path.join(self.directory, f"checkpoint_{step}", "state")
+        try:
+            saved = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+        except Exception:  # Unreadable metadata: let restore report the real problem.
+            return []
+        return [k for k in target if k not in saved]
 
     def close(self) -> None:
         self._manager.close()
@@ -125,6 +139,27 @@ def restore_params(directory: str, step: int | None, abstract_params: Any) -> tu
     except Exception as e:  # Mismatched trees or shapes surface as several exception types.
         raise ValueError(f"Could not restore params from {path}: {e}") from e
     return flax.serialization.from_state_dict(abstract_params, restored["params"]), step
+
+
+def restore_subtrees(directory: str, step: int | None, abstract: dict[str, Any]
+                     ) -> tuple[dict[str, Any], int]:
+    """Restores the named top-level parts of the train state (e.g. `params`, `model_state`,
+    `ema`) of `checkpoint_<step>` (latest when None) onto the shardings of `abstract`."""
+    step = latest_step(directory) if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint_<step> in {directory!r}; train first.")
+    path = os.path.join(os.path.abspath(directory), f"checkpoint_{step}", "state")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} does not exist.")
+    target = {k: flax.serialization.to_state_dict(v) for k, v in abstract.items()}
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+            item=target, restore_args=restore_args, partial_restore=True))
+    except Exception as e:  # Mismatched trees or shapes surface as several exception types.
+        raise ValueError(f"Could not restore {sorted(abstract)} from {path}: {e}") from e
+    return {k: flax.serialization.from_state_dict(v, restored[k])
+            for k, v in abstract.items()}, step
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

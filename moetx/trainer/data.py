@@ -24,7 +24,8 @@ class DatasetConfig:
 
     Attributes:
       mixture_or_task_name: a registered SeqIO task or mixture.
-      task_feature_lengths: e.g. {'targets': 512} (and 'inputs' for prefix LM / enc-dec).
+      task_feature_lengths: e.g. {'targets': 512} (and 'inputs' for prefix LM / enc-dec); for
+        a multi-dimensional feature its shape, e.g. {'image': (28, 28, 1)}.
       split: dataset split.
       batch_size: global batch size (all processes together).
       shuffle: shuffle examples (training).
@@ -48,6 +49,10 @@ class DatasetConfig:
         if not self.task_feature_lengths:
             raise ValueError("task_feature_lengths is empty; set e.g. {'targets': 256}.")
         for k, v in dict(self.task_feature_lengths).items():
+            if isinstance(v, (tuple, list)):
+                if not v or any(int(d) < 1 for d in v):
+                    raise ValueError(f"Feature shape {k}={tuple(v)} must have positive sizes.")
+                continue
             if int(v) < 2:
                 raise ValueError(
                     f"Feature length {k}={v} is too short: at least 2 tokens are needed (one "
@@ -67,7 +72,9 @@ def get_dataset(cfg: DatasetConfig, feature_converter, shard_index: int, num_sha
     import seqio
 
     task = get_task(cfg.mixture_or_task_name)
-    missing = set(task.output_features) - set(cfg.task_feature_lengths)
+    # Scalars and pass-through arrays (images, labels, fixed-size ids) need no length.
+    missing = {k for k, f in task.output_features.items() if f.rank > 0 and not isinstance(
+        f.vocabulary, seqio.PassThroughVocabulary)} - set(cfg.task_feature_lengths)
     if missing:
         raise ValueError(
             f"Task {cfg.mixture_or_task_name!r} has features {sorted(task.output_features)} but "

@@ -43,14 +43,34 @@ def evaluate(
     output_dir: str | None = None,
     checkpoint_step: int | None = None,
     eval_steps: int | None = None,
+    use_ema: bool = False,
     mesh_fn: Callable = partitioning.make_mesh,
     rules_fn: Callable = partitioning.standard_logical_axis_rules,
 ) -> dict[str, float]:
-    """Evaluates the checkpoint (latest unless `checkpoint_step`) on `dataset_cfg`'s split."""
+    """Evaluates the checkpoint (latest unless `checkpoint_step`) on `dataset_cfg`'s split;
+    with `use_ema`, the EMA of the weights the run kept (train.ema_decay)."""
     trainer = train_lib.build_trainer(model, dataset_cfg, mesh_fn, rules_fn)
-    abstract = trainer.abstract_state_with_shardings().params
-    params, step = checkpoints.restore_params(checkpoint_dir, checkpoint_step, abstract)
-    m = trainer.evaluate(params, train_lib.evaluation_batches(trainer, dataset_cfg), eval_steps)
+    abstract = trainer.abstract_state_with_shardings()
+    model_state = None
+    if use_ema:
+        ema = {"params": abstract.params, "model_state": abstract.model_state}
+        try:
+            parts, step = checkpoints.restore_subtrees(checkpoint_dir, checkpoint_step,
+                                                       {"ema": ema})
+        except ValueError as e:
+            raise ValueError(f"{e}\nDid the run keep an EMA (train.ema_decay)? If not, drop "
+                             f"use_ema.") from None
+        params, model_state = parts["ema"]["params"], parts["ema"]["model_state"]
+    elif trainer.state_collections:
+        parts, step = checkpoints.restore_subtrees(
+            checkpoint_dir, checkpoint_step,
+            {"params": abstract.params, "model_state": abstract.model_state})
+        params, model_state = parts["params"], parts["model_state"]
+    else:
+        params, step = checkpoints.restore_params(checkpoint_dir, checkpoint_step,
+                                                  abstract.params)
+    m = trainer.evaluate(params, train_lib.evaluation_batches(trainer, dataset_cfg), eval_steps,
+                         model_state=model_state)
     m["step"] = step
     output_dir = output_dir or checkpoint_dir
     if jax.process_index() == 0:
@@ -63,7 +83,8 @@ def evaluate(
                        **m}, f, indent=2)
         print(f"[eval] checkpoint_{step} on {dataset_cfg.mixture_or_task_name}/"
               f"{dataset_cfg.split}: loss {m['cross_ent_loss']:.4f} | acc {m['accuracy']:.3f} | "
-              f"perplexity {m['perplexity']:.2f} ({int(m['tokens']):,} tokens)", flush=True)
+              f"perplexity {m['perplexity']:.2f} ({int(m['tokens']):,} "
+              f"{getattr(model, 'metric_unit', 'tokens')})", flush=True)
     return m
 
 

@@ -266,6 +266,48 @@ def adamw(schedule: Schedule = gin.REQUIRED, param_axes: Any = None, b1: float =
     return Optimizer(tx, state_axes, schedule)
 
 
+# ----------------------------------------------------------------------------- SGD (vision)
+def kernels_only(params: Any) -> Any:
+    """Weight-decay mask: True for matrices and conv kernels, False for biases, norm scales and
+    other vectors (EfficientNetV2 and ResNet-RS decay neither bias nor gamma/beta)."""
+    return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+
+
+def _like_params_state_axes(tx: optax.GradientTransformation) -> Callable[[Any, Any], Any]:
+    """State axes of a transformation whose state holds params-shaped trees (and scalars)."""
+    def state_axes(axes_tree, abstract_params):
+        state = jax.eval_shape(tx.init, abstract_params)
+        return optax.tree_map_params(
+            tx, lambda _, ax: ax, state, axes_tree,
+            transform_non_params=lambda _: PartitionSpec(),
+            is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return state_axes
+
+
+@gin.configurable
+def sgd_momentum(schedule: Schedule = gin.REQUIRED, param_axes: Any = None,
+                 momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0,
+                 decay_kernels_only: bool = True,
+                 grad_clip_norm: float | None = None) -> Optimizer:
+    """SGD with (Nesterov) momentum (ResNet-RS trains with momentum 0.9) and decoupled weight
+    decay:
+
+        m_t = momentum * m_{t-1} + g_t;  p -= lr_t * (m_t + weight_decay * p)
+
+    (with Nesterov, g_t + momentum * m_t replaces m_t). The decay stays out of the momentum
+    buffer and follows the learning-rate schedule, as AdamW's does.
+    `decay_kernels_only` skips biases and normalisation scales."""
+    del param_axes
+    parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
+    parts.append(optax.trace(decay=momentum, nesterov=nesterov))
+    if weight_decay:
+        parts.append(optax.add_decayed_weights(
+            weight_decay, mask=kernels_only if decay_kernels_only else None))
+    parts.append(optax.scale_by_learning_rate(schedule))
+    tx = optax.chain(*parts)
+    return Optimizer(tx, _like_params_state_axes(tx), schedule)
+
+
 @gin.configurable
 def make_optimizer(optimizer_fn: Callable[..., Optimizer] = adafactor,
                    schedule: Schedule | None = None, param_axes: Any = None) -> Optimizer:

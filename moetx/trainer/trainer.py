@@ -1,8 +1,18 @@
 """The model-agnostic trainer: sharded train state, jitted train/eval steps, gradient
-accumulation, and the training loop with its periodic actions (log, eval, checkpoint)."""
+accumulation, and the training loop with its periodic actions (log, eval, checkpoint).
+
+Models with mutable state (batch norm statistics) name its collections in
+`model.state_collections` (e.g. `('batch_stats',)`). The trainer then carries them in
+`TrainState.model_state` (replicated, checkpointed), passes them to
+`loss_fn(..., model_state=...)`, which returns `(loss, (metric sums, new model state))`, and to
+`eval_fn(params, batch, model_state=...)`. Models without state are called as before.
+With `ema_decay`, `TrainState.ema` holds an exponential moving average of the parameters (and,
+by default, of the model state), which `eval_variables` hands to evaluation.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -21,9 +31,14 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class TrainState:
+    """Step, parameters, optimizer state, mutable model state (`{collection: tree}`, empty for
+    stateless models) and the EMA (`{'params', 'model_state'}`, empty when disabled)."""
+
     step: Array
     params: Any
     opt_state: Any
+    model_state: Any = dataclasses.field(default_factory=dict)
+    ema: Any = dataclasses.field(default_factory=dict)
 
 
 class Trainer:
@@ -36,12 +51,24 @@ class Trainer:
       input_shapes: global shapes of the batch features (used to initialise parameters).
       num_microbatches: split each batch into this many microbatches and accumulate gradients.
       seed: parameter-init and dropout seed.
+      ema_decay: keep an exponential moving average of the parameters with this decay (None:
+        no EMA). With `ema_warmup` the decay at step t is min(decay, (1 + t) / (10 + t)), as
+        TensorFlow's `ExponentialMovingAverage(num_updates=t)`.
+      ema_model_state: the EMA also covers the model state (batch norm statistics); otherwise
+        evaluation with the EMA uses the live statistics.
     """
 
     def __init__(self, model, optimizer_factory: Callable[..., optimizers.Optimizer],
                  mesh: Mesh, rules, input_shapes: Mapping[str, tuple[int, ...]],
-                 num_microbatches: int = 1, seed: int = 0):
+                 num_microbatches: int = 1, seed: int = 0, ema_decay: float | None = None,
+                 ema_model_state: bool = True, ema_warmup: bool = True):
+        if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (or None to disable), got {ema_decay}.")
         self.model = model
+        self.state_collections = tuple(getattr(model, "state_collections", ()))
+        self.ema_decay = ema_decay
+        self.ema_model_state = ema_model_state
+        self.ema_warmup = ema_warmup
         self.mesh = mesh
         self.rules = tuple(rules)
         self.input_shapes = dict(input_shapes)
@@ -63,14 +90,28 @@ class Trainer:
         boxed = jax.eval_shape(lambda: model.get_initial_variables(init_rng, self.input_shapes))
         self.params_axes = partitioning.params_logical_axes(boxed["params"])
         abstract_params = nn.unbox(boxed["params"])
+        missing = [c for c in self.state_collections if c not in boxed]
+        if missing:
+            raise ValueError(f"The model declares state collections {missing} that its "
+                             f"get_initial_variables does not return (it has {sorted(boxed)}).")
+        abstract_model_state = {c: nn.unbox(boxed[c]) for c in self.state_collections}
+        model_state_axes = jax.tree_util.tree_map(lambda _: PartitionSpec(),
+                                                  abstract_model_state)
         self.optimizer = optimizer_factory(param_axes=self.params_axes)
         abstract_opt = jax.eval_shape(self.optimizer.tx.init, abstract_params)
         opt_axes = self.optimizer.state_axes(self.params_axes, abstract_params)
+        abstract_ema, ema_axes = {}, {}
+        if ema_decay is not None:
+            abstract_ema = {"params": abstract_params,
+                            "model_state": abstract_model_state if ema_model_state else {}}
+            ema_axes = {"params": self.params_axes,
+                        "model_state": model_state_axes if ema_model_state else {}}
         self.state_axes = TrainState(step=PartitionSpec(), params=self.params_axes,
-                                     opt_state=opt_axes)
+                                     opt_state=opt_axes, model_state=model_state_axes,
+                                     ema=ema_axes)
         self.abstract_state = TrainState(
             step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
-            opt_state=abstract_opt)
+            opt_state=abstract_opt, model_state=abstract_model_state, ema=abstract_ema)
         self.state_shardings = partitioning.logical_shardings(
             self.state_axes, mesh, self.rules, self.abstract_state)
         self.batch_shardings = {
@@ -82,6 +123,7 @@ class Trainer:
             out_shardings=(self.state_shardings, self._replicated), donate_argnums=(0,))
         self._eval_step = jax.jit(
             self._eval_step_impl, in_shardings=(self.state_shardings.params,
+                                                self.state_shardings.model_state,
                                                 self.batch_shardings),
             out_shardings=self._replicated)
 
@@ -92,8 +134,14 @@ class Trainer:
             variables = self.model.get_initial_variables(jax.random.PRNGKey(self.seed),
                                                          self.input_shapes)
             params = nn.unbox(variables["params"])
+            model_state = {c: nn.unbox(variables[c]) for c in self.state_collections}
+            ema = {}
+            if self.ema_decay is not None:
+                ema = {"params": params,
+                       "model_state": model_state if self.ema_model_state else {}}
             return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=self.optimizer.tx.init(params))
+                              opt_state=self.optimizer.tx.init(params),
+                              model_state=model_state, ema=ema)
 
         with self.mesh, nn.logical_axis_rules(self.rules):
             return jax.jit(init, out_shardings=self.state_shardings)()
@@ -103,21 +151,41 @@ class Trainer:
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             self.abstract_state, self.state_shardings)
 
+    def eval_variables(self, state: TrainState, use_ema: bool = True) -> tuple[Any, Any]:
+        """(params, model_state) to evaluate: the EMA's when kept (and `use_ema`), with the live
+        model state when the EMA does not cover it."""
+        if use_ema and state.ema:
+            return state.ema["params"], state.ema["model_state"] or state.model_state
+        return state.params, state.model_state
+
     # ------------------------------------------------------------------------------ steps
-    def _grads(self, params, batch, dropout_rng, weights, factor):
+    def _grads(self, params, model_state, batch, dropout_rng, weights, factor):
+        """(grads, metric sums, new model state) of one (micro)batch."""
         grad_fn = jax.value_and_grad(self.model.loss_fn, has_aux=True)
-        (_, sums), grads = grad_fn(params, batch, dropout_rng, weights, factor,
-                                   num_microbatches=self.num_microbatches)
-        return grads, sums
+        if not self.state_collections:
+            (_, sums), grads = grad_fn(params, batch, dropout_rng, weights, factor,
+                                       num_microbatches=self.num_microbatches)
+            return grads, sums, model_state
+        (_, (sums, model_state)), grads = grad_fn(
+            params, batch, dropout_rng, weights, factor, num_microbatches=self.num_microbatches,
+            model_state=model_state)
+        return grads, sums, model_state
+
+    def _loss_weights(self, batch):
+        # Models whose batches are not token sequences (vision) define their own weights.
+        if hasattr(self.model, "loss_weights_and_factor"):
+            return self.model.loss_weights_and_factor(batch)
+        return losses.loss_weights_and_factor(batch, self.model.loss_normalization)
 
     def _train_step_impl(self, state: TrainState, batch: Mapping[str, Array]):
         with nn.logical_axis_rules(self.rules):
-            weights, factor = losses.loss_weights_and_factor(
-                batch, self.model.loss_normalization)
+            weights, factor = self._loss_weights(batch)
             step_rng = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), state.step)
             m = self.num_microbatches
+            model_state = state.model_state
             if m == 1:
-                grads, sums = self._grads(state.params, batch, step_rng, weights, factor)
+                grads, sums, model_state = self._grads(state.params, model_state, batch,
+                                                       step_rng, weights, factor)
             else:
                 # Microbatch i takes rows i, i+m, i+2m, ...: every microbatch stays evenly
                 # sharded over the data axis, and the full-batch normaliser is used throughout.
@@ -128,42 +196,60 @@ class Trainer:
                 micro = {k: split(v) for k, v in batch.items()}
                 micro_w = split(weights)
 
+                # The model state (batch norm statistics) is threaded through the microbatches.
                 def body(carry, xs):
-                    grads_acc, sums_acc = carry
+                    grads_acc, sums_acc, ms = carry
                     i, mb, w = xs
-                    g, s = self._grads(state.params, mb, jax.random.fold_in(step_rng, i), w,
-                                       factor)
+                    g, s, ms = self._grads(state.params, ms, mb, jax.random.fold_in(step_rng, i),
+                                           w, factor)
                     add = lambda a, b: a + b  # noqa: E731
                     return (jax.tree_util.tree_map(add, grads_acc, g),
-                            jax.tree_util.tree_map(add, sums_acc, s)), None
+                            jax.tree_util.tree_map(add, sums_acc, s), ms), None
 
                 zeros_g = jax.tree_util.tree_map(
                     lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
                 first = jax.tree_util.tree_map(lambda x: x[0], (micro, micro_w))
                 sums_shape = jax.eval_shape(
-                    lambda: self._grads(state.params, first[0], step_rng, first[1], factor)[1])
+                    lambda: self._grads(state.params, model_state, first[0], step_rng, first[1],
+                                        factor)[1])
                 zeros_s = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
                                                  sums_shape)
-                (grads, sums), _ = jax.lax.scan(
-                    body, (zeros_g, zeros_s), (jnp.arange(m), micro, micro_w))
+                (grads, sums, model_state), _ = jax.lax.scan(
+                    body, (zeros_g, zeros_s, model_state), (jnp.arange(m), micro, micro_w))
             updates, opt_state = self.optimizer.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             sums = dict(sums)
             sums["learning_rate"] = self.optimizer.schedule(state.step)
             sums["grad_norm"] = optax.global_norm(grads)
-            return TrainState(step=state.step + 1, params=params, opt_state=opt_state), sums
+            ema = state.ema
+            if self.ema_decay is not None:
+                ema = ema_update(ema, {"params": params, "model_state": model_state
+                                       if self.ema_model_state else {}},
+                                 self.ema_decay_at(state.step))
+            return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                              model_state=model_state, ema=ema), sums
 
-    def _eval_step_impl(self, params, batch):
+    def ema_decay_at(self, step: Array) -> Array:
+        """The EMA decay applied by the update of step `step` (0-based)."""
+        decay = jnp.asarray(self.ema_decay, jnp.float32)
+        if self.ema_warmup:
+            t = jnp.asarray(step, jnp.float32)
+            decay = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+        return decay
+
+    def _eval_step_impl(self, params, model_state, batch):
         with nn.logical_axis_rules(self.rules):
+            if self.state_collections:
+                return self.model.eval_fn(params, batch, model_state=model_state)
             return self.model.eval_fn(params, batch)
 
     def train_step(self, state: TrainState, batch: Mapping[str, Array]):
         with self.mesh:
             return self._train_step(state, batch)
 
-    def eval_step(self, params, batch: Mapping[str, Array]):
+    def eval_step(self, params, batch: Mapping[str, Array], model_state: Any = None):
         with self.mesh:
-            return self._eval_step(params, batch)
+            return self._eval_step(params, {} if model_state is None else model_state, batch)
 
     # ------------------------------------------------------------------------------ batches
     def local_rows(self, global_batch_size: int) -> slice:
@@ -181,14 +267,15 @@ class Trainer:
         return partitioning.host_local_batch_to_global(feats, self.mesh, self.rules, global_bs)
 
     def evaluate(self, params, batches: Iterator[Mapping[str, np.ndarray]],
-                 max_batches: int | None = None) -> dict[str, float]:
-        """Teacher-forced loss, accuracy and perplexity over (up to `max_batches`) batches."""
+                 max_batches: int | None = None, model_state: Any = None) -> dict[str, float]:
+        """Teacher-forced loss, accuracy and perplexity over (up to `max_batches`) batches
+        (`model_state`: the model's mutable collections, for models that have them)."""
         totals: dict[str, float] = {}
         n = 0
         for batch in batches:
             if max_batches is not None and n >= max_batches:
                 break
-            sums = jax.device_get(self.eval_step(params, self.to_global(batch)))
+            sums = jax.device_get(self.eval_step(params, self.to_global(batch), model_state))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n += 1
@@ -198,6 +285,13 @@ class Trainer:
         out.update({k: v / n for k, v in totals.items() if k.startswith("moe")})
         out["tokens"] = totals["weight"]
         return out
+
+
+def ema_update(ema: Any, new: Any, decay: Array) -> Any:
+    """decay * ema + (1 - decay) * new, leaf by leaf (in float32, cast back)."""
+    return jax.tree_util.tree_map(
+        lambda e, x: (decay * e.astype(jnp.float32) + (1.0 - decay) * x.astype(jnp.float32)
+                      ).astype(e.dtype), ema, new)
 
 
 def check_finite(step: int, value: float) -> None:

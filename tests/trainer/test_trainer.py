@@ -62,3 +62,27 @@ def test_dropout_is_deterministic_per_step_and_active():
     a = model.loss_fn(params, b, jax.random.PRNGKey(1), w, f)[0]
     c = model.loss_fn(params, b, jax.random.PRNGKey(2), w, f)[0]
     assert float(a) != float(c)
+
+
+def test_checkpoints_from_before_model_state_and_ema_still_restore(tmp_path):
+    """A checkpoint saved as {step, params, opt_state} (before TrainState had `model_state` and
+    `ema`) restores into a run that keeps neither; a run that keeps an EMA gets a clear error."""
+    import flax
+
+    from moetx.trainer import checkpoints
+
+    trainer = make_trainer(tiny_model(), (1, 1, 1))
+    state = trainer.init_state()
+    legacy = {k: v for k, v in flax.serialization.to_state_dict(state).items()
+              if k in ("step", "params", "opt_state")}
+    ckpt = checkpoints.Checkpointer(str(tmp_path), save_interval_steps=1)
+    ckpt.save(0, legacy, {"batches": 0})
+    restored, data_state = ckpt.restore(0, trainer.abstract_state_with_shardings())
+    assert restored.model_state == {} and restored.ema == {}
+    assert data_state == {"batches": 0}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(restored.params),
+                           jax.device_get(state.params))
+
+    with_ema = make_trainer(tiny_model(), (1, 1, 1), ema_decay=0.9)
+    with pytest.raises(ValueError, match="Could not restore checkpoint_0"):
+        ckpt.restore(0, with_ema.abstract_state_with_shardings())
