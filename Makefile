@@ -73,6 +73,7 @@ bench: install
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/encdec_throughput.py
 	$(PY) benchmarks/moe_throughput.py
+	$(PY) benchmarks/vision_throughput.py
 
 clean:
 	rm -rf runs/demo
