@@ -14,16 +14,44 @@ with the "rel-to-abs" skew trick: the [L, 2L-1] matrix of query-by-offset logits
 flattened and re-cut so that row i, column j lands on offset j - i, which avoids materialising
 an [L, L, d] embedding tensor.
 
-d_k = kappa * F_out and d_v = upsilon * F_out, rounded to multiples of N_h; the ResNet setting is
-kappa = 2 upsilon = 0.2 (kappa 0.2, upsilon 0.1), N_h = 8. With upsilon = 0 there are no attention
+d_k = kappa * F_out and d_v = upsilon * F_out, rounded to multiples of N_h, where F_out is the
+output width of the conv being augmented (for a bottleneck, its 3x3 conv: the block width w);
+`min_head_key_dim` raises d_k to at least N_h * that. With upsilon = 0 there are no attention
 channels and the layer *is* the plain convolution (same parameters, same output). A strided
 AAConv strides the conv and feeds the attention a 2x2 average-pooled input.
 
-AA-ResNet: the `resnet_rs.py` skeleton with every bottleneck 3x3 conv replaced by an AAConv
-(then BN, ReLU); no squeeze-excite. The paper reports ~25.8M parameters for AA-ResNet-50 against
-25.6M for its ResNet-50. With the split above, an AAConv has fewer parameters than the conv it
-replaces (9 F_in (F_out - d_v) + F_in (2 d_k + d_v) + d_v^2 < 9 F_in F_out), so this
-implementation lands below the skeleton's plain count; the test suite states the exact figure.
+AA-ResNet (Bello et al. 2019, Sec. 3.2 and 4): the `resnet_rs.py` skeleton with bottleneck 3x3
+convs replaced by AAConv (then BN, ReLU), no squeeze-excite. Settings of the paper's ResNets:
+kappa = 2 upsilon = 0.2, N_h = 8, and "a minimum of 20 dimensions per head for the keys" (quoted
+by the paper for its Wide-ResNet; we apply it to the ImageNet ResNet too, see below). Because
+attention costs O(N_h (HW)^2) memory, the paper augments "starting from the last layer (with
+smallest spatial dimension) until we hit memory constraints". Our reading for '50' is
+`attention_stages` = (2, 3, 4), the 28x28, 14x14 and 7x7 stages, with plain 3x3 convs in the
+56x56 stage (augmenting all four stages instead adds 62,664 parameters, +0.24%).
+
+Parameter count, and why the key minimum is needed. Per augmented conv (k x k, F_in -> F_out,
+feature map s x s, d_k^h = d_k / N_h), relative to the plain conv:
+
+    delta = -k^2 F_in d_v + F_in (2 d_k + d_v) + d_v^2 + 2 (2 s - 1) d_k^h
+
+(conv filters handed to attention, qkv projection, W^O, the two relative tables). With
+d_k = 2 d_v = 0.2 F_out and k = 3 the first two terms give F_in F_out (2 kappa + (1 - k^2) upsilon)
+= -0.4 F_in F_out < 0: attention-augmenting 3x3 convs *removes* parameters, so AA-ResNet-50
+would be 25,170,174 here (stages 2-4; 25,165,554 with all four), 2.4% *below* the paper's 25.8M,
+which is itself above its 25.6M baseline. No choice of stages or d_v rounding closes that gap.
+With d_k = max(0.2 F_out, 160) (20 per head x 8 heads), the per-block deltas (w, s, d_k, d_v) =
+(128, 28, 160, 16): +27,032; (256, 14, 160, 24): +34,424; (512, 7, 160, 48): -29,944 sum over
+the 4 + 6 + 3 blocks of stages 2-4 to +224,840, so AA-ResNet-50 has 25,838,096 trainable
+parameters: +0.15% against the paper's 25.8M (its ImageNet ResNet table: ResNet-50 25.6M,
+SE-ResNet-50 28.1M, AA-ResNet-50 25.8M; the figure is also quoted in later comparison tables).
+The skeleton's ResNet-D stem (three 3x3 convs, then a stride-2 3x3 conv instead of the max-pool)
+carries 56,224 parameters more than the paper's 7x7 stem; with that stem the count would be
+25,781,872 (-0.07%).
+The same construction with depths (3, 4, 23, 3) gives 45,415,432 against the paper's 45.4M for
+AA-ResNet-101 (vs 44.5M plain), evidence that the key minimum belongs to the paper's ResNet
+setting (without it every AA-ResNet would have fewer parameters than its baseline).
+Not modelled: the paper's TF code uses conv biases (tf.layers.conv2d default), a few thousand
+parameters in all; here every conv is bias-free because BN follows.
 """
 
 from __future__ import annotations
@@ -39,11 +67,15 @@ from moetx.vision.models.lambda_networks import avg_pool_ceil
 
 Array = jax.Array
 
+# '50': the paper's ResNet setting (module docstring); stages are numbered 1-4 as in `stage<i>`.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "50": dict(depths=(3, 4, 6, 3), key_ratio=0.2, value_ratio=0.1, heads=8),
+    "50": dict(depths=(3, 4, 6, 3), key_ratio=0.2, value_ratio=0.1, heads=8,
+               min_head_key_dim=20, attention_stages=(2, 3, 4)),
     "tiny": dict(depths=(1, 1, 1, 1), widths=(16, 32, 64, 128), stem_widths=(16, 16, 32),
-                 key_ratio=0.25, value_ratio=0.25, heads=2),
+                 key_ratio=0.25, value_ratio=0.25, heads=2, min_head_key_dim=0,
+                 attention_stages=(1, 2, 3, 4)),
 }
+_AA_FIELDS = ("key_ratio", "value_ratio", "heads", "min_head_key_dim")
 
 
 def rel_to_abs(x: Array) -> Array:
@@ -117,6 +149,7 @@ class AugmentedConv(nn.Module):
       key_ratio: kappa = d_k / F_out.
       value_ratio: upsilon = d_v / F_out (0: plain convolution).
       heads: N_h.
+      min_head_key_dim: lower bound on d_k / N_h (the paper's ResNets: 20).
       relative: add the 2-D relative logits.
     """
 
@@ -126,12 +159,14 @@ class AugmentedConv(nn.Module):
     key_ratio: float = 0.2
     value_ratio: float = 0.1
     heads: int = 8
+    min_head_key_dim: int = 0
     relative: bool = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         """x: <float>[B, H, W, C] -> <float>[B, ceil(H/s), ceil(W/s), features]."""
         dk = _round_to_heads(self.key_ratio, self.features, self.heads)
+        dk = max(dk, self.heads * self.min_head_key_dim)
         dv = _round_to_heads(self.value_ratio, self.features, self.heads)
         if dv >= self.features or (dv and not dk):
             raise ValueError(f"AugmentedConv: d_v={dv} must be below F_out={self.features} and "
@@ -165,25 +200,41 @@ class AugmentedConvMixer(nn.Module):
     key_ratio: float = 0.2
     value_ratio: float = 0.1
     heads: int = 8
+    min_head_key_dim: int = 0
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False) -> Array:
         """x: <float>[B, H, W, C] -> <float>[B, ceil(H/s), ceil(W/s), features]."""
         y = AugmentedConv(self.features, 3, self.strides, key_ratio=self.key_ratio,
-                          value_ratio=self.value_ratio, heads=self.heads, name="aaconv")(x)
+                          value_ratio=self.value_ratio, heads=self.heads,
+                          min_head_key_dim=self.min_head_key_dim, name="aaconv")(x)
         return nn.relu(common.batch_norm(train, 0.9, 1e-5, name="bn")(y))
 
 
 def create(variant: str, num_classes: int, **overrides: Any) -> resnet_rs.ResNet:
-    """AA-ResNet by name ('50', 'tiny'); `overrides` may set key_ratio, value_ratio, heads or
-    any `resnet_rs.ResNet` field."""
+    """AA-ResNet by name ('50', 'tiny'); `overrides` may set key_ratio, value_ratio, heads,
+    min_head_key_dim, attention_stages (1-based stage numbers) or any `resnet_rs.ResNet` field.
+
+    Bottlenecks outside `attention_stages` keep a plain 3x3 conv -> BN -> ReLU (an AAConv with
+    value_ratio 0, which has exactly the plain conv's parameters)."""
     if variant not in VARIANTS:
         raise ValueError(f"Unknown AA-ResNet variant {variant!r}; known: {sorted(VARIANTS)}.")
     cfg = {**VARIANTS[variant], **overrides}
-    aa = {name: cfg.pop(name) for name in ("key_ratio", "value_ratio", "heads")}
+    aa = {name: cfg.pop(name) for name in _AA_FIELDS}
+    stages = tuple(cfg.pop("attention_stages"))
+    widths = tuple(cfg.get("widths", resnet_rs.ResNet.widths))
+    if any(not 1 <= i <= len(widths) for i in stages):
+        raise ValueError(f"attention_stages {stages} must be stage numbers 1..{len(widths)}.")
+    # The hook only sees the bottleneck width, so stages are told apart by width.
+    augmented = {w for i, w in enumerate(widths, 1) if i in stages}
+    if augmented & {w for i, w in enumerate(widths, 1) if i not in stages}:
+        raise ValueError(f"widths {widths} repeat across augmented and plain stages, so "
+                         f"attention_stages {stages} cannot be told apart; use distinct widths.")
 
     def mixer(features: int, strides: int) -> nn.Module:
-        return AugmentedConvMixer(features, strides=strides, **aa)
+        if features in augmented:
+            return AugmentedConvMixer(features, strides=strides, **aa)
+        return AugmentedConvMixer(features, strides=strides, value_ratio=0.0)
 
     cfg.setdefault("se_ratio", 0.0)
     return resnet_rs.ResNet(num_classes=num_classes, spatial_mixer=mixer, **cfg)

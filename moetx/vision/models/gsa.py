@@ -18,6 +18,22 @@ A GSA module sums two branches that share the queries (per head, 1x1 projections
 The head outputs are concatenated (width heads * dv = features). GSA-ResNet replaces every
 bottleneck 3x3 conv of the `resnet_rs.py` skeleton by a GSA module (then a 2x2 average pool in
 strided blocks, BN and ReLU), without squeeze-excite.
+
+Parameter count (trainable; BN statistics excluded). A module of width w at input size s with 8
+heads (dk = dv = w / 8) has the qkv projection 3 w^2, the two global axial tables
+2 (2 s - 1) w / 8 and the column BN 2 w, against 9 w^2 for the conv it replaces, so GSA-ResNet-50
+has 18,109,080 parameters, 70.7% of the 25.6M ResNet-50 (56,224 of them are the skeleton's
+ResNet-D stem's excess over a 7x7 stem). The paper's own figure is NOT checked here: the stored
+copies of arXiv 2010.03019 reachable through the project's search tool (tomesphere, openreview,
+the ICLR 2021 text dump) only yield the abstract, which says GSA networks use fewer parameters
+than the convolutional ones. The one number found is a summary posted by the paper's first
+author (github.com/dk-liang/Awesome-Visual-Transformer pull 5): GSA-Net-50 gains 1.6% top-1
+over ResNet-50 "while using 50% the parameters and 70% the computation". 50% (12.8M) is below
+what any ResNet-50 with only its 3x3 convs replaced can have (the rest of ResNet-50 alone is
+14,239,784 of its 25,557,032), whereas 70% is this construction's ratio; the two ratios may be
+swapped in that summary, but until the paper's table is read the count stays unverified.
+Choices that would move it: an output 1x1 projection after the heads (lucidrains' `to_out`:
++1,257,472 over the 16 modules) or a key depth below dv.
 """
 
 from __future__ import annotations
