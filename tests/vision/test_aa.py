@@ -12,23 +12,7 @@ import pytest
 
 from moetx.vision.models import attention_augmented as aa
 from moetx.vision.models import common, resnet_rs
-
-
-def random_variables(module, x, seed=0):
-    """Variables of `module` for input x drawn with numpy, N(0, 1) (BN statistics: mean 0, var 1;
-    all biases 0, so zero inputs stay zero). Skips compiling Flax's RNG-based init."""
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        name = path[-1].key
-        if name in ("mean", "bias"):
-            return jnp.zeros(s.shape, s.dtype)
-        if name == "var":
-            return jnp.ones(s.shape, s.dtype)
-        return jnp.asarray(rng.normal(size=s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+from tests.vision.timm_utils import random_variables
 
 
 def test_rel_to_abs_and_relative_logits_equal_brute_force():

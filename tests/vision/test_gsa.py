@@ -9,23 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moetx.vision.models import common, gsa, resnet_rs
-
-
-def random_variables(module, x, seed=0):
-    """Variables of `module` for input x drawn with numpy, N(0, 1) (BN statistics: mean 0, var 1;
-    all biases 0, so zero inputs stay zero). Skips compiling Flax's RNG-based init."""
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        name = path[-1].key
-        if name in ("mean", "bias"):
-            return jnp.zeros(s.shape, s.dtype)
-        if name == "var":
-            return jnp.ones(s.shape, s.dtype)
-        return jnp.asarray(rng.normal(size=s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
+from tests.vision.timm_utils import random_variables
 
 
 def test_content_branch_equals_explicit_einsum():

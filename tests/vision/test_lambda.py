@@ -14,28 +14,11 @@ from moetx.vision.models import lambda_networks as ln
 from tests.vision import timm_utils
 
 
-def random_variables(module, x, seed=0):
-    """Variables of `module` for input x drawn with numpy, N(0, 1) (BN statistics: mean 0, var 1;
-    all biases 0, so zero inputs stay zero). Skips compiling Flax's RNG-based init."""
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        name = path[-1].key
-        if name in ("mean", "bias"):
-            return jnp.zeros(s.shape, s.dtype)
-        if name == "var":
-            return jnp.ones(s.shape, s.dtype)
-        return jnp.asarray(rng.normal(size=s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def _run(layer, x, variables=None):
     """(y, intermediates, variables) of a LambdaLayer in eval mode (random variables unless
     given)."""
     if variables is None:
-        variables = random_variables(layer, x)
+        variables = timm_utils.random_variables(layer, x)
     y, state = jax.jit(lambda v, x: layer.apply(v, x, mutable=["intermediates"]))(variables, x)
     inter = {k: np.asarray(v[0]) for k, v in state["intermediates"].items()}
     return np.asarray(y), inter, variables

@@ -1,6 +1,7 @@
-"""Shared timm helpers for the vision parity tests: counts from shapes only, and eval-mode models
-with every weight (including BatchNorm affine and running statistics) randomised, so a converter
-or layout error cannot hide behind timm's zero / identity initialisations."""
+"""Shared helpers for the vision tests: random variables drawn from shapes alone, timm counts
+from shapes only, and eval-mode timm models with every weight (including BatchNorm affine and
+running statistics) randomised, so a converter or layout error cannot hide behind timm's zero /
+identity initialisations."""
 
 from __future__ import annotations
 
@@ -105,3 +106,23 @@ def numpy_variables(model, *inputs, seed: int = 0) -> dict:
             v = rng.normal(0, 0.1, shape)
         out[path] = v.astype(np.float32)
     return traverse_util.unflatten_dict(out)
+
+
+def random_variables(module, x, seed=0):
+    """Variables of `module` for input x drawn with numpy, N(0, 1) (BN statistics: mean 0, var 1;
+    all biases 0, so zero inputs stay zero). Skips compiling Flax's RNG-based init."""
+    import jax
+    import jax.numpy as jnp
+
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        name = path[-1].key
+        if name in ("mean", "bias"):
+            return jnp.zeros(s.shape, s.dtype)
+        if name == "var":
+            return jnp.ones(s.shape, s.dtype)
+        return jnp.asarray(rng.normal(size=s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
