@@ -51,7 +51,7 @@ import time
 
 # Sibling module: the background-load meter and the matmul peak are shared with the
 # decoder-only benchmark (importing it imports neither jax nor torch).
-from train_throughput import CpuLoad, measure_matmuls
+from train_throughput import CpuLoad, measure_matmuls, time_round_robin
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -278,34 +278,15 @@ def main(argv=None) -> int:
         jax.block_until_ready((state, sums))
         return sums
 
-    t0 = time.perf_counter()
-    sums = moetx_step()
-    mx_first = time.perf_counter() - t0
-    mx_loss_first = float(sums["loss"])
-    log(f"moetx first step (compile) {mx_first:.2f}s, loss {mx_loss_first:.4f}")
-    for _ in range(args.warmup - 1):
-        moetx_step()
-    t0 = time.perf_counter()
-    hf_loss_first = float(hf_step())
-    hf_first = time.perf_counter() - t0
-    log(f"HF first step {hf_first:.2f}s, loss {hf_loss_first:.4f}")
-    for _ in range(args.warmup - 1):
-        hf_step()
-
-    log(f"timing {args.steps} train steps per side (alternating)")
-    mx_times, hf_times = [], []
-    with CpuLoad() as train_load:
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            sums = moetx_step()
-            mx_times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            hf_loss = hf_step()
-            hf_times.append(time.perf_counter() - t0)
-    mx_loss = float(sums["loss"])
+    train = time_round_robin({"moetx": moetx_step, "hf": hf_step}, args.steps, args.warmup, log,
+                             "train steps")
+    mx_loss_first = float(train.first_out["moetx"]["loss"])
+    hf_loss_first = float(train.first_out["hf"])
+    log(f"first losses: moetx {mx_loss_first:.4f}, HF {hf_loss_first:.4f}")
+    mx_loss, hf_loss = float(train.last_out["moetx"]["loss"]), train.last_out["hf"]
     if not (np.isfinite(mx_loss) and np.isfinite(float(hf_loss))):
         raise FloatingPointError(f"loss is not finite: moetx {mx_loss}, HF {float(hf_loss)}")
-    mx_t, hf_t = statistics.median(mx_times), statistics.median(hf_times)
+    mx_t, hf_t = (statistics.median(train.times[k]) for k in ("moetx", "hf"))
     emit({
         "benchmark": "encdec_train_throughput",
         **common,
@@ -317,11 +298,11 @@ def main(argv=None) -> int:
         "moetx_step_time_s": mx_t,
         "moetx_tokens_per_sec": tokens / mx_t,
         "moetx_mfu": flops_per_step / mx_t / peak_jax,
-        "moetx_first_step_s": mx_first,
+        "moetx_first_step_s": train.first["moetx"],
         "hf_step_time_s": hf_t,
         "hf_tokens_per_sec": tokens / hf_t,
         "hf_mfu": flops_per_step / hf_t / peak_jax,
-        "hf_first_step_s": hf_first,
+        "hf_first_step_s": train.first["hf"],
         "ratio_moetx_over_hf": hf_t / mx_t,
         # Same initial weights and batch: the first losses agree to float rounding. The last
         # ones agree as long as the two Adafactors do: on the default model they follow the same
@@ -335,8 +316,8 @@ def main(argv=None) -> int:
         **meta,
         # CPU use (in cores) of other processes while timing: anything well above 0 means the
         # run shared the cores. own_cpu_cores: this process.
-        "background_cpu_cores": {"matmul": mm_load.cores, "steps": train_load.cores},
-        "own_cpu_cores": train_load.own_cores,
+        "background_cpu_cores": {"matmul": mm_load.cores, "steps": train.load.cores},
+        "own_cpu_cores": train.load.own_cores,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     })
     log(f"train: moetx {tokens / mx_t:,.0f} tok/s ({mx_t * 1e3:.0f} ms/step), HF "
@@ -370,17 +351,9 @@ def main(argv=None) -> int:
                 pad_token_id=0, decoder_start_token_id=0)
         return out.numpy()
 
-    t0 = time.perf_counter()
-    mx_tokens = moetx_decode()
-    mx_dec_first = time.perf_counter() - t0
-    log(f"moetx first decode (compile) {mx_dec_first:.2f}s")
-    for _ in range(args.warmup - 1):
-        moetx_decode()
-    t0 = time.perf_counter()
-    hf_out = hf_decode()
-    hf_dec_first = time.perf_counter() - t0
-    for _ in range(args.warmup - 1):
-        hf_decode()
+    dec = time_round_robin({"moetx": moetx_decode, "hf": hf_decode}, args.steps, args.warmup,
+                           log, "decodes")
+    mx_tokens, hf_out = dec.first_out["moetx"], dec.first_out["hf"]
 
     # Every row decodes all target_length tokens: moetx's loop stops only when every row has
     # emitted eos_id (never, it is out of the vocabulary); HF returns [start] + new tokens.
@@ -390,17 +363,7 @@ def main(argv=None) -> int:
     hf_tokens = hf_out[:, 1:]
     all_decoded = bool(not (mx_tokens == eos_id).any() and not (hf_tokens == eos_id).any())
 
-    log(f"timing {args.steps} decodes per side (alternating)")
-    mx_dec_times, hf_dec_times = [], []
-    with CpuLoad() as dec_load:
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            moetx_decode()
-            mx_dec_times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            hf_decode()
-            hf_dec_times.append(time.perf_counter() - t0)
-    mx_dt, hf_dt = statistics.median(mx_dec_times), statistics.median(hf_dec_times)
+    mx_dt, hf_dt = (statistics.median(dec.times[k]) for k in ("moetx", "hf"))
     generated = b * n_tg
 
     # Agreement, and why it fails where it does: the teacher-forced logits of both models on
@@ -433,10 +396,10 @@ def main(argv=None) -> int:
         "params": params,
         "moetx_time_s": mx_dt,
         "moetx_generated_tokens_per_sec": generated / mx_dt,
-        "moetx_first_call_s": mx_dec_first,
+        "moetx_first_call_s": dec.first["moetx"],
         "hf_time_s": hf_dt,
         "hf_generated_tokens_per_sec": generated / hf_dt,
-        "hf_first_call_s": hf_dec_first,
+        "hf_first_call_s": dec.first["hf"],
         "ratio_moetx_over_hf": hf_dt / mx_dt,
         "all_rows_decoded_full_length": all_decoded,
         "same_tokens": float(same.mean()),
@@ -449,8 +412,8 @@ def main(argv=None) -> int:
         "distinct_tokens_generated": int(np.unique(mx_tokens).size),
         "hf_attn_implementation": hf_eval.config._attn_implementation,
         **meta,
-        "background_cpu_cores": {"matmul": mm_load.cores, "decode": dec_load.cores},
-        "own_cpu_cores": dec_load.own_cores,
+        "background_cpu_cores": {"matmul": mm_load.cores, "decode": dec.load.cores},
+        "own_cpu_cores": dec.load.own_cores,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     })
     log(f"decode: moetx {generated / mx_dt:,.0f} tok/s ({mx_dt * 1e3:.0f} ms/call), HF "

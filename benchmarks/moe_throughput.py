@@ -62,7 +62,7 @@ import time
 # Sibling module: the background-load meter, matmul peak and decoder batch are shared with the
 # dense benchmark (importing it imports neither jax nor torch).
 from encdec_throughput import encdec_batch
-from train_throughput import CpuLoad, make_batch, measure_matmuls
+from train_throughput import CpuLoad, make_batch, measure_matmuls, time_round_robin
 
 MEASUREMENTS = ("moe_vs_dense", "dispatch_paths", "moetx_vs_hf_switch")
 
@@ -124,27 +124,6 @@ _T0 = time.perf_counter()
 def log(msg: str) -> None:
     print(f"[moe_throughput {time.perf_counter() - _T0:5.1f}s] {msg}", file=sys.stderr,
           flush=True)
-
-
-def time_round_robin(steps: dict, n: int, warmup: int) -> tuple[dict, dict, CpuLoad]:
-    """Per variant: first-step seconds and the timed step seconds (round-robin)."""
-    first = {}
-    for name, fn in steps.items():
-        t0 = time.perf_counter()
-        fn()
-        first[name] = time.perf_counter() - t0
-        log(f"{name}: first step (compile) {first[name]:.2f}s")
-        for _ in range(warmup - 1):
-            fn()
-    times = {name: [] for name in steps}
-    log(f"timing {n} steps of each of {list(steps)} (round-robin)")
-    with CpuLoad() as load:
-        for _ in range(n):
-            for name, fn in steps.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return first, times, load
 
 
 class MoetxRunner:
@@ -212,8 +191,7 @@ def decoder_model(args, moe=None, mlp_dim=None):
 def capacity_info(args, moe, tokens: int) -> dict:
     from moetx.moe import layers as moe_layers, routing
 
-    g = moe_layers.num_groups(tokens, moe.group_size)
-    t = tokens // g
+    g, t = moe_layers.num_groups(tokens, moe.group_size)
     c = routing.expert_capacity(t, moe.num_experts, moe.train_capacity_factor,
                                 moe.min_expert_capacity)
     return {"groups": g, "tokens_per_group": t, "train_capacity": c,
@@ -246,8 +224,8 @@ def measure_moe_vs_dense(args, jax, np, runners: dict) -> dict:
         jax, decoder_model(args, moe_config(args, "masked")), batch_np, shapes)
     runners["masked"] = moe
     dense = MoetxRunner(jax, decoder_model(args, mlp_dim=dense_mlp), batch_np, shapes)
-    first, times, load = time_round_robin({"moe": moe.step, "dense": dense.step}, args.steps,
-                                          args.warmup)
+    first, times, load, *_ = time_round_robin({"moe": moe.step, "dense": dense.step}, args.steps,
+                                               args.warmup, log)
     tokens = args.batch * args.length
     tm, td = statistics.median(times["moe"]), statistics.median(times["dense"])
     mcfg = moe.model.config.moe
@@ -294,8 +272,8 @@ def measure_dispatch_paths(args, jax, np, runners: dict) -> dict:
             runners[d] = MoetxRunner(jax, decoder_model(args, moe_config(args, d)), batch_np,
                                      shapes)
     paths = ("masked", "scatter", "dropless")
-    first, times, load = time_round_robin({d: runners[d].step for d in paths}, args.steps,
-                                          args.warmup)
+    first, times, load, *_ = time_round_robin({d: runners[d].step for d in paths}, args.steps,
+                                               args.warmup, log)
     tokens = args.batch * args.length
     med = {d: statistics.median(times[d]) for d in paths}
     return {
@@ -396,8 +374,8 @@ def measure_switch(args, jax, np, torch) -> dict:
                  for s in ("encoder", "decoder")}
     if hf_params != mx.params:
         log(f"WARNING: parameter counts differ: moetx {mx.params:,} vs HF {hf_params:,}")
-    first, times, load = time_round_robin({"moetx": mx.step, "hf": hf_step}, args.steps,
-                                          args.warmup)
+    first, times, load, *_ = time_round_robin({"moetx": mx.step, "hf": hf_step}, args.steps,
+                                               args.warmup, log)
     tokens = b * (n + t)
     tm, th = statistics.median(times["moetx"]), statistics.median(times["hf"])
     return {

@@ -30,6 +30,14 @@ import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
+
+# The peers run torch on the CPU. Triton, which torch imports lazily, segfaults when it loads
+# after TensorFlow (which moetx imports); torch on the CPU never needs it. The other benchmarks
+# import this module, so this covers them too. See moetx/tools/torch_env.py.
+from moetx.tools import torch_env
+
+torch_env.block_triton_after_tensorflow(force=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -102,6 +110,42 @@ class CpuLoad:
             self.cores = max(0.0, (b1 - self._b0 - own) / wall)
             self.own_cores = own / wall
         return False
+
+
+class RoundRobin(NamedTuple):
+    """What `time_round_robin` measured, each a dict keyed by the step's name."""
+
+    first: dict  # seconds of the first (compiling) call
+    times: dict  # seconds of each timed call, in order
+    load: CpuLoad  # CPU load over the timed calls
+    first_out: dict  # return value of the first call
+    last_out: dict  # return value of the latest call
+
+
+def time_round_robin(steps: dict, n: int, warmup: int, log, what: str = "steps") -> RoundRobin:
+    """Times each of `steps` (name -> no-argument callable) `n` times, round-robin.
+
+    Each callable in turn is first called once, timed alone (it compiles), then `warmup - 1`
+    more times untimed; then `n` rounds call each once in order, each call timed, so a change
+    in background load hits every step alike. `log` is the calling script's progress logger.
+    """
+    first, first_out, last_out = {}, {}, {}
+    for name, fn in steps.items():
+        t0 = time.perf_counter()
+        first_out[name] = last_out[name] = fn()
+        first[name] = time.perf_counter() - t0
+        log(f"{name}: first call (compile) {first[name]:.2f}s")
+        for _ in range(warmup - 1):
+            last_out[name] = fn()
+    times = {name: [] for name in steps}
+    log(f"timing {n} {what} of each of {list(steps)} (round-robin)")
+    with CpuLoad() as load:
+        for _ in range(n):
+            for name, fn in steps.items():
+                t0 = time.perf_counter()
+                last_out[name] = fn()
+                times[name].append(time.perf_counter() - t0)
+    return RoundRobin(first, times, load, first_out, last_out)
 
 
 def best_time(fn, reps: int, rounds: int = 5) -> float:
@@ -268,36 +312,13 @@ def main(argv=None) -> int:
         jax.block_until_ready((state, sums))
         return sums
 
-    t0 = time.perf_counter()
-    moetx_step()
-    moetx_first = time.perf_counter() - t0
-    log(f"moetx first step (compile) {moetx_first:.2f}s")
-    for _ in range(args.warmup - 1):
-        moetx_step()
-    hf_first = None
-    if hf_step is not None:
-        t0 = time.perf_counter()
-        hf_step()
-        hf_first = time.perf_counter() - t0
-        for _ in range(args.warmup - 1):
-            hf_step()
-
-    log(f"timing {args.steps} steps per side (alternating)")
-    mx_times, hf_times = [], []
-    with CpuLoad() as step_load:
-        for i in range(args.steps):
-            t0 = time.perf_counter()
-            sums = moetx_step()
-            mx_times.append(time.perf_counter() - t0)
-            if hf_step is not None:
-                t0 = time.perf_counter()
-                hf_loss = hf_step()
-                hf_times.append(time.perf_counter() - t0)
-    mx_loss = float(sums["loss"])
+    steps = {"moetx": moetx_step} if hf_step is None else {"moetx": moetx_step, "hf": hf_step}
+    timed = time_round_robin(steps, args.steps, args.warmup, log)
+    mx_loss = float(timed.last_out["moetx"]["loss"])
     if not np.isfinite(mx_loss):
         raise FloatingPointError(f"moetx loss is {mx_loss}")
 
-    mx_t = statistics.median(mx_times)
+    mx_t = statistics.median(timed.times["moetx"])
     result = {
         "benchmark": "train_throughput",
         "model": {"d_model": args.d_model, "layers": args.layers, "heads": args.heads,
@@ -315,17 +336,17 @@ def main(argv=None) -> int:
         "moetx_step_time_s": mx_t,
         "moetx_tokens_per_sec": tokens / mx_t,
         "moetx_mfu": flops_per_step / mx_t / peak_jax,
-        "moetx_first_step_s": moetx_first,
+        "moetx_first_step_s": timed.first["moetx"],
         "moetx_loss": mx_loss,
     }
     if hf_step is not None:
-        hf_t = statistics.median(hf_times)
+        hf_t = statistics.median(timed.times["hf"])
         result.update({
             "hf_step_time_s": hf_t,
             "hf_tokens_per_sec": tokens / hf_t,
             "hf_mfu": flops_per_step / hf_t / peak_jax,
-            "hf_first_step_s": hf_first,
-            "hf_loss": float(hf_loss),
+            "hf_first_step_s": timed.first["hf"],
+            "hf_loss": float(timed.last_out["hf"]),
             "hf_attn_implementation": attn_impl,
             "ratio_moetx_over_hf": (tokens / mx_t) / (tokens / hf_t),
         })
@@ -340,8 +361,8 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(),
         # CPU use (in cores) of other processes during the timed sections (a noise indicator:
         # anything well above 0 means the run shared the cores), and of this process.
-        "background_cpu_cores": {"matmul": mm_load.cores, "steps": step_load.cores},
-        "own_cpu_cores_steps": step_load.own_cores,
+        "background_cpu_cores": {"matmul": mm_load.cores, "steps": timed.load.cores},
+        "own_cpu_cores_steps": timed.load.own_cores,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     })
     log(f"moetx {tokens / mx_t:,.0f} tok/s ({mx_t * 1e3:.0f} ms/step)"

@@ -37,7 +37,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import CpuLoad  # noqa: E402  (same directory; no heavy imports)
+from train_throughput import time_round_robin  # noqa: E402  (same directory; no heavy imports)
 
 _T0 = time.perf_counter()
 
@@ -168,36 +168,15 @@ def main(argv=None) -> int:
         jax.block_until_ready((state, sums))
         return sums
 
-    t0 = time.perf_counter()
-    moetx_step()
-    moetx_first = time.perf_counter() - t0
-    log(f"moetx first step (compile) {moetx_first:.1f}s")
-    for _ in range(args.warmup - 1):
-        moetx_step()
-    timm_first = None
+    steps = {"moetx": moetx_step}
     if timm_step is not None:
-        t0 = time.perf_counter()
-        timm_step()
-        timm_first = time.perf_counter() - t0
-        for _ in range(args.warmup - 1):
-            timm_step()
-
-    log(f"timing {args.steps} steps per side (alternating)")
-    mx_times, tm_times = [], []
-    with CpuLoad() as load:
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            sums = moetx_step()
-            mx_times.append(time.perf_counter() - t0)
-            if timm_step is not None:
-                t0 = time.perf_counter()
-                timm_loss = timm_step()
-                tm_times.append(time.perf_counter() - t0)
-    mx_loss = float(sums["loss"])
+        steps["timm"] = timm_step
+    timed = time_round_robin(steps, args.steps, args.warmup, log)
+    mx_loss = float(timed.last_out["moetx"]["loss"])
     if not np.isfinite(mx_loss):
         raise FloatingPointError(f"moetx loss is {mx_loss}")
 
-    mx_t = statistics.median(mx_times)
+    mx_t = statistics.median(timed.times["moetx"])
     result = {
         "benchmark": "vision_throughput",
         "model": args.model, "timm_model": args.timm_name,
@@ -208,20 +187,20 @@ def main(argv=None) -> int:
         "params_match": None if timm_params is None else timm_params == params,
         "moetx_step_time_s": mx_t,
         "moetx_images_per_sec": args.batch / mx_t,
-        "moetx_first_step_s": moetx_first,
+        "moetx_first_step_s": timed.first["moetx"],
         "moetx_loss": mx_loss,
     }
     if timm_step is not None:
-        tm_t = statistics.median(tm_times)
+        tm_t = statistics.median(timed.times["timm"])
         result.update({
             "timm_step_time_s": tm_t,
             "timm_images_per_sec": args.batch / tm_t,
-            "timm_first_step_s": timm_first,
-            "timm_loss": float(timm_loss),
+            "timm_first_step_s": timed.first["timm"],
+            "timm_loss": float(timed.last_out["timm"]),
             "ratio_moetx_over_timm": tm_t / mx_t,
         })
     result.update({
-        "background_cpu_cores": None if load.cores is None else round(load.cores, 2),
+        "background_cpu_cores": None if timed.load.cores is None else round(timed.load.cores, 2),
         "xla_tuning": not args.no_xla_tuning,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     })

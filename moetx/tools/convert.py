@@ -70,6 +70,7 @@ import numpy as np  # noqa: E402
 
 from moetx.tools import torch_env  # noqa: E402
 from moetx.tools.hf import ConversionError, _check  # noqa: E402
+from moetx.tools.hf.common import _unflatten  # noqa: E402
 
 FORMATS = ("t5x", "moetx", "hf")
 ADAFACTOR_SLOTS = ("v_row", "v_col", "v")
@@ -174,17 +175,6 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(value, path))
         else:
             out[path] = value
-    return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
     return out
 
 

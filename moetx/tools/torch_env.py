@@ -20,3 +20,19 @@ def block_triton_after_tensorflow(force: bool = False) -> None:
         return
     if force or "tensorflow" in sys.modules:
         sys.modules["triton"] = None  # `import triton` now raises ImportError.
+
+
+def import_torch():
+    """`import torch`, after `block_triton_after_tensorflow()`."""
+    block_triton_after_tensorflow()
+    import torch
+
+    return torch
+
+
+def import_transformers():
+    """`import transformers` (which imports torch), after `block_triton_after_tensorflow()`."""
+    block_triton_after_tensorflow()
+    import transformers
+
+    return transformers

@@ -122,22 +122,30 @@ def latest_step(directory: str) -> int | None:
     return max(steps) if steps else None
 
 
-def restore_params(directory: str, step: int | None, abstract_params: Any) -> tuple[Any, int]:
-    """Restores only the parameters of `checkpoint_<step>` (latest when None) onto the
-    shardings of `abstract_params`, whatever optimizer wrote it (for eval and infer)."""
+def _restore_partial(directory: str, step: int | None, target: dict[str, Any], what: str
+                     ) -> tuple[dict[str, Any], int]:
+    """The top-level parts of `target` (state dicts of abstract arrays) restored from
+    `checkpoint_<step>` (latest when None) onto their shardings; `what` names them in errors."""
     step = latest_step(directory) if step is None else step
     if step is None:
         raise FileNotFoundError(f"No checkpoint_<step> in {directory!r}; train first.")
     path = os.path.join(os.path.abspath(directory), f"checkpoint_{step}", "state")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path} does not exist.")
-    target = {"params": flax.serialization.to_state_dict(abstract_params)}
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     try:
         restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
             item=target, restore_args=restore_args, partial_restore=True))
     except Exception as e:  # Mismatched trees or shapes surface as several exception types.
-        raise ValueError(f"Could not restore params from {path}: {e}") from e
+        raise ValueError(f"Could not restore {what} from {path}: {e}") from e
+    return restored, step
+
+
+def restore_params(directory: str, step: int | None, abstract_params: Any) -> tuple[Any, int]:
+    """Restores only the parameters of `checkpoint_<step>` (latest when None) onto the
+    shardings of `abstract_params`, whatever optimizer wrote it (for eval and infer)."""
+    target = {"params": flax.serialization.to_state_dict(abstract_params)}
+    restored, step = _restore_partial(directory, step, target, "params")
     return flax.serialization.from_state_dict(abstract_params, restored["params"]), step
 
 
@@ -145,19 +153,8 @@ def restore_subtrees(directory: str, step: int | None, abstract: dict[str, Any]
                      ) -> tuple[dict[str, Any], int]:
     """Restores the named top-level parts of the train state (e.g. `params`, `model_state`,
     `ema`) of `checkpoint_<step>` (latest when None) onto the shardings of `abstract`."""
-    step = latest_step(directory) if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint_<step> in {directory!r}; train first.")
-    path = os.path.join(os.path.abspath(directory), f"checkpoint_{step}", "state")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} does not exist.")
     target = {k: flax.serialization.to_state_dict(v) for k, v in abstract.items()}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    try:
-        restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
-            item=target, restore_args=restore_args, partial_restore=True))
-    except Exception as e:  # Mismatched trees or shapes surface as several exception types.
-        raise ValueError(f"Could not restore {sorted(abstract)} from {path}: {e}") from e
+    restored, step = _restore_partial(directory, step, target, str(sorted(abstract)))
     return {k: flax.serialization.from_state_dict(v, restored[k])
             for k, v in abstract.items()}, step
 

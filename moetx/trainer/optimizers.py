@@ -245,6 +245,17 @@ def _drop(seq, i):
     return tuple(x for j, x in enumerate(seq) if j != i)
 
 
+def _like_params_state_axes(tx: optax.GradientTransformation) -> Callable[[Any, Any], Any]:
+    """State axes of a transformation whose state holds params-shaped trees (and scalars)."""
+    def state_axes(axes_tree, abstract_params):
+        state = jax.eval_shape(tx.init, abstract_params)
+        return optax.tree_map_params(
+            tx, lambda _, ax: ax, state, axes_tree,
+            transform_non_params=lambda _: PartitionSpec(),
+            is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return state_axes
+
+
 # ----------------------------------------------------------------------------------- AdamW
 @gin.configurable
 def adamw(schedule: Schedule = gin.REQUIRED, param_axes: Any = None, b1: float = 0.9,
@@ -255,15 +266,7 @@ def adamw(schedule: Schedule = gin.REQUIRED, param_axes: Any = None, b1: float =
     parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     tx = optax.chain(*parts)
-
-    def state_axes(axes_tree, abstract_params):
-        state = jax.eval_shape(tx.init, abstract_params)
-        return optax.tree_map_params(
-            tx, lambda _, ax: ax, state, axes_tree,
-            transform_non_params=lambda _: PartitionSpec(),
-            is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-    return Optimizer(tx, state_axes, schedule)
+    return Optimizer(tx, _like_params_state_axes(tx), schedule)
 
 
 # ----------------------------------------------------------------------------- SGD (vision)
@@ -271,17 +274,6 @@ def kernels_only(params: Any) -> Any:
     """Weight-decay mask: True for matrices and conv kernels, False for biases, norm scales and
     other vectors (EfficientNetV2 and ResNet-RS decay neither bias nor gamma/beta)."""
     return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
-
-
-def _like_params_state_axes(tx: optax.GradientTransformation) -> Callable[[Any, Any], Any]:
-    """State axes of a transformation whose state holds params-shaped trees (and scalars)."""
-    def state_axes(axes_tree, abstract_params):
-        state = jax.eval_shape(tx.init, abstract_params)
-        return optax.tree_map_params(
-            tx, lambda _, ax: ax, state, axes_tree,
-            transform_non_params=lambda _: PartitionSpec(),
-            is_leaf=lambda x: isinstance(x, PartitionSpec))
-    return state_axes
 
 
 @gin.configurable

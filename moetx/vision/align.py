@@ -31,7 +31,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from moetx.vision import augment as augment_lib
 from moetx.vision import models
-from moetx.vision.model import softmax_cross_entropy
+from moetx.vision.model import ImageBatchMixin, softmax_cross_entropy
 
 Array = jax.Array
 
@@ -140,7 +140,7 @@ class DualEncoder(nn.Module):
 # ------------------------------------------------------------------------------ wrapper
 @gin.configurable
 @dataclasses.dataclass
-class DualEncoderModel:
+class DualEncoderModel(ImageBatchMixin):
     """The trainer-facing wrapper (batch: `image`, `text` word ids, `mask`).
 
     Attributes:
@@ -198,18 +198,6 @@ class DualEncoderModel:
         if self.retrieval_by_label:
             shapes["label"] = (batch_size,)
         return shapes
-
-    def loss_weights_and_factor(self, batch):
-        w = batch["mask"].astype(jnp.float32)
-        return w, jnp.maximum(jnp.sum(w), 1.0)
-
-    def preprocess(self, images, rng=None, train=False):
-        x = augment_lib.to_float(images)
-        if self.image_size is not None:
-            x = augment_lib.resize(x, self.image_size)
-        if train and rng is not None and self.augment is not None:
-            x = self.augment(rng, x)
-        return (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
 
     def get_initial_variables(self, rng, input_shapes):
         images = self.preprocess(jnp.zeros((1,) + tuple(input_shapes["image"][1:]), jnp.uint8))

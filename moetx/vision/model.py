@@ -35,6 +35,32 @@ def soft_targets(labels: Array, num_classes: int, label_smoothing: float) -> Arr
     return one_hot * (1.0 - label_smoothing) + label_smoothing / num_classes
 
 
+class ImageBatchMixin:
+    """The trainer hooks shared by the vision model wrappers (classification, ALIGN, MuST):
+    the batch carries raw `image`s and a per-example `mask`; the wrapper has the fields
+    `image_size`, `augment`, `mean` and `std`."""
+
+    image_size: int | None
+    augment: augment_lib.Augment | None
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def loss_weights_and_factor(self, batch: Batch) -> tuple[Array, Array]:
+        """Per-example loss weights (the batch's `mask`) and their sum, at least 1."""
+        weights = batch["mask"].astype(jnp.float32)
+        return weights, jnp.maximum(jnp.sum(weights), 1.0)
+
+    def preprocess(self, images: Array, rng: Array | None = None, train: bool = False) -> Array:
+        """Raw images -> normalised float32 network inputs (augmented when `train` and an rng
+        is given)."""
+        x = augment_lib.to_float(images)
+        if self.image_size is not None:
+            x = augment_lib.resize(x, self.image_size)
+        if train and rng is not None and self.augment is not None:
+            x = self.augment(rng, x)
+        return (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+
+
 def softmax_cross_entropy(logits: Array, targets: Array) -> Array:
     """Per-example -sum_k targets_k log softmax(logits)_k, in float32."""
     return -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
@@ -42,7 +68,7 @@ def softmax_cross_entropy(logits: Array, targets: Array) -> Array:
 
 @gin.configurable
 @dataclasses.dataclass
-class ImageClassificationModel:
+class ImageClassificationModel(ImageBatchMixin):
     """A `moetx.vision.models` classifier trained with softmax cross entropy.
 
     Attributes:
@@ -102,23 +128,7 @@ class ImageClassificationModel:
         return {"image": (batch_size,) + tuple(int(d) for d in shape), "label": (batch_size,),
                 "mask": (batch_size,)}
 
-    def loss_weights_and_factor(self, batch: Batch) -> tuple[Array, Array]:
-        weights = batch["mask"].astype(jnp.float32)
-        return weights, jnp.maximum(jnp.sum(weights), 1.0)
-
     # ------------------------------------------------------------------------------ forward
-    def preprocess(self, images: Array, rng: Array | None = None, train: bool = False) -> Array:
-        """Raw images -> normalised float32 network inputs (augmented when `train` and an rng
-        is given)."""
-        x = augment_lib.to_float(images)
-        if self.image_size is not None:
-            x = augment_lib.resize(x, self.image_size)
-        if train and rng is not None and self.augment is not None:
-            x = self.augment(rng, x)
-        mean = jnp.asarray(self.mean, jnp.float32)
-        std = jnp.asarray(self.std, jnp.float32)
-        return (x - mean) / std
-
     def get_initial_variables(self, rng: Array, input_shapes: Mapping[str, tuple[int, ...]]):
         """Variables {'params', 'batch_stats'} (batch_stats empty for models without BN)."""
         dummy = self.preprocess(jnp.zeros((1,) + tuple(input_shapes["image"][1:]), jnp.uint8))

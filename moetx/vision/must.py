@@ -36,7 +36,7 @@ import numpy as np
 
 from moetx.vision import augment as augment_lib
 from moetx.vision import models
-from moetx.vision.model import softmax_cross_entropy
+from moetx.vision.model import ImageBatchMixin, softmax_cross_entropy
 
 Array = jax.Array
 KINDS = ("classification", "regression")
@@ -207,7 +207,7 @@ def multitask_loss(outputs: Mapping[str, Array], batch: Mapping[str, Array],
 
 @gin.configurable
 @dataclasses.dataclass
-class MultiTaskModel:
+class MultiTaskModel(ImageBatchMixin):
     """The MuST student wrapper for the shared trainer (batch: image, <task>_labels,
     <task>_mask, mask).
 
@@ -255,18 +255,6 @@ class MultiTaskModel:
             shapes[f"{t.name}_labels"] = (batch_size, t.num_outputs)
             shapes[f"{t.name}_mask"] = (batch_size,)
         return shapes
-
-    def loss_weights_and_factor(self, batch):
-        w = batch["mask"].astype(jnp.float32)
-        return w, jnp.maximum(jnp.sum(w), 1.0)
-
-    def preprocess(self, images, rng=None, train=False):
-        x = augment_lib.to_float(images)
-        if self.image_size is not None:
-            x = augment_lib.resize(x, self.image_size)
-        if train and rng is not None and self.augment is not None:
-            x = self.augment(rng, x)
-        return (x - jnp.asarray(self.mean)) / jnp.asarray(self.std)
 
     def get_initial_variables(self, rng, input_shapes):
         x = self.preprocess(jnp.zeros((1,) + tuple(input_shapes["image"][1:]), jnp.uint8))

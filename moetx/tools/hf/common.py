@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from moetx.tools import torch_env
 from moetx.lm.transformer import TransformerConfig
 
 
@@ -93,7 +94,7 @@ def _to_numpy(x: Any) -> np.ndarray:
         x = x.detach().cpu()
         if str(x.dtype) == "torch.bfloat16":
             import ml_dtypes
-            import torch
+            torch = torch_env.import_torch()
 
             return x.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return x.numpy()
@@ -122,7 +123,8 @@ def _flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return flat
 
 
-def _unflatten(flat: Mapping[str, np.ndarray]) -> Params:
+def _unflatten(flat: Mapping[str, Any]) -> Params:
+    """{'a/b/c': leaf} -> nested dicts (the inverse of `_flatten_params`)."""
     out: Params = {}
     for path, value in flat.items():
         node = out
@@ -270,6 +272,38 @@ def _hf_to_moetx(state_dict: Mapping[str, Any], layout: list[_Entry], what: str,
                        for e in layout})
 
 
+def _moetx_to_hf_experts(flat: Mapping[str, np.ndarray], plain: list[_Entry],
+                         experts: list[_ExpertEntry], what: str, fix: str,
+                         dtype: Any) -> StateDict:
+    """`_moetx_to_hf` for a layout with stacked experts (each expert gets its own HF keys)."""
+    expected = {x.moetx: x.shape for x in plain}
+    expected.update({x.moetx: x.shape for x in experts})
+    _check(f"{what}: the parameter tree does not match the expected layout.",
+           {k: v.shape for k, v in flat.items()}, expected, _SWITCH_MOETX_HINTS, fix)
+    out = {x.hf: _cast(flat[x.moetx].T if x.transpose else flat[x.moetx], dtype) for x in plain}
+    for x in experts:
+        for i in range(x.shape[0]):
+            out[x.hf.format(e=i)] = _cast(flat[x.moetx][i].T, dtype)
+    return out
+
+
+def _hf_to_moetx_experts(state_dict: Mapping[str, Any], plain: list[_Entry],
+                         experts: list[_ExpertEntry], what: str,
+                         tied_copies: Mapping[str, str], param_dtype: Any) -> Params:
+    """`_hf_to_moetx` for a layout with stacked experts (the per-expert HF weights are stacked
+    on a leading axis)."""
+    expected = {x.hf: x.hf_shape for x in plain}
+    for x in experts:
+        expected.update(x.hf_keys())
+    sd = _checked_hf(state_dict, expected, what, tied_copies, {})
+    flat = {x.moetx: _cast(sd[x.hf].T if x.transpose else sd[x.hf], param_dtype)
+            for x in plain}
+    for x in experts:
+        flat[x.moetx] = _cast(np.stack([sd[x.hf.format(e=i)].T for i in range(x.shape[0])]),
+                              param_dtype)
+    return _unflatten(flat)
+
+
 def _checked_hf(state_dict: Mapping[str, Any], expected: Mapping[str, tuple], what: str,
                 tied_copies: Mapping[str, str], fill_missing: Mapping[str, str]) -> StateDict:
     """The state dict as numpy, tied copies dropped and fills applied, checked against
@@ -415,7 +449,7 @@ def load_hf(in_dir: str) -> tuple[StateDict, Any]:
     Reads `model.safetensors`, a sharded safetensors index, or (with torch installed) a legacy
     `pytorch_model.bin`. Never touches the network.
     """
-    import transformers
+    transformers = torch_env.import_transformers()
 
     config = transformers.AutoConfig.from_pretrained(in_dir, local_files_only=True)
     from safetensors.numpy import load_file
@@ -433,7 +467,7 @@ def load_hf(in_dir: str) -> tuple[StateDict, Any]:
             state.update(load_file(os.path.join(in_dir, name)))
         return state, config
     if os.path.exists(legacy):
-        import torch
+        torch = torch_env.import_torch()
 
         raw = torch.load(legacy, map_location="cpu", weights_only=True)
         return {k: _to_numpy(v) for k, v in raw.items()}, config

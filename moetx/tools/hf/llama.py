@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from moetx.tools import torch_env
 from moetx.lm.transformer import TransformerConfig
 from moetx.tools.hf.common import (_ARCHITECTURES, Params, StateDict, _Dims, _dims_from_config,
                                    _Entry, _flatten_params, _hf_to_moetx, _moetx_to_hf, _need,
@@ -97,7 +98,7 @@ def llama_config_to_hf(cfg: TransformerConfig, max_position_embeddings: int = 20
       ValueError: naming every option Llama cannot express.
     """
     _require(_llama_problems(cfg), _NOT_LLAMA)
-    import transformers
+    transformers = torch_env.import_transformers()
 
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.emb_dim, intermediate_size=cfg.mlp_dim,
@@ -124,6 +125,33 @@ def _llama_rope_theta(hf_cfg) -> float:
     return float(params["rope_theta"])
 
 
+def _llama_like_problems(hf_cfg) -> list[str]:
+    """What a Llama-style HF config (Llama, Mixtral) has that moetx's decoder does not, among
+    the options both families share: grouped KV heads, an activation other than SwiGLU's."""
+    heads = hf_cfg.num_attention_heads
+    kv_heads = getattr(hf_cfg, "num_key_value_heads", None) or heads
+    problems = []
+    if kv_heads != heads:
+        problems.append(f"num_key_value_heads={kv_heads} != num_attention_heads={heads} "
+                        "(moetx attention has no grouped KV heads)")
+    if hf_cfg.hidden_act not in ("silu", "swish"):
+        problems.append(f"hidden_act={hf_cfg.hidden_act!r} (moetx maps only SwiGLU 'silu')")
+    return problems
+
+
+def _llama_like_fields(hf_cfg, theta: float) -> dict[str, Any]:
+    """The TransformerConfig fields of a Llama-style HF config's dense decoder."""
+    heads = hf_cfg.num_attention_heads
+    return dict(
+        vocab_size=hf_cfg.vocab_size, emb_dim=hf_cfg.hidden_size, num_heads=heads,
+        head_dim=getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // heads,
+        mlp_dim=hf_cfg.intermediate_size, num_encoder_layers=0,
+        num_decoder_layers=hf_cfg.num_hidden_layers, dropout_rate=0.0,
+        mlp_activations=("silu", "linear"), logits_via_embedding=bool(hf_cfg.tie_word_embeddings),
+        tied_logits_rescale=False, position_embedding="rope", rope_theta=theta,
+        scale_attention_logits=True, primer_dconv=False, norm_epsilon=float(hf_cfg.rms_norm_eps))
+
+
 def hf_llama_config_to_moetx(hf_cfg, **overrides) -> TransformerConfig:
     """`transformers.LlamaConfig` -> moetx decoder-only config (RoPE, SwiGLU, run-time scaling).
 
@@ -137,14 +165,7 @@ def hf_llama_config_to_moetx(hf_cfg, **overrides) -> TransformerConfig:
     model_type = getattr(hf_cfg, "model_type", None)
     if model_type != "llama":
         raise ValueError(f"Expected a Llama config (model_type 'llama'), found {model_type!r}.")
-    heads = hf_cfg.num_attention_heads
-    kv_heads = getattr(hf_cfg, "num_key_value_heads", None) or heads
-    problems = []
-    if kv_heads != heads:
-        problems.append(f"num_key_value_heads={kv_heads} != num_attention_heads={heads} "
-                        "(moetx attention has no grouped KV heads)")
-    if hf_cfg.hidden_act not in ("silu", "swish"):
-        problems.append(f"hidden_act={hf_cfg.hidden_act!r} (moetx maps only SwiGLU 'silu')")
+    problems = _llama_like_problems(hf_cfg)
     if getattr(hf_cfg, "attention_bias", False) or getattr(hf_cfg, "mlp_bias", False):
         problems.append("attention_bias/mlp_bias (moetx layers are bias-free)")
     if getattr(hf_cfg, "attention_dropout", 0.0):
@@ -155,14 +176,7 @@ def hf_llama_config_to_moetx(hf_cfg, **overrides) -> TransformerConfig:
     except ValueError as e:
         problems.append(str(e).rstrip("."))
     _require(problems, "This Llama config has no moetx DecoderOnly counterpart")
-    fields = dict(
-        vocab_size=hf_cfg.vocab_size, emb_dim=hf_cfg.hidden_size, num_heads=heads,
-        head_dim=getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // heads,
-        mlp_dim=hf_cfg.intermediate_size, num_encoder_layers=0,
-        num_decoder_layers=hf_cfg.num_hidden_layers, dropout_rate=0.0,
-        mlp_activations=("silu", "linear"), logits_via_embedding=bool(hf_cfg.tie_word_embeddings),
-        tied_logits_rescale=False, position_embedding="rope", rope_theta=theta,
-        scale_attention_logits=True, primer_dconv=False, norm_epsilon=float(hf_cfg.rms_norm_eps))
+    fields = _llama_like_fields(hf_cfg, theta)
     fields.update(overrides)
     return TransformerConfig(**fields)
 

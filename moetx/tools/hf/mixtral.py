@@ -9,11 +9,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from moetx.tools import torch_env
 from moetx.lm.transformer import TransformerConfig
-from moetx.tools.hf.common import (_ARCHITECTURES, _SWITCH_MOETX_HINTS, Params, StateDict, _cast,
-                                   _check, _checked_hf, _dims_from_config, _Entry, _ExpertEntry,
-                                   _flatten_params, _require, _to_numpy, _unflatten)
-from moetx.tools.hf.llama import _llama_layout, _llama_problems, _llama_rope_theta
+from moetx.tools.hf.common import (_ARCHITECTURES, Params, StateDict, _dims_from_config, _Entry,
+                                   _ExpertEntry, _flatten_params, _hf_to_moetx_experts,
+                                   _moetx_to_hf_experts, _require, _to_numpy)
+from moetx.tools.hf.llama import (_llama_layout, _llama_like_fields, _llama_like_problems,
+                                  _llama_problems, _llama_rope_theta)
 
 
 # MixtralForCausalLM is Llama with every MLP replaced by a sparse block: a bias-free router
@@ -66,7 +68,7 @@ def mixtral_config_to_hf(cfg: TransformerConfig, max_position_embeddings: int = 
         un-renormalised gates, capacity-limited dispatch, ST-MoE extra MLPs, and Llama's list).
     """
     _require(_mixtral_problems(cfg), _NOT_MIXTRAL)
-    import transformers
+    transformers = torch_env.import_transformers()
 
     moe = cfg.moe
     return transformers.MixtralConfig(
@@ -97,14 +99,7 @@ def hf_mixtral_config_to_moetx(hf_cfg, moe_overrides: Mapping[str, Any] | None =
     if model_type != "mixtral":
         raise ValueError(f"Expected a Mixtral config (model_type 'mixtral'), found "
                          f"{model_type!r}.")
-    heads = hf_cfg.num_attention_heads
-    kv_heads = getattr(hf_cfg, "num_key_value_heads", None) or heads
-    problems = []
-    if kv_heads != heads:
-        problems.append(f"num_key_value_heads={kv_heads} != num_attention_heads={heads} "
-                        "(moetx attention has no grouped KV heads)")
-    if hf_cfg.hidden_act not in ("silu", "swish"):
-        problems.append(f"hidden_act={hf_cfg.hidden_act!r} (moetx maps only SwiGLU 'silu')")
+    problems = _llama_like_problems(hf_cfg)
     if getattr(hf_cfg, "sliding_window", None) is not None:
         problems.append(f"sliding_window={hf_cfg.sliding_window} (moetx attends to the whole "
                         "prefix; set sliding_window=null when every sequence is shorter)")
@@ -123,15 +118,8 @@ def hf_mixtral_config_to_moetx(hf_cfg, moe_overrides: Mapping[str, Any] | None =
         aux_loss_factor=float(hf_cfg.router_aux_loss_coef), router_z_loss_factor=0.0,
         sparse_every=1, extra_mlp=False)
     moe_fields.update(moe_overrides or {})
-    fields = dict(
-        vocab_size=hf_cfg.vocab_size, emb_dim=hf_cfg.hidden_size, num_heads=heads,
-        head_dim=getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // heads,
-        mlp_dim=hf_cfg.intermediate_size, num_encoder_layers=0,
-        num_decoder_layers=hf_cfg.num_hidden_layers, dropout_rate=0.0,
-        mlp_activations=("silu", "linear"), logits_via_embedding=bool(hf_cfg.tie_word_embeddings),
-        tied_logits_rescale=False, position_embedding="rope", rope_theta=theta,
-        scale_attention_logits=True, primer_dconv=False, norm_epsilon=float(hf_cfg.rms_norm_eps),
-        moe=MoeConfig(**moe_fields))
+    fields = _llama_like_fields(hf_cfg, theta)
+    fields["moe"] = MoeConfig(**moe_fields)
     fields.update(overrides)
     return TransformerConfig(**fields)
 
@@ -194,16 +182,9 @@ def moetx_to_hf_mixtral(params: Mapping[str, Any], cfg: TransformerConfig,
     _require(_mixtral_problems(cfg), _NOT_MIXTRAL)
     flat = _flatten_params(params)
     plain, experts = _mixtral_layout(cfg)
-    expected = {x.moetx: x.shape for x in plain}
-    expected.update({x.moetx: x.shape for x in experts})
-    _check("moetx -> HF Mixtral: the parameter tree does not match the expected layout.",
-           {k: v.shape for k, v in flat.items()}, expected, _SWITCH_MOETX_HINTS,
-           "pass the TransformerConfig the tree was built with (moe.num_experts, mlp_dim).")
-    out = {x.hf: _cast(flat[x.moetx].T if x.transpose else flat[x.moetx], dtype) for x in plain}
-    for x in experts:
-        for i in range(x.shape[0]):
-            out[x.hf.format(e=i)] = _cast(flat[x.moetx][i].T, dtype)
-    return out
+    return _moetx_to_hf_experts(
+        flat, plain, experts, "moetx -> HF Mixtral",
+        "pass the TransformerConfig the tree was built with (moe.num_experts, mlp_dim).", dtype)
 
 
 def hf_mixtral_to_moetx(state_dict: Mapping[str, Any], cfg: TransformerConfig,
@@ -218,14 +199,5 @@ def hf_mixtral_to_moetx(state_dict: Mapping[str, Any], cfg: TransformerConfig,
     _require(_mixtral_problems(cfg), _NOT_MIXTRAL)
     plain, experts = _mixtral_layout(cfg)
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.logits_via_embedding else {}
-    expected = {x.hf: x.hf_shape for x in plain}
-    for x in experts:
-        expected.update(x.hf_keys())
-    sd = _checked_hf(_unfuse_mixtral(state_dict, cfg.mlp_dim), expected, "HF Mixtral -> moetx",
-                     tied, {})
-    flat = {x.moetx: _cast(sd[x.hf].T if x.transpose else sd[x.hf], param_dtype)
-            for x in plain}
-    for x in experts:
-        flat[x.moetx] = _cast(np.stack([sd[x.hf.format(e=i)].T for i in range(x.shape[0])]),
-                              param_dtype)
-    return _unflatten(flat)
+    return _hf_to_moetx_experts(_unfuse_mixtral(state_dict, cfg.mlp_dim), plain, experts,
+                                "HF Mixtral -> moetx", tied, param_dtype)

@@ -12,11 +12,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from moetx.tools import torch_env
 from moetx.lm.transformer import TransformerConfig
-from moetx.tools.hf.common import (_ARCHITECTURES, _HF_TO_MOETX_ACT, _MOETX_TO_HF_ACT,
-                                   _SWITCH_MOETX_HINTS, Params, StateDict, _cast, _check,
-                                   _checked_hf, _dims_from_config, _Entry, _ExpertEntry,
-                                   _flatten_params, _require, _unflatten)
+from moetx.tools.hf.common import (_ARCHITECTURES, _HF_TO_MOETX_ACT, _MOETX_TO_HF_ACT, Params,
+                                   StateDict, _dims_from_config, _Entry, _ExpertEntry,
+                                   _flatten_params, _hf_to_moetx_experts, _moetx_to_hf_experts,
+                                   _require)
 from moetx.tools.hf.t5 import _t5_layout, _t5_problems
 
 
@@ -104,7 +105,7 @@ def switch_config_to_hf(cfg: TransformerConfig, expert_capacity: int | None = No
         experts, extra_mlp, BPR, a sparse placement other than every 2nd layer, ...).
     """
     _require(_switch_problems(cfg), _NOT_SWITCH)
-    import transformers
+    transformers = torch_env.import_transformers()
 
     from moetx.moe import routing
 
@@ -275,16 +276,8 @@ def moetx_to_hf_switch(params: Mapping[str, Any], cfg: TransformerConfig,
     _require(_switch_problems(cfg), _NOT_SWITCH)
     flat = _flatten_params(params)
     plain, experts = _switch_layout(cfg)
-    expected = {x.moetx: x.shape for x in plain}
-    expected.update({x.moetx: x.shape for x in experts})
-    _check("moetx -> HF SwitchTransformers: the parameter tree does not match the expected "
-           "layout.", {k: v.shape for k, v in flat.items()}, expected, _SWITCH_MOETX_HINTS,
-           _SWITCH_FIX)
-    out = {x.hf: _cast(flat[x.moetx].T if x.transpose else flat[x.moetx], dtype) for x in plain}
-    for x in experts:
-        for i in range(x.shape[0]):
-            out[x.hf.format(e=i)] = _cast(flat[x.moetx][i].T, dtype)
-    return out
+    return _moetx_to_hf_experts(flat, plain, experts, "moetx -> HF SwitchTransformers",
+                                _SWITCH_FIX, dtype)
 
 
 def hf_switch_to_moetx(state_dict: Mapping[str, Any], cfg: TransformerConfig,
@@ -310,13 +303,5 @@ def hf_switch_to_moetx(state_dict: Mapping[str, Any], cfg: TransformerConfig,
             "decoder.embed_tokens.weight": "shared.weight"}
     if cfg.logits_via_embedding:
         tied["lm_head.weight"] = "shared.weight"
-    expected = {x.hf: x.hf_shape for x in plain}
-    for x in experts:
-        expected.update(x.hf_keys())
-    sd = _checked_hf(state_dict, expected, "HF SwitchTransformers -> moetx", tied, {})
-    flat = {x.moetx: _cast(sd[x.hf].T if x.transpose else sd[x.hf], param_dtype)
-            for x in plain}
-    for x in experts:
-        flat[x.moetx] = _cast(np.stack([sd[x.hf.format(e=i)].T for i in range(x.shape[0])]),
-                              param_dtype)
-    return _unflatten(flat)
+    return _hf_to_moetx_experts(state_dict, plain, experts, "HF SwitchTransformers -> moetx",
+                                tied, param_dtype)

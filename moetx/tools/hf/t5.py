@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from moetx.tools import torch_env
 from moetx.lm.transformer import TransformerConfig
 from moetx.tools.hf.common import (_ARCHITECTURES, _HF_TO_MOETX_ACT, _MOETX_TO_HF_ACT,
                                    ConversionError, Params, StateDict, _Dims, _dims_from_config,
@@ -125,7 +126,7 @@ def t5_config_to_hf(cfg: TransformerConfig):
       ValueError: naming every option T5 cannot express (RoPE, run-time scaling, Primer, ...).
     """
     _require(_t5_problems(cfg), _NOT_T5)
-    import transformers
+    transformers = torch_env.import_transformers()
 
     return transformers.T5Config(
         vocab_size=cfg.vocab_size, d_model=cfg.emb_dim, d_kv=cfg.head_dim, d_ff=cfg.mlp_dim,
