@@ -126,3 +126,11 @@ def random_variables(module, x, seed=0):
         return jnp.asarray(rng.normal(size=s.shape), s.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def assert_logits_match(logits, ref, rel_tol: float = 1e-4) -> None:
+    """Our logits equal timm's `ref` within `rel_tol` of its largest magnitude, and the batch's
+    two examples differ by far more than that tolerance, so the check is per example."""
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(np.asarray(logits), ref, atol=rel_tol * scale, rtol=0)
+    assert np.abs(ref[0] - ref[1]).max() > 100 * rel_tol * scale
