@@ -74,6 +74,7 @@ bench: install
 	$(PY) benchmarks/encdec_throughput.py
 	$(PY) benchmarks/moe_throughput.py
 	$(PY) benchmarks/vision_throughput.py
+	$(PY) benchmarks/conv_ops.py
 
 clean:
 	rm -rf runs/demo

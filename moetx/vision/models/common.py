@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from moetx.vision.models import conv_ops
+
 # timm/torchvision initialise convolutions with kaiming_normal(fan_out, relu).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -63,6 +65,9 @@ def conv(features: int, kernel_size: int | Sequence[int], strides: int | Sequenc
          name: str | None = None) -> nn.Conv:
     """An `nn.Conv` with the padding conventions described in the module docstring.
 
+    The convolution itself is `conv_ops.conv_general_dilated`: the same variables and result as
+    lax's, but depthwise convs and dense convs on tiny maps avoid XLA CPU's slow paths.
+
     Args:
       features: output channels.
       kernel_size: int (same on every spatial axis) or one int per spatial axis.
@@ -80,7 +85,8 @@ def conv(features: int, kernel_size: int | Sequence[int], strides: int | Sequenc
         raise ValueError(f"padding must be 'SYMMETRIC' or 'SAME', got {padding!r}")
     return nn.Conv(features, ks, _tuple(strides, ndim), padding=pad,
                    feature_group_count=groups, use_bias=use_bias,
-                   kernel_init=conv_kernel_init, name=name)
+                   kernel_init=conv_kernel_init, name=name,
+                   conv_general_dilated=conv_ops.conv_general_dilated)
 
 
 def batch_norm(train: bool, momentum: float, epsilon: float, *, zero_init: bool = False,

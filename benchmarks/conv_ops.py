@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Convolution gradient step on CPU: `lax.conv_general_dilated`, moetx's `conv_ops` fast paths
+and torch (oneDNN), same shapes, same run.
+
+Each row times value-and-grad of sum(conv(x, w)^2) with respect to x and w (batch 16, NHWC for
+JAX, NCHW for torch), median of `--steps` round-robin calls. The shapes are the two kinds
+`moetx.vision.models.conv_ops` replaces (depthwise convs; dense convs on maps no larger than the
+kernel plus one) and one that stays on lax. `path` says which implementation `conv_ops` picks.
+
+Prints one JSON line on stdout; progress goes to stderr.
+
+  .venv/bin/python benchmarks/conv_ops.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_throughput import time_round_robin  # noqa: E402
+
+_T0 = time.perf_counter()
+
+# (name, spatial, channels, stride, depthwise)
+SHAPES = [
+    ("depthwise 3x3 56x56x144", 56, 144, 1, True),
+    ("depthwise 3x3 16x16x128 /2", 16, 128, 2, True),
+    ("depthwise 3x3 2x2x1536", 2, 1536, 1, True),
+    ("dense 3x3 2x2x512", 2, 512, 1, False),
+    ("dense 3x3 4x4x512 /2", 4, 512, 2, False),
+    ("dense 3x3 8x8x128 /2", 8, 128, 2, False),
+]
+
+
+def log(msg: str) -> None:
+    print(f"[conv_ops {time.perf_counter() - _T0:5.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    args = p.parse_args(argv)
+    json_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    from moetx.trainer import xla_env
+    xla_env.configure_cpu_defaults()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from jax import lax
+
+    from moetx.vision.models import conv_ops
+
+    torch.set_num_threads(args.threads)
+    dn = conv_ops._channels_last_numbers(2)
+    rows = []
+    rng = np.random.default_rng(0)
+    for name, hw, c, stride, depthwise in SHAPES:
+        groups = c if depthwise else 1
+        x = rng.standard_normal((args.batch, hw, hw, c), np.float32)
+        w = rng.standard_normal((3, 3, 1 if depthwise else c, c), np.float32) * 0.05
+        pad = ((1, 1), (1, 1))
+
+        def jax_step(conv):
+            loss = lambda x, w: jnp.sum(conv(x, w, (stride, stride), pad, dimension_numbers=dn,  # noqa: E731
+                                             feature_group_count=groups) ** 2)
+            f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+            xj, wj = jnp.asarray(x), jnp.asarray(w)
+            return lambda: jax.block_until_ready(f(xj, wj))
+
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+        wt = torch.from_numpy(w.transpose(3, 2, 0, 1).copy()).requires_grad_(True)
+
+        def torch_step():
+            xt.grad = wt.grad = None
+            y = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=1, groups=groups)
+            (y ** 2).sum().backward()
+            return xt.grad
+
+        steps = {"lax": jax_step(lax.conv_general_dilated),
+                 "conv_ops": jax_step(conv_ops.conv_general_dilated), "torch": torch_step}
+        rr = time_round_robin(steps, args.steps, 2, log)
+        ms = {k: statistics.median(v) * 1e3 for k, v in rr.times.items()}
+        uses_lax = "conv_general_dilated" in str(jax.make_jaxpr(
+            lambda x, w: conv_ops.conv_general_dilated(
+                x, w, (stride, stride), pad, dimension_numbers=dn,
+                feature_group_count=groups))(x, w))
+        path = "lax" if uses_lax else ("depthwise" if depthwise else "patches")
+        rows.append({"shape": name, "path": path, "lax_ms": round(ms["lax"], 2),
+                     "conv_ops_ms": round(ms["conv_ops"], 2), "torch_ms": round(ms["torch"], 2),
+                     "speedup_over_lax": round(ms["lax"] / ms["conv_ops"], 2),
+                     "conv_ops_over_torch_time": round(ms["conv_ops"] / ms["torch"], 2),
+                     "background_cpu_cores": round(rr.load.cores, 2)})
+        log(json.dumps(rows[-1]))
+    out = {"benchmark": "conv_ops", "batch": args.batch, "steps": args.steps,
+           "torch_threads": args.threads, "jax": jax.__version__, "torch": torch.__version__,
+           "rows": rows}
+    os.write(json_fd, (json.dumps(out) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

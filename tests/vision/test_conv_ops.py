@@ -1,0 +1,93 @@
+"""conv_ops.conv_general_dilated equals lax.conv_general_dilated (values and gradients) on the
+paths it replaces, and hands everything else to lax unchanged."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from moetx.vision.models import common, conv_ops
+
+
+def _numbers(nd):
+    return conv_ops._channels_last_numbers(nd)
+
+
+def _both(x, w, strides, padding, groups):
+    dn = _numbers(x.ndim - 2)
+    ref = lambda x, w: lax.conv_general_dilated(  # noqa: E731
+        x, w, strides, padding, dimension_numbers=dn, feature_group_count=groups)
+    ours = lambda x, w: conv_ops.conv_general_dilated(  # noqa: E731
+        x, w, strides, padding, dimension_numbers=dn, feature_group_count=groups)
+    return ref, ours
+
+
+def _uses_lax_conv(fn, *args) -> bool:
+    return "conv_general_dilated" in str(jax.make_jaxpr(fn)(*args))
+
+
+CASES = [
+    # (input shape, kernel shape, strides, padding, groups, expected path)
+    ((2, 9, 9, 6), (3, 3, 1, 6), (1, 1), ((1, 1), (1, 1)), 6, "depthwise"),
+    ((2, 8, 8, 6), (3, 3, 1, 6), (2, 2), "SAME", 6, "depthwise"),
+    ((2, 7, 6, 4), (5, 5, 1, 4), (2, 2), ((2, 2), (2, 2)), 4, "depthwise"),
+    ((2, 3, 5, 5, 4), (3, 3, 3, 1, 4), (1, 2, 2), "SAME", 4, "depthwise"),
+    ((2, 2, 2, 8), (3, 3, 8, 5), (1, 1), ((1, 1), (1, 1)), 1, "patches"),
+    ((2, 4, 4, 8), (3, 3, 8, 5), (2, 2), ((1, 1), (1, 1)), 1, "patches"),
+    ((2, 3, 4, 8), (3, 3, 8, 5), (2, 1), "SAME", 1, "patches"),
+    ((2, 1, 1, 8), (3, 3, 8, 5), (1, 1), ((1, 1), (1, 1)), 1, "patches"),
+    ((2, 3, 2, 2, 4), (3, 3, 3, 4, 5), (1, 1, 1), "SAME", 1, "patches"),
+    ((2, 9, 9, 8), (3, 3, 8, 5), (1, 1), ((1, 1), (1, 1)), 1, "lax"),   # large map
+    ((2, 4, 4, 8), (3, 3, 4, 6), (1, 1), ((1, 1), (1, 1)), 2, "lax"),   # grouped
+    ((2, 4, 4, 4), (3, 3, 1, 8), (1, 1), ((1, 1), (1, 1)), 4, "lax"),   # channel multiplier
+    ((2, 3, 3, 8), (1, 1, 8, 5), (1, 1), "VALID", 1, "lax"),            # 1x1
+]
+
+
+@pytest.mark.parametrize("xs,ws,strides,padding,groups,path", CASES)
+def test_matches_lax_values_and_gradients(xs, ws, strides, padding, groups, path):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(ws), jnp.float32)
+    ref, ours = _both(x, w, strides, padding, groups)
+    assert _uses_lax_conv(ours, x, w) == (path == "lax")
+    np.testing.assert_allclose(np.asarray(ours(x, w)), np.asarray(ref(x, w)),
+                               rtol=1e-5, atol=1e-5)
+    cot = jnp.asarray(rng.standard_normal(ref(x, w).shape), jnp.float32)
+    g_ref = jax.grad(lambda x, w: jnp.vdot(ref(x, w), cot), argnums=(0, 1))(x, w)
+    g_ours = jax.grad(lambda x, w: jnp.vdot(ours(x, w), cot), argnums=(0, 1))(x, w)
+    for a, b in zip(g_ours, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+
+def test_channels_first_and_dilated_go_to_lax():
+    x = jnp.ones((1, 4, 3, 3))
+    w = jnp.ones((5, 4, 3, 3))
+    f = lambda x, w: conv_ops.conv_general_dilated(x, w, (1, 1), "SAME")  # noqa: E731
+    assert _uses_lax_conv(f, x, w)  # lax's default layout is NCHW
+    x, w = jnp.ones((1, 3, 3, 4)), jnp.ones((3, 3, 1, 4))
+    g = lambda x, w: conv_ops.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=_numbers(2),
+        feature_group_count=4)
+    assert _uses_lax_conv(g, x, w)
+    np.testing.assert_allclose(
+        g(x, w), lax.conv_general_dilated(x, w, (1, 1), "SAME", rhs_dilation=(2, 2),
+                                          dimension_numbers=_numbers(2),
+                                          feature_group_count=4))
+
+
+def test_common_conv_uses_it_with_unchanged_parameters():
+    """The vision families' `common.conv` routes through conv_ops; its variables are exactly
+    nn.Conv's, so checkpoints and the timm converters are unaffected."""
+    import flax.linen as nn
+
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 2, 2, 8)), jnp.float32)
+    ours = common.conv(5, 3)
+    plain = nn.Conv(5, (3, 3), padding=[(1, 1), (1, 1)], use_bias=False,
+                    kernel_init=common.conv_kernel_init)
+    v = ours.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.map(jnp.shape, v) == jax.tree.map(jnp.shape,
+                                                      plain.init(jax.random.PRNGKey(0), x))
+    assert not _uses_lax_conv(lambda v, x: ours.apply(v, x), v, x)
+    np.testing.assert_allclose(ours.apply(v, x), plain.apply(v, x), rtol=1e-5, atol=1e-5)
