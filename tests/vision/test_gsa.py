@@ -84,9 +84,11 @@ def test_gsa_resnet50_param_count_and_shapes():
             expected += -9 * w * w + 3 * w * w + 2 * (2 * size - 1) * (w // 8) + 2 * w
     ours = common.count_params(
         common.param_shapes(gsa.create("50", 1000), (1, 224, 224, 3))["params"])
-    # Not asserted against the paper: its GSA-ResNet-50 figure (arXiv 2010.03019) could not be
-    # read from any stored copy; see the gsa.py docstring for what was found (70.7% of 25.6M).
     assert ours == expected == 18_109_080
+    # The paper's exact figure (arXiv 2010.03019) could not be read from any stored copy (see the
+    # gsa.py docstring). ../shared/references/seeds.md records it only as "18.xM", fewer than
+    # ResNet-50's 25.6M: the count is checked to that precision.
+    assert 18_000_000 <= ours < 19_000_000 and ours < 25_557_032
     model = gsa.create("tiny", 10)
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
     logits, out = jax.eval_shape(lambda v, x: model.apply(v, x),
