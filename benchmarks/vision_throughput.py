@@ -9,7 +9,8 @@ Both sides train the same architecture on the same random batch with SGD (Nester
   moetx  `moetx.trainer.trainer.Trainer.train_step` (jitted) on one device, with
          `moetx.vision.model.ImageClassificationModel` (no augmentation, no label smoothing)
          and `optimizers.sgd_momentum`.
-  timm   `timm.create_model(<timm name>)` (`resnetrs<depth>` or `tf_efficientnetv2_<v>`) with
+  timm   `timm.create_model(<timm name>)` (`resnetrs<depth>`, `tf_efficientnetv2_<v>`,
+         `coatnet_<v>_224` or `gmlp_<v>16_224`, the last two built at `--image_size`) with
          `torch.optim.SGD(lr=0.1, momentum=0.9, nesterov=True)`.
 
 The trainable parameter counts must match (`params_match`). Steps are timed alternately (one
@@ -51,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet_rs/50",
-                   help="resnet_rs/<50..420> or efficientnet_v2/<s,m,l,b0..b3>")
+                   help="resnet_rs/<50..420>, efficientnet_v2/<s,m,l,b0..b3>, coatnet/<0..3> "
+                        "or gmlp/<ti,s,b>")
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--num_classes", type=int, default=1000)
@@ -68,33 +70,50 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (the first step compiles)")
     family, _, variant = args.model.partition("/")
+    # timm models that take the image size at construction (relative-position tables, token MLPs).
+    args.timm_kwargs = {}
     if family == "resnet_rs" and variant.isdigit():
         args.timm_name = f"resnetrs{variant}"
     elif family == "efficientnet_v2" and variant in ("s", "m", "l", "b0", "b1", "b2", "b3"):
         args.timm_name = f"tf_efficientnetv2_{variant}"
+    elif family == "coatnet" and variant in ("0", "1", "2", "3"):
+        args.timm_name = f"coatnet_{variant}_224"
+        args.timm_kwargs = {"img_size": args.image_size}
+    elif family == "gmlp" and variant in ("ti", "s", "b"):
+        args.timm_name = f"gmlp_{variant}16_224"
+        args.timm_kwargs = {"img_size": args.image_size}
     else:
-        p.error(f"--model must be resnet_rs/<depth> or efficientnet_v2/<s|m|l|b0..b3> (models "
-                f"timm has too), got {args.model!r}")
+        p.error(f"--model must be resnet_rs/<depth>, efficientnet_v2/<s|m|l|b0..b3>, "
+                f"coatnet/<0..3> or gmlp/<ti|s|b> (models timm has too), got {args.model!r}")
     return args
 
 
-def regularisation(args) -> tuple[float, float]:
-    """(dropout, drop_path) of the moetx variant, applied to both sides."""
+def regularisation(args) -> tuple[dict, float, float]:
+    """(moetx model overrides, dropout, drop_path) of the moetx variant; the same dropout and
+    drop-path rates go to timm."""
     from moetx.vision.models import get_family
 
     family, _, variant = args.model.partition("/")
     cfg = get_family(family).VARIANTS[variant]
-    drop_path = cfg.get("drop_path_rate", 0.2 if family == "efficientnet_v2" else 0.0)
-    return float(cfg["dropout_rate"]), float(drop_path)
+    if family in ("coatnet", "gmlp"):  # CoAtNet/gMLP name their rates differently
+        drop_path = float(cfg.get("stochastic_depth", 0.0))
+        dropout = float(cfg.get("dropout", 0.0))
+        overrides = {"stochastic_depth": drop_path}
+        if family == "coatnet":
+            overrides["dropout"] = dropout
+        return overrides, dropout, drop_path
+    drop_path = float(cfg.get("drop_path_rate", 0.2 if family == "efficientnet_v2" else 0.0))
+    dropout = float(cfg["dropout_rate"])
+    return {"dropout_rate": dropout, "drop_path_rate": drop_path}, dropout, drop_path
 
 
-def build_moetx(args, jax, np, images, labels, dropout, drop_path):
+def build_moetx(args, jax, np, images, labels, overrides):
     from moetx.trainer import metrics, optimizers, partitioning, trainer as trainer_lib
     from moetx.vision import model as vision_model
 
     model = vision_model.ImageClassificationModel(
         model_name=args.model, num_classes=args.num_classes,
-        model_overrides={"dropout_rate": dropout, "drop_path_rate": drop_path},
+        model_overrides=overrides,
         mean=(0.0,), std=(1.0,))
     mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     shapes = model.input_shapes(args.batch, {"image": (args.image_size, args.image_size, 3)})
@@ -113,7 +132,7 @@ def build_timm(args, torch, images, labels, dropout, drop_path):
 
     torch.manual_seed(0)
     model = timm.create_model(args.timm_name, pretrained=False, num_classes=args.num_classes,
-                              drop_rate=dropout, drop_path_rate=drop_path)
+                              drop_rate=dropout, drop_path_rate=drop_path, **args.timm_kwargs)
     model.train()
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
@@ -151,10 +170,10 @@ def main(argv=None) -> int:
     images = rng.uniform(0, 1, (args.batch, args.image_size, args.image_size, 3)).astype(
         np.float32)
     labels = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
-    dropout, drop_path = regularisation(args)
+    overrides, dropout, drop_path = regularisation(args)
 
     log("building moetx (init compiles)")
-    tr, state, batch, params = build_moetx(args, jax, np, images, labels, dropout, drop_path)
+    tr, state, batch, params = build_moetx(args, jax, np, images, labels, overrides)
     timm_step = timm_params = None
     if not args.skip_timm:
         log("building timm")
