@@ -72,8 +72,10 @@ def main(argv=None) -> int:
         pad = ((1, 1), (1, 1))
 
         def jax_step(conv):
-            loss = lambda x, w: jnp.sum(conv(x, w, (stride, stride), pad, dimension_numbers=dn,  # noqa: E731
-                                             feature_group_count=groups) ** 2)
+            def loss(x, w):
+                return jnp.sum(conv(x, w, (stride, stride), pad, dimension_numbers=dn,
+                                    feature_group_count=groups) ** 2)
+
             f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
             xj, wj = jnp.asarray(x), jnp.asarray(w)
             return lambda: jax.block_until_ready(f(xj, wj))

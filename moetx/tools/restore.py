@@ -243,6 +243,35 @@ def _place(value: Any, target: Any) -> jax.Array:
     return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
 
 
+def resize_position_tables(source: Mapping[str, Any], abstract_params: Any,
+                           assignment_map: AssignmentMap = ()
+                           ) -> tuple[dict[str, Any], list[str]]:
+    """`source` (flat or nested) with every relative-position bias table the target holds at
+    another size resized to the target's shape; returns (flat source, resized source names).
+
+    A table is a target parameter named `*relative_position_bias` of rank 3 whose source (after
+    the assignment map) has rank 3, the same number of heads and a different shape. Anything
+    else is left for `restore_params` to match or report.
+    """
+    from moetx.vision.models.coatnet import resize_relative_position_bias
+
+    flat = dict(_flatten(dict(source)))
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    targets = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): x
+               for path, x in leaves}
+    mapping, _ = map_names(list(targets), assignment_map)
+    resized = []
+    for t, s in mapping.items():
+        if s is None or not t.endswith("relative_position_bias") or s not in flat:
+            continue
+        want, have = tuple(targets[t].shape), tuple(np.shape(flat[s]))
+        if len(want) == len(have) == 3 and want[-1] == have[-1] and want != have:
+            flat[s] = resize_relative_position_bias(flat[s], ((want[0] + 1) // 2,
+                                                             (want[1] + 1) // 2))
+            resized.append(s)
+    return flat, resized
+
+
 # ------------------------------------------------------------------------------------ training
 
 
@@ -262,15 +291,24 @@ class InitFromCheckpoint:
         tiled into each sparse layer's experts and the routers keep their fresh initialisation
         (Komatsuzaki et al.); the assignment map then applies to the upcycled tree.
       step: which moetx checkpoint_<step> (default latest).
+      resize_position_tables: fine-tuning at another image size: relative-position bias tables
+        (`*/relative_position_bias`, [2h-1, 2w-1, heads], CoAtNet) whose source shape differs
+        from the target's are resized bilinearly to it
+        (`moetx.vision.models.coatnet.resize_relative_position_bias`) instead of being reported
+        as wrong-shape.
+
+    Only the parameters are restored: batch-norm statistics and the weight EMA start fresh.
     """
 
     def __init__(self, path: str = gin.REQUIRED, assignment_map: AssignmentMap = (),
-                 strict: bool = True, upcycle: bool = False, step: int | None = None):
+                 strict: bool = True, upcycle: bool = False, step: int | None = None,
+                 resize_position_tables: bool = False):
         self.path = path
         self.assignment_map = [tuple(e) for e in assignment_map]
         self.strict = strict
         self.upcycle = upcycle
         self.step = step
+        self.resize_position_tables = resize_position_tables
 
     def __call__(self, trainer, state):
         """(Trainer, fresh TrainState) -> TrainState with restored params."""
@@ -282,13 +320,17 @@ class InitFromCheckpoint:
             template = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), fresh)
             source = upcycle_params(_unflatten(source), template)
         abstract = trainer.abstract_state_with_shardings().params
+        resized = []
+        if self.resize_position_tables:
+            source, resized = resize_position_tables(source, abstract, self.assignment_map)
         params, report = restore_params(source, abstract, fresh, self.assignment_map,
                                         self.strict)
         print(f"moetx: initialised from {self.path}"
-              f"{' (upcycled)' if self.upcycle else ''}: {report.diff().splitlines()[0]}",
-              file=sys.stderr, flush=True)
+              f"{' (upcycled)' if self.upcycle else ''}"
+              f"{f' ({len(resized)} position table(s) resized)' if resized else ''}: "
+              f"{report.diff().splitlines()[0]}", file=sys.stderr, flush=True)
         return state.replace(params=params)
 
 
 __all__ = ["InitFromCheckpoint", "RestoreReport", "load_params", "map_names", "plan_restore",
-           "restore_params", "source_format"]
+           "resize_position_tables", "restore_params", "source_format"]

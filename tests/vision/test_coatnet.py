@@ -78,3 +78,80 @@ def test_odd_sizes_and_bad_variant():
         14, 7, 4, 2, 1]
     with pytest.raises(ValueError, match="known"):
         coatnet.create("7", 10)
+
+
+def test_resize_relative_position_bias_is_bilinear_in_the_offset():
+    """Same size: unchanged. An affine table a*dy + b*dx + c per head stays affine, with offsets
+    rescaled so the largest ones align; a constant stays constant."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((7, 7, 2)).astype(np.float32)  # a 4x4 map
+    np.testing.assert_array_equal(coatnet.resize_relative_position_bias(table, (4, 4)), table)
+    dy, dx = np.meshgrid(np.arange(-3, 4), np.arange(-3, 4), indexing="ij")
+    affine = np.stack([0.5 * dy - 2.0 * dx + 1.0, -dy + 0.25 * dx], axis=-1).astype(np.float32)
+    got = coatnet.resize_relative_position_bias(affine, (7, 5))  # -> [13, 9, 2]
+    assert got.shape == (13, 9, 2)
+    ny, nx = np.meshgrid(np.arange(-6, 7) * 3 / 6, np.arange(-4, 5) * 3 / 4, indexing="ij")
+    want = np.stack([0.5 * ny - 2.0 * nx + 1.0, -ny + 0.25 * nx], axis=-1)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # Down-sizing keeps the corner (largest-offset) entries exactly.
+    small = coatnet.resize_relative_position_bias(table, (2, 3))
+    assert small.shape == (3, 5, 2)
+    np.testing.assert_array_equal(small[[0, 0, -1, -1], [0, -1, 0, -1]],
+                                  table[[0, 0, -1, -1], [0, -1, 0, -1]])
+    const = np.full((5, 5, 3), 0.7, np.float32)
+    np.testing.assert_allclose(coatnet.resize_relative_position_bias(const, (6, 2)), 0.7,
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="2h-1"):
+        coatnet.resize_relative_position_bias(np.zeros((6, 7, 2)), (4, 4))
+
+
+def test_finetune_at_another_resolution_resizes_the_tables(tmp_path, capsys):
+    """A CoAtNet checkpoint trained at 32x32 initialises a 64x64 run through InitFromCheckpoint:
+    without resize_position_tables the strict restore names the bias tables; with it, every
+    table is the bilinear resize of the source's and every other parameter is restored as is,
+    and the 64x64 model runs."""
+    import jax
+
+    from moetx.tools import convert, restore
+    from moetx.tools.hf import ConversionError
+    from moetx.trainer import checkpoints, optimizers, partitioning
+    from moetx.trainer import trainer as trainer_lib
+    from moetx.vision import model as vision_model
+
+    def make(size):
+        m = vision_model.ImageClassificationModel(model_name="coatnet/tiny", num_classes=10)
+        mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+        tr = trainer_lib.Trainer(
+            m, lambda param_axes: optimizers.sgd_momentum(optimizers.constant_schedule(0.1)),
+            mesh, partitioning.standard_logical_axis_rules(),
+            m.input_shapes(2, {"image": (size, size, 3)}), seed=0)
+        return tr, tr.init_state()
+
+    small_tr, small_state = make(32)
+    ck = checkpoints.Checkpointer(str(tmp_path / "pre"), save_interval_steps=1, keep=None)
+    ck.save(7, small_state, {"batches_consumed": 0})
+    ck.close()
+    src = convert._flatten(jax.device_get(small_state.params))
+    tables = sorted(k for k in src if k.endswith("relative_position_bias"))
+    assert len(tables) == 2  # the two Transformer stages of 'tiny'
+
+    big_tr, big_state = make(64)
+    with pytest.raises(ConversionError, match="relative_position_bias"):
+        restore.InitFromCheckpoint(path=str(tmp_path / "pre"))(big_tr, big_state)
+    new = restore.InitFromCheckpoint(path=str(tmp_path / "pre"),
+                                     resize_position_tables=True)(big_tr, big_state)
+    assert "2 position table(s) resized" in capsys.readouterr().err
+    got = convert._flatten(jax.device_get(new.params))
+    assert set(got) == set(src)
+    for k, v in src.items():
+        if k in tables:
+            side = (got[k].shape[0] + 1) // 2
+            assert got[k].shape != v.shape and side == 2 * ((v.shape[0] + 1) // 2)
+            np.testing.assert_allclose(
+                got[k], coatnet.resize_relative_position_bias(v, (side, side)), rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(got[k], v)
+    logits, _ = big_tr.model.module.apply(
+        {"params": new.params, "batch_stats": new.model_state["batch_stats"]},
+        np.zeros((1, 64, 64, 3), np.float32))
+    assert logits.shape == (1, 10) and np.all(np.isfinite(np.asarray(logits)))

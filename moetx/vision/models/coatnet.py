@@ -20,8 +20,9 @@ The variants are timm's "paper-like" `coatnet_{0..3}_224` configs (not the `_rw`
 reproduce their parameter counts exactly at 224x224 with 1000 classes: 25,036,820 / 42,225,776 /
 74,684,744 / 166,966,264 trainable parameters (paper: 25M / 42M / 75M / 168M). Batch-norm
 running statistics are extra, in 'batch_stats'. The relative-bias tables are sized by the
-feature map seen at init, so a model is tied to its init resolution (the paper resizes the table
-bilinearly to fine-tune at another one; not implemented here).
+feature map seen at init. To fine-tune at another resolution, as the paper does, the tables are
+resized bilinearly (`resize_relative_position_bias`); `InitFromCheckpoint` does it with
+`resize_position_tables=True`.
 """
 
 from __future__ import annotations
@@ -118,6 +119,38 @@ def relative_position_index(height: int, width: int) -> np.ndarray:
     dy = ys[:, None] - ys[None, :] + height - 1
     dx = xs[:, None] - xs[None, :] + width - 1
     return dy * (2 * width - 1) + dx
+
+
+def resize_relative_position_bias(table: Any, size: Sequence[int]) -> np.ndarray:
+    """Resizes a relative-bias table [2h-1, 2w-1, heads] to [2H-1, 2W-1, heads] for an H x W map.
+
+    Bilinear in the offset, with the largest offsets aligned: new offset d along an axis reads the
+    old table at offset d * (h-1) / (H-1) (separable linear interpolation, float32). A table
+    that is affine in the offsets therefore stays affine, constants stay constant, and the same
+    size returns the table unchanged. For a 1-pixel map the single entry is kept (broadcast).
+    """
+    table = np.asarray(table, np.float32)
+    if table.ndim != 3:
+        raise ValueError(f"expected a [2h-1, 2w-1, heads] table, got shape {table.shape}")
+    out = table
+    for axis, n in enumerate(size):
+        if n < 1:
+            raise ValueError(f"feature-map size must be positive, got {tuple(size)}")
+        src, dst = out.shape[axis], 2 * n - 1
+        if src % 2 == 0:
+            raise ValueError(f"table axis {axis} has even length {src}; not a 2h-1 table")
+        if src == dst:
+            continue
+        new_pos = (np.linspace(0.0, src - 1.0, dst) if dst > 1
+                   else np.array([(src - 1) / 2.0]))
+        lo = np.clip(np.floor(new_pos).astype(int), 0, src - 1)
+        hi = np.clip(lo + 1, 0, src - 1)
+        frac = (new_pos - lo).astype(np.float32)
+        shape = [1] * out.ndim
+        shape[axis] = dst
+        frac = frac.reshape(shape)
+        out = (np.take(out, lo, axis=axis) * (1.0 - frac) + np.take(out, hi, axis=axis) * frac)
+    return out.astype(np.float32)
 
 
 class RelativeAttention(nn.Module):

@@ -12,8 +12,9 @@ slow generic loops:
 - Dense convolutions on feature maps no larger than the kernel plus one (a 3x3 conv on 2x2 to
   4x4 maps, as in the last stages at small image sizes). In the compiled train step of
   ResNet-RS-50 at 64x64 these appear outside YNNPACK, rewritten to a 2x2 window with batch-last
-  layouts (`dim_labels=01fb_o01i->f01b`), and took 480 of its 800 ms. Here they are one matmul over explicit patches (the k*k shifted slices concatenated along
-  channels), which goes to YNNPACK's dot.
+  layouts (`dim_labels=01fb_o01i->f01b`), and took 480 of its 800 ms. Here they are one
+  matmul over explicit patches (the k*k shifted slices concatenated along channels), which
+  goes to YNNPACK's dot.
 
 Measured on the 2-core dev machine (idle), batch 16, value-and-grad of sum(conv(x, w)^2) with
 respect to x and w, median of 7, by `.venv/bin/python benchmarks/conv_ops.py` (which also times
