@@ -76,6 +76,19 @@ def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in _flatten(ckpt.params).items()}
 
 
+def load_model_state(path: str, step: int | None = None) -> dict[str, Any]:
+    """The model state (batch-norm statistics) of a moetx checkpoint as nested numpy arrays;
+    {} for T5X checkpoints and for moetx ones that keep none."""
+    if source_format(path) != "moetx":
+        return {}
+    import orbax.checkpoint as ocp
+
+    from moetx.tools import convert
+
+    state = ocp.PyTreeCheckpointer().restore(convert.moetx_state_dir(path, step))
+    return jax.tree_util.tree_map(np.asarray, dict(state.get("model_state") or {}))
+
+
 # ------------------------------------------------------------------------------------ mapping
 
 
@@ -296,19 +309,24 @@ class InitFromCheckpoint:
         from the target's are resized bilinearly to it
         (`moetx.vision.models.coatnet.resize_relative_position_bias`) instead of being reported
         as wrong-shape.
+      restore_model_state: when both the run and a moetx source keep model state (batch-norm
+        statistics), restore it too, under the same `strict` rule (names are not remapped).
+        Otherwise, and for T5X sources, the run's fresh model state is kept.
 
-    Only the parameters are restored: batch-norm statistics and the weight EMA start fresh.
+    A weight EMA kept by the run starts from the restored parameters (and model state), not
+    from the fresh initialisation the run was created with.
     """
 
     def __init__(self, path: str = gin.REQUIRED, assignment_map: AssignmentMap = (),
                  strict: bool = True, upcycle: bool = False, step: int | None = None,
-                 resize_position_tables: bool = False):
+                 resize_position_tables: bool = False, restore_model_state: bool = True):
         self.path = path
         self.assignment_map = [tuple(e) for e in assignment_map]
         self.strict = strict
         self.upcycle = upcycle
         self.step = step
         self.resize_position_tables = resize_position_tables
+        self.restore_model_state = restore_model_state
 
     def __call__(self, trainer, state):
         """(Trainer, fresh TrainState) -> TrainState with restored params."""
@@ -325,12 +343,25 @@ class InitFromCheckpoint:
             source, resized = resize_position_tables(source, abstract, self.assignment_map)
         params, report = restore_params(source, abstract, fresh, self.assignment_map,
                                         self.strict)
+        model_state, ms_note = state.model_state, ""
+        if self.restore_model_state and jax.tree_util.tree_leaves(state.model_state):
+            source_ms = load_model_state(self.path, self.step)
+            if jax.tree_util.tree_leaves(source_ms):
+                model_state, ms_report = restore_params(
+                    source_ms, trainer.abstract_state_with_shardings().model_state,
+                    state.model_state, strict=self.strict)
+                ms_note = f"; model state: {ms_report.diff().splitlines()[0]}"
+            else:
+                ms_note = "; model state: none in the source, kept fresh"
         print(f"moetx: initialised from {self.path}"
               f"{' (upcycled)' if self.upcycle else ''}"
               f"{f' ({len(resized)} position table(s) resized)' if resized else ''}: "
-              f"{report.diff().splitlines()[0]}", file=sys.stderr, flush=True)
-        return state.replace(params=params)
+              f"{report.diff().splitlines()[0]}{ms_note}", file=sys.stderr, flush=True)
+        ema = state.ema
+        if ema:
+            ema = {"params": params, "model_state": model_state if ema["model_state"] else {}}
+        return state.replace(params=params, model_state=model_state, ema=ema)
 
 
-__all__ = ["InitFromCheckpoint", "RestoreReport", "load_params", "map_names", "plan_restore",
-           "resize_position_tables", "restore_params", "source_format"]
+__all__ = ["InitFromCheckpoint", "RestoreReport", "load_model_state", "load_params", "map_names",
+           "plan_restore", "resize_position_tables", "restore_params", "source_format"]

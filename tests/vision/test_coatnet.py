@@ -108,8 +108,8 @@ def test_resize_relative_position_bias_is_bilinear_in_the_offset():
 def test_finetune_at_another_resolution_resizes_the_tables(tmp_path, capsys):
     """A CoAtNet checkpoint trained at 32x32 initialises a 64x64 run through InitFromCheckpoint:
     without resize_position_tables the strict restore names the bias tables; with it, every
-    table is the bilinear resize of the source's and every other parameter is restored as is,
-    and the 64x64 model runs."""
+    table is the bilinear resize of the source's, every other parameter and the batch-norm
+    statistics are restored as is, the run's EMA starts from them, and the 64x64 model runs."""
     import jax
 
     from moetx.tools import convert, restore
@@ -118,16 +118,19 @@ def test_finetune_at_another_resolution_resizes_the_tables(tmp_path, capsys):
     from moetx.trainer import trainer as trainer_lib
     from moetx.vision import model as vision_model
 
-    def make(size):
+    def make(size, **kw):
         m = vision_model.ImageClassificationModel(model_name="coatnet/tiny", num_classes=10)
         mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
         tr = trainer_lib.Trainer(
             m, lambda param_axes: optimizers.sgd_momentum(optimizers.constant_schedule(0.1)),
             mesh, partitioning.standard_logical_axis_rules(),
-            m.input_shapes(2, {"image": (size, size, 3)}), seed=0)
+            m.input_shapes(2, {"image": (size, size, 3)}), seed=kw.pop("seed", 0), **kw)
         return tr, tr.init_state()
 
     small_tr, small_state = make(32)
+    # Statistics unlike a fresh init's (mean 0, var 1), so restoring them is visible.
+    small_state = small_state.replace(model_state=jax.tree.map(
+        lambda x: x + 0.5, small_state.model_state))
     ck = checkpoints.Checkpointer(str(tmp_path / "pre"), save_interval_steps=1, keep=None)
     ck.save(7, small_state, {"batches_consumed": 0})
     ck.close()
@@ -135,7 +138,7 @@ def test_finetune_at_another_resolution_resizes_the_tables(tmp_path, capsys):
     tables = sorted(k for k in src if k.endswith("relative_position_bias"))
     assert len(tables) == 2  # the two Transformer stages of 'tiny'
 
-    big_tr, big_state = make(64)
+    big_tr, big_state = make(64, seed=1, ema_decay=0.999, ema_warmup=False)
     with pytest.raises(ConversionError, match="relative_position_bias"):
         restore.InitFromCheckpoint(path=str(tmp_path / "pre"))(big_tr, big_state)
     new = restore.InitFromCheckpoint(path=str(tmp_path / "pre"),
@@ -151,6 +154,17 @@ def test_finetune_at_another_resolution_resizes_the_tables(tmp_path, capsys):
                 got[k], coatnet.resize_relative_position_bias(v, (side, side)), rtol=1e-6)
         else:
             np.testing.assert_array_equal(got[k], v)
+    stats = convert._flatten(jax.device_get(small_state.model_state))
+    got_stats = convert._flatten(jax.device_get(new.model_state))
+    assert stats and set(got_stats) == set(stats)
+    for k, v in stats.items():
+        np.testing.assert_array_equal(got_stats[k], v)
+    # The EMA starts from the restored weights and statistics, not the 64x64 run's fresh init.
+    for tree, want in ((new.ema["params"], got), (new.ema["model_state"], got_stats)):
+        flat = convert._flatten(jax.device_get(tree))
+        assert set(flat) == set(want)
+        for k, v in want.items():
+            np.testing.assert_array_equal(flat[k], v)
     logits, _ = big_tr.model.module.apply(
         {"params": new.params, "batch_stats": new.model_state["batch_stats"]},
         np.zeros((1, 64, 64, 3), np.float32))
