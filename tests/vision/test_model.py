@@ -81,7 +81,10 @@ def test_registry_builds_by_name_with_clear_errors():
 def test_tiny_model_trains_on_fashion_mnist(tmp_path):
     """300 steps of a 24k-parameter CNN through `vision/fashion_mnist.gin`: test accuracy on
     512 test images far above the 10% of chance."""
+    import gin
+
     from moetx.trainer import cli, train
+    from moetx.trainer import eval as eval_lib  # registers `evaluate` before gin is locked
 
     args = cli.parse_flags([
         "--gin_file=vision/fashion_mnist.gin", f"--gin.MODEL_DIR='{tmp_path}'",
@@ -92,3 +95,15 @@ def test_tiny_model_trains_on_fashion_mnist(tmp_path):
     results = train.train()
     assert results["eval"]["tokens"] == 512.0
     assert results["eval"]["accuracy"] > 0.65, results["eval"]
+
+    # The eval command on the run file plus vision/eval.gin (no MODEL_DIR / TRAIN_STEPS needed)
+    # reproduces the end-of-training evaluation exactly: same EMA weights, split and batches.
+    gin.clear_config(clear_constants=False)
+    args = cli.parse_flags([
+        "--gin_file=vision/fashion_mnist.gin", "--gin_file=vision/eval.gin",
+        f"--gin.CHECKPOINT_DIR='{tmp_path}'", "--gin.MODEL_NAME='tiny/s'",
+        "--gin.BATCH_SIZE=64", "--gin.EVAL_STEPS=8"])
+    cli.parse_gin(args)
+    again = eval_lib.evaluate()
+    assert again["tokens"] == 512.0
+    assert again["accuracy"] == results["eval"]["accuracy"], (again, results["eval"])
