@@ -22,7 +22,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import time_round_robin  # noqa: E402
+from train_throughput import reserve_stdout_for_json, time_round_robin  # noqa: E402
 
 _T0 = time.perf_counter()
 
@@ -47,11 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     args = p.parse_args(argv)
-    json_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    from moetx.trainer import xla_env
-    xla_env.configure_cpu_defaults()
+    json_out = reserve_stdout_for_json()
 
     import jax
     import jax.numpy as jnp
@@ -107,7 +103,7 @@ def main(argv=None) -> int:
     out = {"benchmark": "conv_ops", "batch": args.batch, "steps": args.steps,
            "torch_threads": args.threads, "jax": jax.__version__, "torch": torch.__version__,
            "rows": rows}
-    os.write(json_fd, (json.dumps(out) + "\n").encode())
+    json_out.write(json.dumps(out) + "\n")
     return 0
 
 

@@ -51,7 +51,7 @@ import time
 
 # Sibling module: the background-load meter and the matmul peak are shared with the
 # decoder-only benchmark (importing it imports neither jax nor torch).
-from train_throughput import CpuLoad, measure_matmuls, time_round_robin
+from train_throughput import CpuLoad, measure_matmuls, reserve_stdout_for_json, time_round_robin
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -164,19 +164,11 @@ def versions(jax, torch) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # Keep C-level and library prints off stdout: the JSON lines are the only stdout output.
-    json_out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    xla_flags_before = os.environ.get("XLA_FLAGS", "")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    xla_flags_before = os.environ.get("XLA_FLAGS", "")
-    if not args.no_xla_tuning:
-        from moetx.trainer import xla_env
-        xla_env.configure_cpu_defaults()
+    json_out = reserve_stdout_for_json(xla_tuning=not args.no_xla_tuning)
 
     import jax
     import jax.numpy as jnp

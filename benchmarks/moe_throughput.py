@@ -62,7 +62,8 @@ import time
 # Sibling module: the background-load meter, matmul peak and decoder batch are shared with the
 # dense benchmark (importing it imports neither jax nor torch).
 from encdec_throughput import encdec_batch
-from train_throughput import CpuLoad, make_batch, measure_matmuls, time_round_robin
+from train_throughput import (CpuLoad, make_batch, measure_matmuls, reserve_stdout_for_json,
+                              time_round_robin)
 
 MEASUREMENTS = ("moe_vs_dense", "dispatch_paths", "moetx_vs_hf_switch")
 
@@ -413,16 +414,8 @@ def measure_switch(args, jax, np, torch) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    json_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    out = os.fdopen(json_fd, "w")
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    if not args.no_xla_tuning:
-        from moetx.trainer import xla_env
-        xla_env.configure_cpu_defaults()
+    out = reserve_stdout_for_json(xla_tuning=not args.no_xla_tuning)
 
     import jax
     import jax.numpy as jnp

@@ -30,7 +30,7 @@ import os
 import statistics
 import sys
 import time
-from typing import NamedTuple
+from typing import NamedTuple, TextIO
 
 # The peers run torch on the CPU. Triton, which torch imports lazily, segfaults when it loads
 # after TensorFlow (which moetx imports); torch on the CPU never needs it. The other benchmarks
@@ -74,6 +74,25 @@ _T0 = time.perf_counter()
 def log(msg: str) -> None:
     print(f"[train_throughput {time.perf_counter() - _T0:5.1f}s] {msg}", file=sys.stderr,
           flush=True)
+
+
+def reserve_stdout_for_json(xla_tuning: bool = True) -> TextIO:
+    """Starts a benchmark process; call before importing jax.
+
+    The JSON line(s) are the only stdout output, so C-level and library prints must stay off
+    it: returns a line-buffered text stream on the original stdout and points fd 1 and
+    `sys.stdout` at stderr. Also quietens TensorFlow's startup log and, with `xla_tuning`,
+    applies `moetx.trainer.xla_env.configure_cpu_defaults()`.
+    """
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if xla_tuning:
+        from moetx.trainer import xla_env
+
+        xla_env.configure_cpu_defaults()
+    return out
 
 
 class CpuLoad:
@@ -263,17 +282,9 @@ def build_hf(args, torch, batch_np):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # Keep C-level and library prints off stdout: the JSON line is the only stdout output.
-    json_fd = os.dup(1)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     xla_flags_before = os.environ.get("XLA_FLAGS", "")
-    if not args.no_xla_tuning:
-        from moetx.trainer import xla_env
-        xla_env.configure_cpu_defaults()
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    out = reserve_stdout_for_json(xla_tuning=not args.no_xla_tuning)
 
     import jax
     import jax.numpy as jnp
@@ -370,8 +381,7 @@ def main(argv=None) -> int:
            f" ms/step), ratio {result['ratio_moetx_over_hf']:.2f}" if hf_step else ""))
     sys.stdout.flush()
     sys.stderr.flush()
-    with os.fdopen(json_fd, "w") as out:
-        out.write(json.dumps(result) + "\n")
+    out.write(json.dumps(result) + "\n")
     return 0
 
 

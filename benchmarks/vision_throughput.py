@@ -38,7 +38,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_throughput import time_round_robin  # noqa: E402  (same directory; no heavy imports)
+from train_throughput import (  # noqa: E402  (same directory; no heavy imports)
+    reserve_stdout_for_json, time_round_robin)
 
 _T0 = time.perf_counter()
 
@@ -151,13 +152,7 @@ def build_timm(args, torch, images, labels, dropout, drop_path):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    json_fd = os.dup(1)  # the JSON line is the only stdout output
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if not args.no_xla_tuning:
-        from moetx.trainer import xla_env
-        xla_env.configure_cpu_defaults()
+    out = reserve_stdout_for_json(xla_tuning=not args.no_xla_tuning)
 
     import jax
     import numpy as np
@@ -223,7 +218,7 @@ def main(argv=None) -> int:
         "xla_tuning": not args.no_xla_tuning,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     })
-    os.write(json_fd, (json.dumps(result) + "\n").encode())
+    out.write(json.dumps(result) + "\n")
     return 0
 
 
