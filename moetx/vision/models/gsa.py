@@ -169,13 +169,5 @@ class GsaMixer(nn.Module):
 def create(variant: str, num_classes: int, **overrides: Any) -> resnet_rs.ResNet:
     """GSA-ResNet by name ('50', 'tiny'); `overrides` may set heads, neighborhood or ResNet
     fields."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown GSA-ResNet variant {variant!r}; known: {sorted(VARIANTS)}.")
-    cfg = {**VARIANTS[variant], **overrides}
-    heads, neighborhood = cfg.pop("heads"), cfg.pop("neighborhood")
-
-    def mixer(features: int, strides: int) -> nn.Module:
-        return GsaMixer(features, strides=strides, heads=heads, neighborhood=neighborhood)
-
-    cfg.setdefault("se_ratio", 0.0)
-    return resnet_rs.ResNet(num_classes=num_classes, spatial_mixer=mixer, **cfg)
+    return resnet_rs.create_with_mixer("GSA-ResNet", VARIANTS, variant, num_classes, overrides,
+                                       GsaMixer, ("heads", "neighborhood"))

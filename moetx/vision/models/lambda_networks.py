@@ -196,13 +196,6 @@ def create(variant: str, num_classes: int, **overrides: Any) -> resnet_rs.ResNet
     `overrides` may set the lambda hyper-parameters (key_dim, heads, intra_depth, conv_size) or any
     field of `resnet_rs.ResNet` (depths, widths, activation, ...).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown LambdaResNet variant {variant!r}; known: {sorted(VARIANTS)}.")
-    cfg = {**VARIANTS[variant], **overrides}
-    lam = {name: cfg.pop(name) for name in ("key_dim", "heads", "intra_depth", "conv_size")}
-
-    def mixer(features: int, strides: int) -> nn.Module:
-        return LambdaMixer(features, strides=strides, **lam)
-
-    cfg.setdefault("se_ratio", 0.0)
-    return resnet_rs.ResNet(num_classes=num_classes, spatial_mixer=mixer, **cfg)
+    return resnet_rs.create_with_mixer("LambdaResNet", VARIANTS, variant, num_classes, overrides,
+                                       LambdaMixer,
+                                       ("key_dim", "heads", "intra_depth", "conv_size"))

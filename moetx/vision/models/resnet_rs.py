@@ -247,6 +247,26 @@ def create(variant: str, num_classes: int, **overrides: Any) -> ResNet:
     return ResNet(num_classes=num_classes, **{**VARIANTS[variant], **overrides})
 
 
+def create_with_mixer(family: str, variants: Mapping[str, Mapping[str, Any]], variant: str,
+                      num_classes: int, overrides: Mapping[str, Any],
+                      mixer_cls: Callable[..., nn.Module], mixer_fields: Sequence[str]) -> ResNet:
+    """The skeleton of the attention ResNets (GSA, SASA, LambdaResNet): variant `variant` of
+    `variants` merged with `overrides`, every bottleneck 3x3 conv replaced by
+    `mixer_cls(width, strides=..., **fields)`, where the `mixer_fields` are taken out of the
+    merged config and the rest are `ResNet` fields; no squeeze-excite unless it sets se_ratio.
+    `family` names the models in the unknown-variant error."""
+    if variant not in variants:
+        raise ValueError(f"Unknown {family} variant {variant!r}; known: {sorted(variants)}.")
+    cfg = {**variants[variant], **overrides}
+    fields = {name: cfg.pop(name) for name in mixer_fields}
+
+    def mixer(features: int, strides: int) -> nn.Module:
+        return mixer_cls(features, strides=strides, **fields)
+
+    cfg.setdefault("se_ratio", 0.0)
+    return ResNet(num_classes=num_classes, spatial_mixer=mixer, **cfg)
+
+
 # ----------------------------------------------------------------------------------------------
 # Weight conversion.
 

@@ -139,13 +139,5 @@ class SasaMixer(nn.Module):
 
 def create(variant: str, num_classes: int, **overrides: Any) -> resnet_rs.ResNet:
     """SASA ResNet by name ('50', 'tiny'); `overrides` may set window, groups or ResNet fields."""
-    if variant not in VARIANTS:
-        raise ValueError(f"Unknown SASA ResNet variant {variant!r}; known: {sorted(VARIANTS)}.")
-    cfg = {**VARIANTS[variant], **overrides}
-    window, groups = cfg.pop("window"), cfg.pop("groups")
-
-    def mixer(features: int, strides: int) -> nn.Module:
-        return SasaMixer(features, strides=strides, window=window, groups=groups)
-
-    cfg.setdefault("se_ratio", 0.0)
-    return resnet_rs.ResNet(num_classes=num_classes, spatial_mixer=mixer, **cfg)
+    return resnet_rs.create_with_mixer("SASA ResNet", VARIANTS, variant, num_classes, overrides,
+                                       SasaMixer, ("window", "groups"))
