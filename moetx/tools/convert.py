@@ -225,12 +225,14 @@ class Checkpoint:
       step: the training step.
       slots: {flat param path: {slot name: array}} (Adafactor), or None.
       raw_opt_state: a moetx optimizer state that is not Adafactor (e.g. AdamW), as stored.
+      model_state: a moetx model state (batch-norm statistics), as stored; read, not written.
     """
 
     params: dict
     step: int = 0
     slots: dict[str, dict[str, np.ndarray]] | None = None
     raw_opt_state: Any = None
+    model_state: dict = dataclasses.field(default_factory=dict)
 
     @property
     def has_optimizer_state(self) -> bool:
@@ -281,7 +283,8 @@ def read_moetx(path: str, *, load_optimizer: bool = True, step: int | None = Non
     if not isinstance(state, dict) or "params" not in state:
         raise ValueError(f"{path}: not a moetx train state (top-level keys "
                          f"{sorted(state) if isinstance(state, dict) else type(state)}).")
-    ckpt = Checkpoint(params=state["params"], step=int(np.asarray(state.get("step", 0))))
+    ckpt = Checkpoint(params=state["params"], step=int(np.asarray(state.get("step", 0))),
+                      model_state=dict(state.get("model_state") or {}))
     opt = state.get("opt_state") if load_optimizer else None
     if opt is None:
         return ckpt

@@ -64,29 +64,24 @@ def source_format(path: str) -> str:
     return "moetx" if isinstance(tree, Mapping) and {"step", "params"} <= set(tree) else "t5x"
 
 
-def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
-    """The flat {name: numpy array} parameters of a moetx or T5X checkpoint (no optimizer)."""
+def _read(path: str, step: int | None = None):
+    """The `convert.Checkpoint` (no optimizer state) of a moetx or T5X checkpoint."""
     from moetx.tools import convert
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
-    fmt = source_format(path)
-    ckpt = (convert.read_moetx(path, load_optimizer=False, step=step) if fmt == "moetx"
-            else convert.read_t5x(path, load_optimizer=False))
-    return {k: np.asarray(v) for k, v in _flatten(ckpt.params).items()}
+    if source_format(path) == "moetx":
+        return convert.read_moetx(path, load_optimizer=False, step=step)
+    return convert.read_t5x(path, load_optimizer=False)
 
 
-def load_model_state(path: str, step: int | None = None) -> dict[str, Any]:
-    """The model state (batch-norm statistics) of a moetx checkpoint as nested numpy arrays;
-    {} for T5X checkpoints and for moetx ones that keep none."""
-    if source_format(path) != "moetx":
-        return {}
-    import orbax.checkpoint as ocp
+def _flat_numpy(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in _flatten(dict(tree)).items()}
 
-    from moetx.tools import convert
 
-    state = ocp.PyTreeCheckpointer().restore(convert.moetx_state_dir(path, step))
-    return jax.tree_util.tree_map(np.asarray, dict(state.get("model_state") or {}))
+def load_params(path: str, step: int | None = None) -> dict[str, np.ndarray]:
+    """The flat {name: numpy array} parameters of a moetx or T5X checkpoint (no optimizer)."""
+    return _flat_numpy(_read(path, step).params)
 
 
 # ------------------------------------------------------------------------------------ mapping
@@ -207,8 +202,7 @@ def restore_params(source: Mapping[str, Any] | str, abstract_params: Any,
         source = load_params(source)
     flat_src = {k: v for k, v in _flatten(dict(source)).items()}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params)
-    names = ["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-             for path, _ in leaves]
+    names = [_leaf_name(path) for path, _ in leaves]
     targets = dict(zip(names, (x for _, x in leaves)))
     report = plan_restore({k: np.shape(v) for k, v in flat_src.items()},
                           {k: tuple(v.shape) for k, v in targets.items()}, assignment_map)
@@ -243,6 +237,11 @@ def restore_params(source: Mapping[str, Any] | str, abstract_params: Any,
     return jax.tree_util.tree_unflatten(treedef, out), report
 
 
+def _leaf_name(path: Sequence[Any]) -> str:
+    """'/'-joined name of a pytree leaf from its `tree_flatten_with_path` key path."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
 def _place(value: Any, target: Any) -> jax.Array:
     """`value` as a jax array with the target's dtype and (if any) sharding."""
     sharding = getattr(target, "sharding", None)
@@ -270,8 +269,7 @@ def resize_position_tables(source: Mapping[str, Any], abstract_params: Any,
 
     flat = dict(_flatten(dict(source)))
     leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-    targets = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): x
-               for path, x in leaves}
+    targets = {_leaf_name(path): x for path, x in leaves}
     mapping, _ = map_names(list(targets), assignment_map)
     resized = []
     for t, s in mapping.items():
@@ -330,7 +328,8 @@ class InitFromCheckpoint:
 
     def __call__(self, trainer, state):
         """(Trainer, fresh TrainState) -> TrainState with restored params."""
-        source: Mapping[str, Any] = load_params(self.path, self.step)
+        ckpt = _read(self.path, self.step)
+        source: Mapping[str, Any] = _flat_numpy(ckpt.params)
         fresh = state.params
         if self.upcycle:
             from moetx.tools.upcycle import upcycle_params
@@ -345,10 +344,9 @@ class InitFromCheckpoint:
                                         self.strict)
         model_state, ms_note = state.model_state, ""
         if self.restore_model_state and jax.tree_util.tree_leaves(state.model_state):
-            source_ms = load_model_state(self.path, self.step)
-            if jax.tree_util.tree_leaves(source_ms):
+            if jax.tree_util.tree_leaves(ckpt.model_state):
                 model_state, ms_report = restore_params(
-                    source_ms, trainer.abstract_state_with_shardings().model_state,
+                    ckpt.model_state, trainer.abstract_state_with_shardings().model_state,
                     state.model_state, strict=self.strict)
                 ms_note = f"; model state: {ms_report.diff().splitlines()[0]}"
             else:
@@ -363,5 +361,5 @@ class InitFromCheckpoint:
         return state.replace(params=params, model_state=model_state, ema=ema)
 
 
-__all__ = ["InitFromCheckpoint", "RestoreReport", "load_model_state", "load_params", "map_names",
-           "plan_restore", "resize_position_tables", "restore_params", "source_format"]
+__all__ = ["InitFromCheckpoint", "RestoreReport", "load_params", "map_names", "plan_restore",
+           "resize_position_tables", "restore_params", "source_format"]
