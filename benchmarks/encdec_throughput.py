@@ -10,7 +10,7 @@ relative position bias, gated-GELU MLP, no biases, untied logits; by default the
      moetx  `moetx.trainer.trainer.Trainer.train_step` (jitted, T5X-default Adafactor, lr 1e-2
             from the rsqrt schedule) of `EncoderDecoderModel`, one device.
      HF     `transformers.T5ForConditionalGeneration` built from
-            `moetx.tools.hf.t5_config_to_hf(cfg)`, its lm_head untied from `shared` (transformers
+            `moetx.convert.hf.t5_config_to_hf(cfg)`, its lm_head untied from `shared` (transformers
             5 ties it in memory even for an untied config), loaded with moetx's initial weights,
             trained with `transformers.optimization.Adafactor(lr=1e-2, scale_parameter=True,
             relative_step=False, warmup_init=False)`.
@@ -19,7 +19,7 @@ relative position bias, gated-GELU MLP, no biases, untied logits; by default the
 
 2. Greedy decoding with the KV cache of `--target_length` tokens for `--batch` encoder inputs of
    `--input_length` ids, with the same weights on both sides (moetx's initial parameters,
-   converted with `moetx.tools.hf.moetx_to_hf_t5` and `load_state_dict`-ed into HF):
+   converted with `moetx.convert.hf.moetx_to_hf_t5` and `load_state_dict`-ed into HF):
      moetx  jitted `EncoderDecoderModel.predict_batch(..., temperature=0)`.
      HF     `model.generate(..., do_sample=False, num_beams=1, max_new_tokens=T,
             min_new_tokens=T, use_cache=True)` under `torch.inference_mode()`.
@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps/calls per side (compile)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--no_xla_tuning", action="store_true",
-                   help="do not call moetx.trainer.xla_env.configure_cpu_defaults()")
+                   help="do not call moetx.util.xla_env.configure_cpu_defaults()")
     args = p.parse_args(argv)
     for name in ("d_model", "layers", "heads", "head_dim", "d_ff", "vocab", "batch",
                  "input_length", "target_length", "steps", "threads"):
@@ -129,12 +129,12 @@ def moetx_config(args):
 def build_hf(torch, cfg, params_np, train: bool):
     """T5ForConditionalGeneration from the equivalent config, untied head, moetx's weights."""
     import transformers
-    from moetx.tools import hf
+    from moetx.convert import hf
 
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(hf.t5_config_to_hf(cfg))
     # transformers >= 5 ties T5's lm_head to `shared` in memory even for an untied (T5.1.1)
-    # config (see moetx/tools/hf/); give it its own parameter, as tests/tools/test_hf.py does.
+    # config (see moetx/convert/hf/); give it its own parameter, as the `hf_t5` helper of tests/convert/conftest.py does.
     model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
     sd = hf.moetx_to_hf_t5(params_np, cfg=cfg)
     # The embed_tokens of both stacks are the `shared` module itself; load them as its copies.

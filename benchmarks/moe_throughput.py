@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", choices=MEASUREMENTS, action="append",
                    help="run only these measurements (repeatable)")
     p.add_argument("--no_xla_tuning", action="store_true",
-                   help="do not call moetx.trainer.xla_env.configure_cpu_defaults()")
+                   help="do not call moetx.util.xla_env.configure_cpu_defaults()")
     args = p.parse_args(argv)
     for name in ("d_model", "layers", "heads", "head_dim", "d_ff", "vocab", "experts", "top_k",
                  "sparse_every", "group_size", "batch", "length", "switch_experts",

@@ -34,8 +34,8 @@ from typing import NamedTuple, TextIO
 
 # The peers run torch on the CPU. Triton, which torch imports lazily, segfaults when it loads
 # after TensorFlow (which moetx imports); torch on the CPU never needs it. The other benchmarks
-# import this module, so this covers them too. See moetx/tools/torch_env.py.
-from moetx.tools import torch_env
+# import this module, so this covers them too. See moetx/util/torch_env.py.
+from moetx.util import torch_env
 
 torch_env.block_triton_after_tensorflow(force=True)
 
@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per side (compile)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--no_xla_tuning", action="store_true",
-                   help="do not call moetx.trainer.xla_env.configure_cpu_defaults()")
+                   help="do not call moetx.util.xla_env.configure_cpu_defaults()")
     p.add_argument("--skip_hf", action="store_true", help="time moetx only (no peer)")
     args = p.parse_args(argv)
     for name in ("d_model", "layers", "heads", "head_dim", "d_ff", "vocab", "batch", "length",
@@ -82,14 +82,14 @@ def reserve_stdout_for_json(xla_tuning: bool = True) -> TextIO:
     The JSON line(s) are the only stdout output, so C-level and library prints must stay off
     it: returns a line-buffered text stream on the original stdout and points fd 1 and
     `sys.stdout` at stderr. Also quietens TensorFlow's startup log and, with `xla_tuning`,
-    applies `moetx.trainer.xla_env.configure_cpu_defaults()`.
+    applies `moetx.util.xla_env.configure_cpu_defaults()`.
     """
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if xla_tuning:
-        from moetx.trainer import xla_env
+        from moetx.util import xla_env
 
         xla_env.configure_cpu_defaults()
     return out

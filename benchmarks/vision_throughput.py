@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side (compile)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--no_xla_tuning", action="store_true",
-                   help="do not call moetx.trainer.xla_env.configure_cpu_defaults()")
+                   help="do not call moetx.util.xla_env.configure_cpu_defaults()")
     p.add_argument("--skip_timm", action="store_true", help="time moetx only (no peer)")
     args = p.parse_args(argv)
     for name in ("image_size", "batch", "num_classes", "steps", "threads"):

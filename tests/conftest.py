@@ -9,15 +9,17 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # The same XLA CPU defaults as the entry points, so tests run what users run.
-from moetx.trainer import xla_env  # noqa: E402
+from moetx.util import xla_env  # noqa: E402
 
 xla_env.configure_cpu_defaults()
 
 # Tests import TensorFlow (SeqIO) and torch (parity peers) in one process; triton must not load
 # after TensorFlow (segfault), and torch on the CPU never needs it.
-from moetx.tools import torch_env  # noqa: E402
+from moetx.util import torch_env  # noqa: E402
 
 torch_env.block_triton_after_tensorflow(force=True)
+
+from pathlib import Path
 
 import pytest  # noqa: E402
 
@@ -31,3 +33,136 @@ def clean_gin():
     gin.clear_config(clear_constants=False)
     yield
     gin.clear_config(clear_constants=False)
+
+
+# The real corpus and default vocabulary, built once per session. They live in the user's cache
+# (`$MOETX_DATA` or `~/.cache/moetx`); `make test` fetches them first, so normally nothing is
+# fetched or trained here.
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    """The folder of the fetched corpus (train.txt, validation.txt, manifest.json)."""
+    from moetx.datasets import corpora
+
+    return corpora.fetch_corpora()
+
+
+@pytest.fixture(scope="session")
+def default_vocab(corpus_dir: Path) -> Path:
+    """Path of the default 8k SentencePiece model, trained from the corpus when missing."""
+    from moetx.datasets import corpora
+
+    return corpora.build_default_vocabulary()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def registered_tasks():
+    """moetx's SeqIO tasks, registered once as the command lines do (registration reads no
+    data; nothing registers on import)."""
+    from moetx.cli import flags
+
+    flags.register_tasks()
+
+
+@pytest.fixture
+def parse(clean_gin):
+    """Parses `models/<name>.gin` the way the command lines do; returns its MODEL."""
+    import gin
+
+    from moetx.util import gin_files
+
+    def _parse(name: str):
+        gin_files.parse_files([f"models/{name}.gin"])
+        return gin.query_parameter("%MODEL").scoped_configurable_fn()
+
+    return _parse
+
+
+def count_params_from_shapes(model) -> int:
+    """Parameter count of a moetx LM wrapper from `jax.eval_shape` of its init: shapes only."""
+    import jax
+    import numpy as np
+
+    if model.is_encoder_decoder:
+        shapes = model.input_shapes(1, {"inputs": 8, "targets": 8})
+    else:
+        shapes = model.input_shapes(1, 8)
+    abstract = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), shapes))
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract["params"]))
+
+
+def train_losses(stderr: str) -> dict[int, str]:
+    """{step: loss} from the `[train] step N/M ... | loss X` progress lines of a run's stderr."""
+    import re
+
+    return {int(m.group(1)): m.group(2)
+            for m in re.finditer(r"\[train\] step (\d+)/\d+ .*?\| loss ([\d.]+)", stderr)}
+
+
+def event_tags(logdir) -> set[str]:
+    """The scalar tags of the TensorBoard event files in `logdir`."""
+    from tensorflow.compat.v1.train import summary_iterator
+
+    tags = set()
+    for f in logdir.glob("events.out.tfevents.*"):
+        for event in summary_iterator(str(f)):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+# ------------------------------------------------------------------ tiny LM, batches, trainers
+# Shared by the trainer, MoE, vision and conversion tests.
+TINY = dict(vocab_size=128, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
+            num_decoder_layers=2)
+
+
+def tiny_model(**kw):
+    """A 2-layer decoder-only LM (d 32, vocab 128) normalised by real target tokens."""
+    from moetx.lm import models, transformer
+
+    kw = {"loss_normalizing_factor": "NUM_REAL_TARGET_TOKENS", **kw}
+    return models.DecoderOnlyModel(transformer.TransformerConfig(**TINY), **kw)
+
+
+def packed_batch(batch_size: int, length: int, seed: int = 0, vocab: int = 128) -> dict:
+    """Rows of two or three packed segments with trailing padding, as SeqIO packs them."""
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    out = {k: np.zeros((batch_size, length), np.int32) for k in (
+        "decoder_target_tokens", "decoder_input_tokens", "decoder_segment_ids",
+        "decoder_positions")}
+    out["decoder_loss_weights"] = np.zeros((batch_size, length), np.float32)
+    for r in range(batch_size):
+        pos = 0
+        for seg in range(1, 4):
+            n = int(rng.randint(3, length // 2))
+            if pos + n > length - 2:
+                break
+            toks = rng.randint(2, vocab, n)
+            toks[-1] = 1  # EOS
+            sl = slice(pos, pos + n)
+            out["decoder_target_tokens"][r, sl] = toks
+            out["decoder_input_tokens"][r, sl] = np.concatenate([[0], toks[:-1]])
+            out["decoder_segment_ids"][r, sl] = seg
+            out["decoder_positions"][r, sl] = np.arange(n)
+            out["decoder_loss_weights"][r, sl] = 1.0
+            pos += n
+    return out
+
+
+def make_trainer(model, mesh_shape=(1, 1, 1), batch_size=8, length=32, num_microbatches=1,
+                 fsdp=False, optimizer=None, devices=None, ema_decay=None):
+    """A Trainer for `model` on the first devices, with Adafactor (rsqrt schedule) by default."""
+    import jax
+    import numpy as np
+
+    from moetx.trainer import optimizers, partitioning, trainer as trainer_lib
+
+    devices = devices if devices is not None else jax.devices()[:int(np.prod(mesh_shape))]
+    mesh = partitioning.make_mesh(mesh_shape, devices=devices)
+    rules = partitioning.standard_logical_axis_rules(fsdp=fsdp)
+    factory = optimizer or (lambda param_axes: optimizers.adafactor(
+        optimizers.rsqrt_schedule(1.0, 100), param_axes=param_axes))
+    return trainer_lib.Trainer(model, factory, mesh, rules,
+                               model.input_shapes(batch_size, length),
+                               num_microbatches=num_microbatches, seed=0, ema_decay=ema_decay)

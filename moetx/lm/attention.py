@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moetx.lm.layers import DenseGeneral, constrain
+from moetx.nn.layers import DenseGeneral, constrain
 
 Array = jax.Array
 

@@ -1,31 +1,34 @@
-"""Model wrappers: what the trainer calls (loss, eval metrics, scoring, prediction).
+"""Language-model wrappers: what the trainer calls (loss, eval metrics, scoring, prediction).
 
 A model wrapper owns a Flax module and knows its batch features; the trainer never looks inside.
-The contract (shared with the vision track):
+`BaseTransformerModel` implements the trainer's model protocol (`moetx.trainer.model.Model`) for
+token sequences:
 
-  feature_converter, input_shapes(batch_size, task_feature_lengths)
-  get_initial_variables(rng, input_shapes) -> boxed variables (with logical axes)
-  loss_fn(params, batch, dropout_rng, weights, factor) -> (loss, metric sums)
-  eval_fn(params, batch) -> metric sums
-  score_batch(params, batch) -> per-sequence log-likelihood
-  flops_per_step(params, input_shapes) -> training FLOPs of one step
-
-Metric sums are additive over microbatches and hosts: `loss`, `cross_ent_sum`, `z_loss_sum`,
-`correct` (top-logit hits) and `weight` (number of real target tokens).
+  features      decoder_* (and encoder_*) arrays from SeqIO's packing feature converters;
+                `complete_batch` gives unpacked data one segment per row
+  metric sums   `loss` (training), `cross_ent_sum`, `z_loss_sum`, `correct` (top-logit hits),
+                `weight` (real target tokens), and for MoE models the router metrics `moe*`,
+                which are per-step means (`metric_reduction` 'mean')
+  summarized    cross_ent_loss, accuracy, z_loss, perplexity, the `moe*` means and `tokens`;
+                the training loss is `cross_ent_loss`
+  scoring       score_batch(params, batch) -> per-sequence log-likelihood
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import seqio
 
-from moetx.lm import decoding, transformer
-from moetx.trainer import losses, metrics
+from moetx.lm import decoding, losses, transformer
+from moetx.trainer import metrics
+from moetx.trainer.model import BaseModel, Reduction, Shapes
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -41,8 +44,17 @@ def _num_correct(logits: Array, targets: Array, weights: Array) -> Array:
     return jnp.sum((target_logit >= jnp.max(logits, axis=-1)) * weights)
 
 
+def check_feature_lengths(task_feature_lengths: Mapping[str, Any]) -> None:
+    """Raises ValueError for a task feature length shorter than one token and EOS."""
+    for k, v in dict(task_feature_lengths).items():
+        if isinstance(v, (int, np.integer)) and int(v) < 2:
+            raise ValueError(
+                f"Feature length {k}={v} is too short: at least 2 tokens are needed (one "
+                f"token and EOS). Increase TASK_FEATURE_LENGTHS['{k}'].")
+
+
 @dataclasses.dataclass
-class BaseTransformerModel:
+class BaseTransformerModel(BaseModel):
     """Loss, metrics and scoring shared by the decoder-only and encoder-decoder wrappers.
 
     Attributes:
@@ -58,9 +70,83 @@ class BaseTransformerModel:
     label_smoothing: float = 0.0
     loss_normalizing_factor: Any = None
 
+    count_unit = "tokens"
+    loss_metric = "cross_ent_loss"
+
     def __post_init__(self):
         self.loss_normalization = losses.parse_loss_normalizing_factor(
             self.loss_normalizing_factor)
+
+    # ------------------------------------------------------------------- trainer protocol
+    def loss_weights_and_factor(self, batch: Batch) -> tuple[Array, Array | None]:
+        """Per-token weights <float32>[batch, length] and the divisor of the summed token loss
+        (`loss_normalizing_factor`), over the whole batch."""
+        return losses.loss_weights_and_factor(batch, self.loss_normalization)
+
+    def metric_reduction(self, name: str) -> Reduction:
+        """The router metrics (`moe*`) are per-step means; everything else adds up."""
+        return "mean" if name.startswith("moe") else "sum"
+
+    def summarize_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """Per-token means: cross_ent_loss, accuracy, z_loss, perplexity (exp of the cross
+        entropy, capped at e^50); `loss` (training: the differentiated loss) and the `moe*`
+        means as they are; `tokens`, the number of real target tokens."""
+        w = max(float(sums["weight"]), 1.0)
+        ce = float(sums["cross_ent_sum"]) / w
+        out = {"cross_ent_loss": ce, "accuracy": float(sums["correct"]) / w,
+               "z_loss": float(sums["z_loss_sum"]) / w,
+               "perplexity": float(math.exp(min(ce, 50.0)))}
+        if "loss" in sums:
+            out["loss"] = float(sums["loss"])
+        out.update({k: float(v) for k, v in sums.items() if k.startswith("moe")})
+        out["tokens"] = float(sums["weight"])
+        return out
+
+    def headline(self, scalars: Mapping[str, float]) -> str:
+        """`loss 2.1234 | acc 0.456 | perplexity 8.37 (12,345 tokens)`."""
+        return (f"loss {scalars['cross_ent_loss']:.4f} | acc {scalars['accuracy']:.3f} | "
+                f"perplexity {scalars['perplexity']:.2f} ({int(scalars['tokens']):,} tokens)")
+
+    def complete_batch(self, batch: Mapping[str, np.ndarray], input_shapes: Shapes
+                       ) -> dict[str, np.ndarray]:
+        """The model's features of `batch`; unpacked data without `decoder_segment_ids` gets
+        one segment per row (the non-padding targets), any other missing feature zeros."""
+        if "decoder_target_tokens" not in batch:
+            raise ValueError(f"The batch has {sorted(batch)}; a language model needs at least "
+                             f"decoder_target_tokens (of {sorted(input_shapes)}).")
+        feats = {k: np.asarray(batch[k]) for k in input_shapes if k in batch}
+        first = next(iter(feats.values()))
+        for k in input_shapes:
+            if k not in feats:
+                feats[k] = ((np.asarray(batch["decoder_target_tokens"]) > 0).astype(np.int32)
+                            if k == "decoder_segment_ids" else np.zeros_like(first))
+        return {k: feats[k] for k in input_shapes}
+
+    def count_per_batch(self, input_shapes: Shapes) -> int:
+        """Encoder input plus decoder target tokens (padding included) of one batch."""
+        return sum(int(np.prod(s)) for k, s in input_shapes.items()
+                   if k in ("encoder_input_tokens", "decoder_target_tokens"))
+
+    def check_task(self, task: Any, task_feature_lengths: Mapping[str, Any] | None = None
+                   ) -> None:
+        """The task's target vocabulary must fit the embedding; with `task_feature_lengths`,
+        every text feature of the task needs a length of at least 2."""
+        features = getattr(task, "output_features", {})
+        if task_feature_lengths is not None:
+            check_feature_lengths(task_feature_lengths)
+            missing = {k for k, f in features.items() if f.rank > 0 and not isinstance(
+                f.vocabulary, seqio.PassThroughVocabulary)} - set(task_feature_lengths)
+            if missing:
+                raise ValueError(
+                    f"Task {getattr(task, 'name', task)!r} has features {sorted(features)} but "
+                    f"task_feature_lengths is missing {sorted(missing)}.")
+        if "targets" not in features:
+            return
+        vocab = features["targets"].vocabulary
+        if vocab.vocab_size > self.config.vocab_size:
+            raise ValueError(
+                f"The task's vocabulary has {vocab.vocab_size} ids but the model's embedding only "
+                f"{self.config.vocab_size}; raise TransformerConfig.vocab_size.")
 
     def _apply(self, variables, batch: Batch, enable_dropout: bool, rngs, mutable):
         """The module's teacher-forced forward pass (subclasses)."""
@@ -98,15 +184,17 @@ class BaseTransformerModel:
         return logits, moe
 
     def loss_fn(self, params, batch: Batch, dropout_rng: Array | None, weights: Array,
-                factor: Array | None, num_microbatches: int = 1) -> tuple[Array, dict[str, Array]]:
-        """Loss to differentiate and additive metric sums.
+                factor: Array | None, num_microbatches: int = 1, model_state: Any = None
+                ) -> tuple[Array, tuple[dict[str, Array], Any]]:
+        """(loss to differentiate, (metric sums, model state)); the model has no mutable state,
+        so `model_state` comes back as it was given.
 
         loss = token cross entropy (+ logit z-loss) / factor
                + aux_loss_factor * mean_layers(load balancing) + router_z_loss_factor *
                mean_layers(router z-loss)  (MoE only)
 
         Args:
-          weights: <float32>[batch, length] loss weights from `losses.loss_weights_and_factor`.
+          weights: <float32>[batch, length] loss weights from `loss_weights_and_factor`.
           factor: scalar divisor computed over the whole (not micro-) batch, or None to sum.
           num_microbatches: the router losses are per-microbatch means, so each microbatch adds
             1/num_microbatches of them: accumulated, they equal the full-batch means.
@@ -125,10 +213,11 @@ class BaseTransformerModel:
         metrics = {"loss": loss, "z_loss_sum": z_loss, "cross_ent_sum": cross_ent,
                    "correct": _num_correct(logits, targets, real), "weight": jnp.sum(real)}
         metrics.update(moe)
-        return loss, metrics
+        return loss, (metrics, model_state)
 
-    def eval_fn(self, params, batch: Batch) -> dict[str, Array]:
+    def eval_fn(self, params, batch: Batch, model_state: Any = None) -> dict[str, Array]:
         """Teacher-forced metric sums over real target tokens (unnormalised, no smoothing)."""
+        del model_state
         logits, moe = self._logits_and_moe(params, batch, None)
         targets = batch["decoder_target_tokens"]
         real = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
@@ -177,13 +266,14 @@ class DecoderOnlyModel(BaseTransformerModel):
 
     def input_shapes(self, batch_size: int, task_feature_lengths: Mapping[str, int] | int
                      ) -> dict[str, tuple[int, ...]]:
-        """Model feature shapes; a prefix LM's decoder holds inputs + targets."""
+        """Model feature shapes; a prefix LM's decoder holds inputs + targets. Raises
+        ValueError for a task feature length below 2."""
         if isinstance(task_feature_lengths, int):
             length = task_feature_lengths
-        elif self.prefix_lm:
-            length = sum(task_feature_lengths.values())
         else:
-            length = task_feature_lengths["targets"]
+            check_feature_lengths(task_feature_lengths)
+            length = (sum(task_feature_lengths.values()) if self.prefix_lm
+                      else task_feature_lengths["targets"])
         shapes = {k: (batch_size, length) for k in (
             "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
             "decoder_segment_ids", "decoder_positions")}
@@ -269,6 +359,9 @@ class EncoderDecoderModel(BaseTransformerModel):
 
     def input_shapes(self, batch_size: int, task_feature_lengths: Mapping[str, int]
                      ) -> dict[str, tuple[int, ...]]:
+        """Encoder features of the `inputs` length, decoder features of the `targets` length.
+        Raises ValueError for a length below 2."""
+        check_feature_lengths(task_feature_lengths)
         enc, dec = task_feature_lengths["inputs"], task_feature_lengths["targets"]
         shapes = {k: (batch_size, enc) for k in (
             "encoder_input_tokens", "encoder_segment_ids", "encoder_positions")}

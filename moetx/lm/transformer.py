@@ -30,7 +30,8 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from moetx.lm import attention, layers
+from moetx.lm import attention
+from moetx.nn import layers
 from moetx.moe import layers as moe_layers
 
 Array = jax.Array

@@ -35,7 +35,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from moetx.lm.layers import constrain, default_kernel_init, get_activation
+from moetx.nn.layers import constrain, default_kernel_init, get_activation
 from moetx.moe import routing
 
 Array = jax.Array

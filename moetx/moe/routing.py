@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from moetx.lm.layers import DenseGeneral
+from moetx.nn.layers import DenseGeneral
 
 Array = jax.Array
 Initializer = Callable[..., Array]

@@ -1,18 +1,22 @@
-"""SeqIO tasks for moetx, registered on import (no network, no file access at import time).
+"""SeqIO tasks for moetx. Importing this package registers nothing: `register_all()` registers
+every language task and mixture (the command lines call it through `moetx.cli.flags`; a program
+using moetx as a library calls it before naming a task). Registration touches no network and no
+file; the data is fetched beforehand by `python -m moetx.cli.data` (`moetx.datasets`).
 
-Registered tasks (objectives in `moetx.tasks.pretraining`):
+Tasks registered by `register_default_tasks()` (objectives in `moetx.tasks.pretraining`):
 
 - `moetx_en_causal_lm`, `moetx_en_prefix_lm` (decoder-only) and `moetx_en_span_corruption` (T5
   span corruption, for `seqio.EncDecFeatureConverter`; T5 feature lengths {'inputs': 512,
   'targets': 114}): the bundled offline English corpus (Shakespeare, the King James Bible, a
   Wikipedia sample; splits 'train' and 'validation') with the default 8k SentencePiece
   vocabulary (plus 100 sentinel ids for span corruption). The corpus and the vocabulary must
-  first be built by `python -m moetx.tasks.corpora`.
+  first be built by `python -m moetx.cli.data`.
 - `c4_causal_lm`, `c4_prefix_lm`, `c4_span_corruption`: TFDS `c4/en:3.0.1` (splits 'train',
   'validation'), for users who have prepared C4 in their TFDS data dir; same vocabularies.
 
-FLAN instruction-tuning tasks and mixtures (`flan_*`) are registered by `moetx.tasks.flan`,
-imported here.
+FLAN instruction-tuning tasks and mixtures (`flan_*`) are registered by
+`moetx.tasks.flan.register_flan_tasks()` and `register_flan_mixtures()`; `register_all()` calls
+both.
 
 Your own text files (one example per line) become a task with `register_text_files_task`, or
 from gin with `MIXTURE_OR_TASK_NAME = @moetx.tasks.text_files_task()` and bindings such as
@@ -21,7 +25,6 @@ from gin with `MIXTURE_OR_TASK_NAME = @moetx.tasks.text_files_task()` and bindin
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 from collections.abc import Sequence
@@ -35,16 +38,11 @@ if "tensorflow" not in sys.modules:
 import gin  # noqa: E402
 import seqio  # noqa: E402
 
-from moetx.tasks import paths, pretraining, vocab  # noqa: E402
-from moetx.tasks.paths import data_dir  # noqa: E402
+from moetx.datasets import corpora, paths, vocab  # noqa: E402
+# Gin knows the vocabulary as `moetx.tasks.get_vocabulary`; Python finds it under that name too.
+from moetx.datasets.vocab import VocabularyError, get_vocabulary  # noqa: E402
+from moetx.tasks import pretraining  # noqa: E402
 from moetx.tasks.pretraining import OBJECTIVES  # noqa: E402
-from moetx.tasks.vocab import (  # noqa: E402
-    VocabularyError,
-    build_default_vocabulary,
-    default_vocabulary_path,
-    get_vocabulary,
-    train_sentencepiece,
-)
 
 __all__ = [
     "BUNDLED_TASKS",
@@ -53,15 +51,11 @@ __all__ = [
     "OBJECTIVES",
     "BundledCorpusSource",
     "VocabularyError",
-    "build_default_vocabulary",
-    "data_dir",
-    "default_vocabulary_path",
-    "get_task_or_mixture",
     "get_vocabulary",
+    "register_all",
     "register_default_tasks",
     "register_text_files_task",
     "text_files_task",
-    "train_sentencepiece",
 ]
 
 # Task name -> objective: one of `pretraining.OBJECTIVES` (decoder-only) or "span_corruption".
@@ -83,7 +77,7 @@ class BundledCorpusSource(seqio.TextLineDataSource):
     """The bundled corpus (one paragraph a line), with its files looked up only when read.
 
     Registration therefore works before the corpus exists; reading it before
-    `python -m moetx.tasks.corpora` has run raises an error that says so.
+    `python -m moetx.cli.data` has run raises a `FetchError` that says so.
     """
 
     def __init__(self, data_dir: str | os.PathLike | None = None):
@@ -97,8 +91,6 @@ class BundledCorpusSource(seqio.TextLineDataSource):
                 f"The moetx corpus has splits {list(_SPLITS)}, not {split!r}. "
                 "Fix: ask for 'train' or 'validation'."
             )
-        from moetx.tasks import corpora  # local: keeps `python -m moetx.tasks.corpora` clean
-
         return [corpora.corpus_files(self._data_dir)[split]]
 
 
@@ -221,25 +213,11 @@ def text_files_task(
     return name
 
 
-def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
-    """Returns the registered SeqIO task or mixture `name`.
+def register_all(data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Registers every moetx language task and mixture: the bundled corpus and C4 tasks and the
+    FLAN tasks and mixtures. Idempotent; reads no data. The command lines call it; a program that
+    uses moetx as a library calls it before naming a moetx task."""
+    from moetx.tasks import flan
 
-    Raises ValueError listing the closest registered names when there is none.
-    """
-    names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-        hint = f"Did you mean {', '.join(repr(c) for c in close)}? " if close else ""
-        raise ValueError(
-            f"No SeqIO task or mixture is registered as {name!r}. {hint}"
-            f"({len(names)} are registered.) Fix: check the spelling, import the module that "
-            "registers it (moetx's own are registered by `import moetx.tasks`), or register text "
-            "files with `moetx.tasks.register_text_files_task`."
-        )
-    return seqio.get_mixture_or_task(name)
-
-
-register_default_tasks()
-
-# The FLAN tasks and mixtures (registration reads no data; see moetx.tasks.flan).
-from moetx.tasks import flan  # noqa: E402,F401
+    return [*register_default_tasks(data_dir), *flan.register_flan_tasks(),
+            *flan.register_flan_mixtures()]

@@ -5,6 +5,11 @@
 * `dataset` holds the data iterator position as JSON.
 * Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
   run killed mid-save leaves the previous checkpoint as the latest valid one.
+
+`resolve_checkpoint` and `state_dir` are the one place that knows how checkpoints sit in a model
+directory. `restore_for_model` is the one way to load a checkpoint for evaluation or prediction:
+"restore these parameters (and model state) for this model on this mesh", with no optimizer and
+no Trainer.
 """
 
 from __future__ import annotations
@@ -12,12 +17,16 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from typing import Any
+from typing import Any, Mapping
 
+import flax.linen as nn
 import flax.serialization
 import gin
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from moetx.trainer import partitioning
 
 
 class CheckpointDirError(ValueError):
@@ -122,16 +131,45 @@ def latest_step(directory: str) -> int | None:
     return max(steps) if steps else None
 
 
+def resolve_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
+    """`(model_dir, step)` named by `path`: a `.../checkpoint_<step>` directory (whose step
+    must agree with `step` when both are given), or a model directory (its `checkpoint_<step>`
+    when `step` is given, else its newest complete checkpoint).
+
+    The one place that knows how checkpoints sit in a model directory; raises
+    FileNotFoundError naming what was expected.
+    """
+    path = os.path.abspath(path.rstrip("/") or "/")
+    m = re.fullmatch(r"checkpoint_(\d+)", os.path.basename(path))
+    if m:
+        if step is not None and int(m.group(1)) != step:
+            raise ValueError(f"{path} is checkpoint {m.group(1)}, but step {step} was asked for.")
+        if not os.path.isdir(os.path.join(path, "state")):
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no 'state' folder).")
+        return os.path.dirname(path), int(m.group(1))
+    if step is None:
+        step = latest_step(path)
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint_<step> in {path!r}; expected a moetx model "
+                                    "directory with a checkpoint, or a checkpoint_<step> "
+                                    "directory.")
+    if not os.path.isdir(state_dir(path, step)):
+        raise FileNotFoundError(f"{state_dir(path, step)} does not exist.")
+    return path, step
+
+
+def state_dir(model_dir: str, step: int) -> str:
+    """Where checkpoint `step` of `model_dir` keeps its train state (an Orbax PyTree)."""
+    return os.path.join(os.path.abspath(model_dir), f"checkpoint_{step}", "state")
+
+
 def _restore_partial(directory: str, step: int | None, target: dict[str, Any], what: str
                      ) -> tuple[dict[str, Any], int]:
-    """The top-level parts of `target` (state dicts of abstract arrays) restored from
-    `checkpoint_<step>` (latest when None) onto their shardings; `what` names them in errors."""
-    step = latest_step(directory) if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint_<step> in {directory!r}; train first.")
-    path = os.path.join(os.path.abspath(directory), f"checkpoint_{step}", "state")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} does not exist.")
+    """The top-level parts of `target` (state dicts of abstract arrays) restored from the
+    checkpoint `resolve_checkpoint(directory, step)` names onto their shardings; `what` names
+    them in errors."""
+    directory, step = resolve_checkpoint(directory, step)
+    path = state_dir(directory, step)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     try:
         restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
@@ -143,7 +181,7 @@ def _restore_partial(directory: str, step: int | None, target: dict[str, Any], w
 
 def restore_params(directory: str, step: int | None, abstract_params: Any) -> tuple[Any, int]:
     """Restores only the parameters of `checkpoint_<step>` (latest when None) onto the
-    shardings of `abstract_params`, whatever optimizer wrote it (for eval and infer)."""
+    shardings of `abstract_params`, whatever optimizer wrote it."""
     target = {"params": flax.serialization.to_state_dict(abstract_params)}
     restored, step = _restore_partial(directory, step, target, "params")
     return flax.serialization.from_state_dict(abstract_params, restored["params"]), step
@@ -162,3 +200,91 @@ def restore_subtrees(directory: str, step: int | None, abstract: dict[str, Any]
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_variables(model: Any, mesh: Mesh, rules: partitioning.LogicalRules,
+                       input_shapes: Mapping[str, tuple[int, ...]]) -> tuple[Any, dict[str, Any]]:
+    """`(params, model_state)` of `model` as trees of `jax.ShapeDtypeStruct` that carry their
+    shardings on `mesh`, without allocating anything.
+
+    Shapes come from `jax.eval_shape(model.get_initial_variables)` at `input_shapes`;
+    parameters are sharded by their logical axes under `rules` (a dimension its mesh axes do
+    not divide is replicated), the model state (`{collection: tree}` for each of the model's
+    `state_collections`, `{}` for none) is replicated, as the trainer keeps it.
+    """
+    boxed = jax.eval_shape(
+        lambda: model.get_initial_variables(jax.random.PRNGKey(0), dict(input_shapes)))
+    params = nn.unbox(boxed["params"])
+    shardings = partitioning.logical_shardings(
+        partitioning.params_logical_axes(boxed["params"]), mesh, tuple(rules), params)
+    collections = tuple(getattr(model, "state_collections", ()))
+    missing = [c for c in collections if c not in boxed]
+    if missing:
+        raise ValueError(f"The model declares state collections {missing} that its "
+                         f"get_initial_variables does not return (it has {sorted(boxed)}).")
+    replicated = NamedSharding(mesh, PartitionSpec())
+    model_state = {c: jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        nn.unbox(boxed[c])) for c in collections}
+    return abstract_with_shardings(params, shardings), model_state
+
+
+def restore_for_model(model: Any, checkpoint: str, *, mesh: Mesh,
+                      rules: partitioning.LogicalRules,
+                      input_shapes: Mapping[str, tuple[int, ...]], step: int | None = None,
+                      use_ema: bool = False) -> tuple[Any, dict[str, Any], int]:
+    """Restores what evaluating or predicting with `model` needs from a checkpoint, onto `mesh`.
+
+    No optimizer state is read (whatever optimizer wrote the checkpoint) and no Trainer is
+    built: the target is `abstract_variables(model, mesh, rules, input_shapes)`.
+
+    Args:
+      model: a model wrapper (`moetx.trainer.model.Model`).
+      checkpoint: a model directory (its newest checkpoint, or `checkpoint_<step>`) or a
+        `checkpoint_<step>` directory; see `resolve_checkpoint`.
+      mesh, rules: where the arrays land and how parameters are sharded.
+      input_shapes: batch feature shapes to trace `get_initial_variables` with.
+      step: which checkpoint of a model directory (default the newest).
+      use_ema: restore the exponential moving average of the weights the run kept
+        (`train.ema_decay`) instead of the live ones; when the EMA does not cover the model
+        state, the live model state is used, as training-time evaluation does.
+    Returns:
+      `(params, model_state, step)`; `model_state` is `{collection: tree}` for a model with
+      `state_collections`, else `{}`.
+    Raises:
+      FileNotFoundError: no such checkpoint. ValueError: the checkpoint does not fit the model
+      (or keeps no EMA when `use_ema`).
+    """
+    model_dir, step = resolve_checkpoint(checkpoint, step)
+    params, model_state = abstract_variables(model, mesh, rules, input_shapes)
+    if not use_ema and not model_state:
+        return restore_params(model_dir, step, params)[0], {}, step
+    if not use_ema:
+        parts, _ = restore_subtrees(model_dir, step, {"params": params,
+                                                      "model_state": model_state})
+        return parts["params"], parts["model_state"], step
+    saved = _saved_tree(state_dir(model_dir, step))
+    ema_state = model_state
+    if model_state and saved is not None and "ema" in saved \
+            and not jax.tree_util.tree_leaves(saved["ema"].get("model_state") or {}):
+        ema_state = {}  # The run's EMA covers the weights only (ema_model_state=False).
+    target = {"ema": {"params": params, "model_state": ema_state}}
+    if model_state and not ema_state:
+        target["model_state"] = model_state
+    try:
+        parts, _ = restore_subtrees(model_dir, step, target)
+    except ValueError as e:
+        raise ValueError(f"{e}\nDid the run keep an EMA (train.ema_decay)? If not, drop "
+                         f"use_ema.") from None
+    return (parts["ema"]["params"], parts["ema"]["model_state"] or parts.get("model_state", {}),
+            step)
+
+
+def _saved_tree(path: str) -> Mapping[str, Any] | None:
+    """The saved tree structure (array metadata at the leaves) of an Orbax state directory, or
+    None when it cannot be read (restore then reports the real problem)."""
+    try:
+        tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    except Exception:  # Unreadable metadata.
+        return None
+    return tree if isinstance(tree, Mapping) else None

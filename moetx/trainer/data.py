@@ -9,6 +9,7 @@ iterator checkpoints would also work, but would tie checkpoints to TensorFlow's 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Iterator, Mapping
 
 import gin
@@ -53,17 +54,30 @@ class DatasetConfig:
                 if not v or any(int(d) < 1 for d in v):
                     raise ValueError(f"Feature shape {k}={tuple(v)} must have positive sizes.")
                 continue
-            if int(v) < 2:
-                raise ValueError(
-                    f"Feature length {k}={v} is too short: at least 2 tokens are needed (one "
-                    f"token and EOS). Increase TASK_FEATURE_LENGTHS['{k}'].")
+            if int(v) < 1:
+                raise ValueError(f"Feature length {k}={v} must be positive; set "
+                                 f"TASK_FEATURE_LENGTHS['{k}'] (the model may need more).")
 
 
 def get_task(name: str):
-    """The registered task or mixture, with a clear error (and close names) if unknown."""
-    import moetx.tasks
+    """The registered SeqIO task or mixture `name`.
 
-    return moetx.tasks.get_task_or_mixture(name)
+    Raises ValueError listing the closest registered names when there is none.
+    """
+    import seqio
+
+    names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        hint = f"Did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+        raise ValueError(
+            f"No SeqIO task or mixture is registered as {name!r}. {hint}"
+            f"({len(names)} are registered.) Fix: check the spelling, import the module that "
+            "registers it (moetx's own are registered by `moetx.tasks.register_all()`, which the "
+            "command lines call), or register text files with "
+            "`moetx.tasks.register_text_files_task`."
+        )
+    return seqio.get_mixture_or_task(name)
 
 
 def get_dataset(cfg: DatasetConfig, feature_converter, shard_index: int, num_shards: int,
@@ -72,9 +86,9 @@ def get_dataset(cfg: DatasetConfig, feature_converter, shard_index: int, num_sha
     import seqio
 
     task = get_task(cfg.mixture_or_task_name)
-    # Scalars and pass-through arrays (images, labels, fixed-size ids) need no length.
-    missing = {k for k, f in task.output_features.items() if f.rank > 0 and not isinstance(
-        f.vocabulary, seqio.PassThroughVocabulary)} - set(cfg.task_feature_lengths)
+    # The lengths the feature converter trims and packs to (pass-through converters need none).
+    needed = getattr(feature_converter, "TASK_FEATURES", None) or {}
+    missing = set(needed) - set(cfg.task_feature_lengths)
     if missing:
         raise ValueError(
             f"Task {cfg.mixture_or_task_name!r} has features {sorted(task.output_features)} but "

@@ -1,6 +1,8 @@
-"""Evaluation entry point: teacher-forced loss, accuracy and perplexity of a checkpoint.
+"""Teacher-forced evaluation of a checkpoint: the model's eval metrics on a dataset split.
 
-    python -m moetx.trainer.eval --gin_file=models/decoder_small.gin --gin_file=runs/eval.gin \\
+The command line is `python -m moetx.cli.eval` (`moetx-eval`):
+
+    python -m moetx.cli.eval --gin_file=models/decoder_small.gin --gin_file=runs/eval.gin \\
       --gin.CHECKPOINT_DIR="'runs/demo'" --gin.MIXTURE_OR_TASK_NAME="'moetx_en_causal_lm'" \\
       --gin.TASK_FEATURE_LENGTHS="{'targets': 128}"
 
@@ -9,30 +11,15 @@ Writes `<OUTPUT_DIR>/eval_results.json` and TensorBoard scalars under `<OUTPUT_D
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any, Callable
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import gin
+import jax
 
-from moetx.trainer import xla_env  # noqa: E402  (jax-free; must run before jax is imported)
-
-xla_env.configure_cpu_defaults()
-
-if __name__ == "__main__":
-    # Run the importable module, not this `__main__` copy, so gin registers each
-    # configurable once (as `moetx.trainer.eval.*`).
-    from moetx.trainer.eval import console_main
-
-    console_main()
-
-import json  # noqa: E402
-import sys  # noqa: E402
-from typing import Any, Callable  # noqa: E402
-
-import gin  # noqa: E402
-import jax  # noqa: E402
-
-from moetx.trainer import checkpoints, cli, data, metrics as metrics_lib, partitioning  # noqa: E402
-from moetx.trainer import train as train_lib  # noqa: E402
+from moetx.trainer import checkpoints, data, metrics as metrics_lib, partitioning
+from moetx.trainer import train as train_lib
 
 
 @gin.configurable
@@ -47,32 +34,30 @@ def evaluate(
     mesh_fn: Callable = partitioning.make_mesh,
     rules_fn: Callable = partitioning.standard_logical_axis_rules,
 ) -> dict[str, float]:
-    """Evaluates the checkpoint (latest unless `checkpoint_step`) on `dataset_cfg`'s split;
-    with `use_ema`, the EMA of the weights the run kept (train.ema_decay)."""
+    """Evaluates a checkpoint on `dataset_cfg`'s split and returns the summarized metrics
+    (plus `step`).
+
+    Args:
+      model: the model wrapper (gin `MODEL`).
+      checkpoint_dir: a model directory or one of its `checkpoint_<step>` directories.
+      dataset_cfg: the split, feature lengths and batch size to evaluate on.
+      output_dir: where results go (default: the model directory).
+      checkpoint_step: which checkpoint of the model directory (default the newest).
+      eval_steps: evaluate at most this many batches (None: the whole split).
+      use_ema: evaluate the EMA of the weights the run kept (train.ema_decay).
+    """
+    train_lib.check_data(model, dataset_cfg)
+    model_dir, step = checkpoints.resolve_checkpoint(checkpoint_dir, checkpoint_step)
+    # The Trainer owns the compiled eval step and the batch layout; the parameters are restored
+    # for the model alone (no optimizer state is read).
     trainer = train_lib.build_trainer(model, dataset_cfg, mesh_fn, rules_fn)
-    abstract = trainer.abstract_state_with_shardings()
-    model_state = None
-    if use_ema:
-        ema = {"params": abstract.params, "model_state": abstract.model_state}
-        try:
-            parts, step = checkpoints.restore_subtrees(checkpoint_dir, checkpoint_step,
-                                                       {"ema": ema})
-        except ValueError as e:
-            raise ValueError(f"{e}\nDid the run keep an EMA (train.ema_decay)? If not, drop "
-                             f"use_ema.") from None
-        params, model_state = parts["ema"]["params"], parts["ema"]["model_state"]
-    elif trainer.state_collections:
-        parts, step = checkpoints.restore_subtrees(
-            checkpoint_dir, checkpoint_step,
-            {"params": abstract.params, "model_state": abstract.model_state})
-        params, model_state = parts["params"], parts["model_state"]
-    else:
-        params, step = checkpoints.restore_params(checkpoint_dir, checkpoint_step,
-                                                  abstract.params)
+    params, model_state, step = checkpoints.restore_for_model(
+        model, model_dir, mesh=trainer.mesh, rules=trainer.rules,
+        input_shapes=trainer.input_shapes, step=step, use_ema=use_ema)
     m = trainer.evaluate(params, train_lib.evaluation_batches(trainer, dataset_cfg), eval_steps,
                          model_state=model_state)
     m["step"] = step
-    output_dir = output_dir or checkpoint_dir
+    output_dir = output_dir or model_dir
     if jax.process_index() == 0:
         os.makedirs(output_dir, exist_ok=True)
         writer = metrics_lib.MetricWriter(os.path.join(output_dir, "eval"), step, "eval")
@@ -82,17 +67,5 @@ def evaluate(
             json.dump({"task": dataset_cfg.mixture_or_task_name, "split": dataset_cfg.split,
                        **m}, f, indent=2)
         print(f"[eval] checkpoint_{step} on {dataset_cfg.mixture_or_task_name}/"
-              f"{dataset_cfg.split}: loss {m['cross_ent_loss']:.4f} | acc {m['accuracy']:.3f} | "
-              f"perplexity {m['perplexity']:.2f} ({int(m['tokens']):,} "
-              f"{getattr(model, 'metric_unit', 'tokens')})", flush=True)
+              f"{dataset_cfg.split}: {model.headline(m)}", flush=True)
     return m
-
-
-def main(args) -> None:
-    del args
-    evaluate()
-
-
-def console_main() -> None:
-    sys.exit(cli.run(main, module_imports=("moetx.lm.models", "moetx.tasks")))
-

@@ -63,18 +63,6 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def summarize(sums: Mapping[str, float]) -> dict[str, float]:
-    """Turns additive metric sums into per-token means: loss, accuracy, z_loss, perplexity."""
-    w = max(float(sums["weight"]), 1.0)
-    ce = float(sums["cross_ent_sum"]) / w
-    out = {"cross_ent_loss": ce, "accuracy": float(sums["correct"]) / w,
-           "z_loss": float(sums["z_loss_sum"]) / w,
-           "perplexity": float(math.exp(min(ce, 50.0)))}
-    if "loss" in sums:
-        out["loss"] = float(sums["loss"])
-    return out
-
-
 class MetricWriter:
     """TensorBoard scalars through clu (process 0 only) plus a console progress line."""
 
@@ -93,13 +81,21 @@ class MetricWriter:
             self._writer.flush()
 
     def progress(self, step: int, scalars: Mapping[str, float], eta_seconds: float) -> None:
+        """`[train] step 10/100 (10%) | loss 2.3456 | acc 0.123 | 1.23 steps/s |
+        4,567 tokens/s | MFU 1.2% | lr 1.00e-02 | ETA 1m05s`: the scalars present among these,
+        every `<unit>_per_sec` rate as `<unit>/s`."""
         if jax.process_index() != 0:
             return
         pct = 100.0 * step / max(self.total_steps, 1)
         parts = [f"[{self.prefix}] step {step}/{self.total_steps} ({pct:.0f}%)"]
         for key, fmt in (("loss", "loss {:.4f}"), ("accuracy", "acc {:.3f}"),
-                         ("steps_per_sec", "{:.2f} steps/s"), ("tokens_per_sec", "{:,.0f} tok/s"),
-                         ("mfu", "MFU {:.1%}"), ("learning_rate", "lr {:.2e}")):
+                         ("steps_per_sec", "{:.2f} steps/s")):
+            if key in scalars:
+                parts.append(fmt.format(scalars[key]))
+        for key, value in scalars.items():
+            if key.endswith("_per_sec") and key != "steps_per_sec":
+                parts.append(f"{value:,.0f} {key.removesuffix('_per_sec')}/s")
+        for key, fmt in (("mfu", "MFU {:.1%}"), ("learning_rate", "lr {:.2e}")):
             if key in scalars:
                 parts.append(fmt.format(scalars[key]))
         parts.append(f"ETA {format_duration(eta_seconds)}")

@@ -1,43 +1,35 @@
-"""Training entry point.
+"""The training library: `train()` (gin name `train`) runs a gin-configured model on a task,
+with checkpoints, periodic evaluation and TensorBoard logs; `python -m moetx.cli.train` is its
+command line.
 
-    python -m moetx.trainer.train \\
-      --gin_file=models/decoder_small.gin --gin_file=runs/pretrain.gin \\
-      --gin.MODEL_DIR="'runs/demo'" --gin.MIXTURE_OR_TASK_NAME="'moetx_en_causal_lm'" \\
-      --gin.TASK_FEATURE_LENGTHS="{'targets': 128}" --gin.TRAIN_STEPS=600
-
-Resumes from the latest checkpoint in MODEL_DIR when there is one.
+`train()` resumes from the latest checkpoint in MODEL_DIR when there is one. It knows the model
+only through `moetx.trainer.model.Model`: the model checks the task (`check_task`) and the
+feature lengths (`input_shapes`) before anything is written, and prints its own eval line
+(`headline`).
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import sys
+from typing import Any, Callable
 
-from moetx.trainer import xla_env  # noqa: E402  (jax-free; must run before jax is imported)
+import gin
+import jax
 
-xla_env.configure_cpu_defaults()
-
-if __name__ == "__main__":
-    # Run the importable module, not this `__main__` copy, so gin registers each
-    # configurable once (as `moetx.trainer.train.*`).
-    from moetx.trainer.train import console_main
-
-    console_main()
-
-import sys  # noqa: E402
-from typing import Any, Callable  # noqa: E402
-
-import gin  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from moetx.trainer import (  # noqa: E402
-    checkpoints, cli, data, metrics as metrics_lib, optimizers, partitioning, trainer as trainer_lib,
+from moetx.trainer import (
+    checkpoints,
+    data,
+    metrics as metrics_lib,
+    optimizers,
+    partitioning,
+    trainer as trainer_lib,
 )
 
 
-def build_trainer(model, dataset_cfg: data.DatasetConfig, mesh_fn: Callable = partitioning.make_mesh,
+def build_trainer(model, dataset_cfg: data.DatasetConfig,
+                  mesh_fn: Callable = partitioning.make_mesh,
                   rules_fn: Callable = partitioning.standard_logical_axis_rules,
                   optimizer_factory: Callable = optimizers.make_optimizer,
                   num_microbatches: int = 1, seed: int = 0, ema_decay: float | None = None,
@@ -97,13 +89,15 @@ def train(
     `ema_decay` keeps an EMA of the weights (and, with `ema_model_state`, of the batch norm
     statistics); with `eval_with_ema` evaluation uses it.
 
-    `init_from` (e.g. `@moetx.tools.restore.InitFromCheckpoint()`) maps the Trainer and the
+    `init_from` (e.g. `@moetx.convert.restore.InitFromCheckpoint()`) maps the Trainer and the
     fresh state to the state a new run starts from (another checkpoint's parameters, possibly
     upcycled); it is not used when MODEL_DIR already holds a checkpoint to resume.
     """
     if train_steps <= 0:
         raise ValueError(f"TRAIN_STEPS must be positive, got {train_steps}.")
-    _check_vocab(model, train_dataset_cfg)
+    for cfg in (train_dataset_cfg, eval_dataset_cfg):
+        if cfg is not None:
+            check_data(model, cfg)
     checkpoints.check_writable(model_dir)
     trainer = build_trainer(model, train_dataset_cfg, mesh_fn, rules_fn, optimizer_factory,
                             num_microbatches, seed, ema_decay, ema_model_state)
@@ -122,8 +116,7 @@ def train(
 
     batches, _ = make_batches(trainer, train_dataset_cfg,
                               data_state.get("batches_consumed", 0), num_epochs=None)
-    tokens_per_batch = sum(int(np.prod(s)) for k, s in trainer.input_shapes.items()
-                           if k in ("encoder_input_tokens", "decoder_target_tokens"))
+    count_per_batch = model.count_per_batch(trainer.input_shapes)
     flops_per_step = model.flops_per_step(state.params, trainer.input_shapes)
     peak = metrics_lib.measured_peak_flops_per_device() * jax.device_count()
 
@@ -136,9 +129,7 @@ def train(
         m = trainer.evaluate(params, evaluation_batches(trainer, eval_dataset_cfg), eval_steps,
                              model_state=model_state)
         eval_writer.write_scalars(step, m)
-        _log(f"[eval] {label} step {step}: loss {m['cross_ent_loss']:.4f} | acc "
-             f"{m['accuracy']:.3f} | perplexity {m['perplexity']:.2f} "
-             f"({int(m['tokens']):,} {getattr(model, 'metric_unit', 'tokens')})")
+        _log(f"[eval] {label} step {step}: {model.headline(m)}")
         return m
 
     start_step = int(jax.device_get(state.step))
@@ -153,7 +144,7 @@ def train(
             run_eval(step, st, "")
 
     state = trainer_lib.run_training_loop(
-        trainer, state, batches, train_steps, writer, log_every, on_step_end, tokens_per_batch,
+        trainer, state, batches, train_steps, writer, log_every, on_step_end, count_per_batch,
         flops_per_step, peak)
     if eval_dataset_cfg is not None:
         results["eval"] = run_eval(train_steps, state, "after training,")
@@ -165,28 +156,14 @@ def train(
     return results
 
 
-def _check_vocab(model, cfg: data.DatasetConfig) -> None:
-    task = data.get_task(cfg.mixture_or_task_name)
-    if not hasattr(getattr(model, "config", None), "vocab_size") \
-            or "targets" not in task.output_features:
-        return  # Not a token model (e.g. an image classifier).
-    vocab = task.output_features["targets"].vocabulary
-    if vocab.vocab_size > model.config.vocab_size:
-        raise ValueError(
-            f"The task's vocabulary has {vocab.vocab_size} ids but the model's embedding only "
-            f"{model.config.vocab_size}; raise TransformerConfig.vocab_size.")
+def check_data(model, cfg: data.DatasetConfig) -> None:
+    """Raises ValueError, before anything is written, when `cfg`'s task cannot feed `model`
+    (`model.check_task`) or its feature lengths do not suit it (`model.input_shapes`)."""
+    lengths = dict(cfg.task_feature_lengths)
+    model.check_task(data.get_task(cfg.mixture_or_task_name), lengths)
+    model.input_shapes(cfg.batch_size, lengths)
 
 
 def _log(msg: str) -> None:
     if jax.process_index() == 0:
         print(msg, file=sys.stderr, flush=True)
-
-
-def main(args) -> None:
-    del args
-    train()
-
-
-def console_main() -> None:
-    sys.exit(cli.run(main, module_imports=("moetx.lm.models", "moetx.tasks")))
-

@@ -1,11 +1,15 @@
 """The model-agnostic trainer: sharded train state, jitted train/eval steps, gradient
 accumulation, and the training loop with its periodic actions (log, eval, checkpoint).
 
+The trainer knows a model only through the protocol of `moetx.trainer.model`: it asks the model
+to complete each batch, for its loss weights, loss and metric sums, how each metric is reduced
+and summarized, and which unit its count is in; it never reads a feature or metric by name.
+
 Models with mutable state (batch norm statistics) name its collections in
-`model.state_collections` (e.g. `('batch_stats',)`). The trainer then carries them in
-`TrainState.model_state` (replicated, checkpointed), passes them to
-`loss_fn(..., model_state=...)`, which returns `(loss, (metric sums, new model state))`, and to
-`eval_fn(params, batch, model_state=...)`. Models without state are called as before.
+`model.state_collections` (e.g. `('batch_stats',)`). The trainer carries them in
+`TrainState.model_state` (replicated, checkpointed; `{}` for stateless models) and passes them
+to `loss_fn(..., model_state=...)`, which returns `(loss, (metric sums, new model state))`, and
+to `eval_fn(params, batch, model_state=...)`.
 With `ema_decay`, `TrainState.ema` holds an exponential moving average of the parameters (and,
 by default, of the model state), which `eval_variables` hands to evaluation.
 """
@@ -24,9 +28,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moetx.trainer import losses, metrics as metrics_lib, optimizers, partitioning
+from moetx.trainer import metrics as metrics_lib, optimizers, partitioning
+from moetx.trainer import model as model_lib
 
 Array = jax.Array
+
+# Scalars the train step adds to the model's metric sums.
+TRAINER_METRICS = ("learning_rate", "grad_norm")
 
 
 @flax.struct.dataclass
@@ -45,7 +53,7 @@ class Trainer:
     """Owns the sharded state layout and the compiled steps for one model on one mesh.
 
     Args:
-      model: a model wrapper (see `moetx.lm.models`).
+      model: a `moetx.trainer.model.Model` (e.g. `moetx.lm.models.DecoderOnlyModel`).
       optimizer_factory: `param_axes -> optimizers.Optimizer` (gin's `make_optimizer`).
       mesh: the device mesh; rules: logical axis rules.
       input_shapes: global shapes of the batch features (used to initialise parameters).
@@ -64,8 +72,9 @@ class Trainer:
                  ema_model_state: bool = True, ema_warmup: bool = True):
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (or None to disable), got {ema_decay}.")
+        model_lib.check_model(model)
         self.model = model
-        self.state_collections = tuple(getattr(model, "state_collections", ()))
+        self.state_collections = tuple(model.state_collections)
         self.ema_decay = ema_decay
         self.ema_model_state = ema_model_state
         self.ema_warmup = ema_warmup
@@ -162,24 +171,18 @@ class Trainer:
     def _grads(self, params, model_state, batch, dropout_rng, weights, factor):
         """(grads, metric sums, new model state) of one (micro)batch."""
         grad_fn = jax.value_and_grad(self.model.loss_fn, has_aux=True)
-        if not self.state_collections:
-            (_, sums), grads = grad_fn(params, batch, dropout_rng, weights, factor,
-                                       num_microbatches=self.num_microbatches)
-            return grads, sums, model_state
         (_, (sums, model_state)), grads = grad_fn(
             params, batch, dropout_rng, weights, factor, num_microbatches=self.num_microbatches,
             model_state=model_state)
+        clash = sorted(set(sums) & set(TRAINER_METRICS))
+        if clash:
+            raise ValueError(f"{type(self.model).__name__}.loss_fn returns the metric(s) {clash}, "
+                             f"which the trainer adds itself; rename them.")
         return grads, sums, model_state
-
-    def _loss_weights(self, batch):
-        # Models whose batches are not token sequences (vision) define their own weights.
-        if hasattr(self.model, "loss_weights_and_factor"):
-            return self.model.loss_weights_and_factor(batch)
-        return losses.loss_weights_and_factor(batch, self.model.loss_normalization)
 
     def _train_step_impl(self, state: TrainState, batch: Mapping[str, Array]):
         with nn.logical_axis_rules(self.rules):
-            weights, factor = self._loss_weights(batch)
+            weights, factor = self.model.loss_weights_and_factor(batch)
             step_rng = jax.random.fold_in(jax.random.PRNGKey(self.seed + 1), state.step)
             m = self.num_microbatches
             model_state = state.model_state
@@ -239,9 +242,7 @@ class Trainer:
 
     def _eval_step_impl(self, params, model_state, batch):
         with nn.logical_axis_rules(self.rules):
-            if self.state_collections:
-                return self.model.eval_fn(params, batch, model_state=model_state)
-            return self.model.eval_fn(params, batch)
+            return self.model.eval_fn(params, batch, model_state=model_state)
 
     def train_step(self, state: TrainState, batch: Mapping[str, Array]):
         with self.mesh:
@@ -256,20 +257,22 @@ class Trainer:
         return partitioning.process_batch_slice(self.mesh, self.rules, global_batch_size)
 
     def to_global(self, local_batch: Mapping[str, np.ndarray]) -> dict[str, Array]:
-        """Host-local numpy rows -> global sharded arrays (only the model's features)."""
+        """Host-local numpy rows -> global sharded arrays of exactly the model's features (the
+        model's `complete_batch` selects them and fills any the data lacks)."""
         global_bs = next(iter(self.input_shapes.values()))[0]
-        feats = {k: np.asarray(local_batch[k]) for k in self.input_shapes if k in local_batch}
-        missing = set(self.input_shapes) - set(feats)
-        for k in missing:  # e.g. unpacked data without segment ids: one segment per row.
-            ref = next(iter(feats.values()))
-            feats[k] = (np.asarray(local_batch["decoder_target_tokens"]) > 0).astype(np.int32) \
-                if k == "decoder_segment_ids" else np.zeros_like(ref)
+        feats = self.model.complete_batch(local_batch, self.input_shapes)
+        if set(feats) != set(self.input_shapes):
+            raise ValueError(
+                f"{type(self.model).__name__}.complete_batch returned {sorted(feats)}; expected "
+                f"exactly the features of input_shapes, {sorted(self.input_shapes)}.")
         return partitioning.host_local_batch_to_global(feats, self.mesh, self.rules, global_bs)
 
     def evaluate(self, params, batches: Iterator[Mapping[str, np.ndarray]],
                  max_batches: int | None = None, model_state: Any = None) -> dict[str, float]:
-        """Teacher-forced loss, accuracy and perplexity over (up to `max_batches`) batches
-        (`model_state`: the model's mutable collections, for models that have them)."""
+        """The model's summarized metrics over (up to `max_batches`) batches: the eval metric
+        sums added over batches, reduced (`metric_reduction`) and summarized
+        (`summarize_metrics`, which includes the count under `model.count_unit`).
+        `model_state`: the model's mutable collections, for models that have them."""
         totals: dict[str, float] = {}
         n = 0
         for batch in batches:
@@ -281,10 +284,7 @@ class Trainer:
             n += 1
         if not n:
             raise ValueError("The evaluation split produced no batches; is it empty?")
-        out = metrics_lib.summarize(totals)
-        out.update({k: v / n for k, v in totals.items() if k.startswith("moe")})
-        out["tokens"] = totals["weight"]
-        return out
+        return self.model.summarize_metrics(model_lib.reduce_metrics(self.model, totals, n))
 
 
 def ema_update(ema: Any, new: Any, decay: Array) -> Any:
@@ -308,12 +308,19 @@ def run_training_loop(
     writer: metrics_lib.MetricWriter,
     log_every: int = 10,
     on_step_end: Callable[[int, TrainState], None] | None = None,
-    tokens_per_batch: int = 0,
+    count_per_batch: int = 0,
     flops_per_step: float = 0.0,
     peak_flops: float = 0.0,
 ) -> TrainState:
     """Steps from `state.step` to `train_steps`, logging every `log_every` steps (fetching
-    metrics from the devices only then) and calling `on_step_end(step, state)` after each."""
+    metrics from the devices only then) and calling `on_step_end(step, state)` after each.
+
+    The logged scalars are the model's summarized metrics of the last step (without the count,
+    which is logged as the rate `<count_unit>_per_sec` when `count_per_batch` is given), `loss`
+    (the model's `loss_metric`, which must be finite), the learning rate, the gradient norm,
+    steps per second and, with `flops_per_step` and `peak_flops`, the MFU.
+    """
+    model = trainer.model
     start = int(jax.device_get(state.step))
     t_window, s_window = time.perf_counter(), start
     t_start = t_window
@@ -325,20 +332,24 @@ def run_training_loop(
                              f"empty or too small for one batch.") from None
         state, sums = trainer.train_step(state, trainer.to_global(batch))
         if step % log_every == 0 or step == train_steps:
-            sums = jax.device_get(sums)
+            sums = dict(jax.device_get(sums))
             now = time.perf_counter()
             dt = now - t_window
             steps = step - s_window
-            scalars = metrics_lib.summarize(sums)
-            check_finite(step, scalars["cross_ent_loss"])
-            scalars["loss"] = scalars["cross_ent_loss"]
-            scalars["learning_rate"] = float(sums["learning_rate"])
-            scalars["grad_norm"] = float(sums["grad_norm"])
-            scalars.update({k: float(v) / trainer.num_microbatches for k, v in sums.items()
-                            if k.startswith("moe")})
+            own = {k: float(sums.pop(k)) for k in TRAINER_METRICS}
+            scalars = model.summarize_metrics(
+                model_lib.reduce_metrics(model, sums, trainer.num_microbatches))
+            scalars.pop(model.count_unit, None)  # logged as a rate below
+            if model.loss_metric not in scalars:
+                raise ValueError(f"{type(model).__name__}.summarize_metrics returned "
+                                 f"{sorted(scalars)}, without its loss_metric "
+                                 f"{model.loss_metric!r}.")
+            check_finite(step, scalars[model.loss_metric])
+            scalars["loss"] = scalars[model.loss_metric]
+            scalars.update(own)
             scalars["steps_per_sec"] = steps / dt
-            if tokens_per_batch:
-                scalars["tokens_per_sec"] = steps * tokens_per_batch / dt
+            if count_per_batch:
+                scalars[f"{model.count_unit}_per_sec"] = steps * count_per_batch / dt
             if flops_per_step and peak_flops:
                 scalars["mfu"] = flops_per_step * steps / dt / peak_flops
             writer.write_scalars(step, scalars)

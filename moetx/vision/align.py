@@ -153,6 +153,9 @@ class DualEncoderModel(ImageBatchMixin):
       image_size, augment, mean, std: image preprocessing, as for classification.
       retrieval_by_label: the batch also carries `label`, and image->text retrieval counts as
         correct when the retrieved caption has the query's label (otherwise: the same text).
+
+    Metrics: `loss` (mean contrastive loss per pair), `accuracy` (top-1 image->text retrieval)
+    and the number of `pairs`.
     """
 
     image_model_name: str = "tiny/s"
@@ -170,8 +173,7 @@ class DualEncoderModel(ImageBatchMixin):
     image_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     retrieval_by_label: bool = False
 
-    state_collections = ("batch_stats",)
-    metric_unit = "pairs"
+    count_unit = "pairs"
 
     def __post_init__(self):
         self.module = DualEncoder(
@@ -230,11 +232,13 @@ class DualEncoderModel(ImageBatchMixin):
             hit = batch["label"][best] == batch["label"]
         else:
             hit = jnp.all(batch["text"][best] == batch["text"], axis=1)
-        return total / factor, {"cross_ent_sum": total, "z_loss_sum": jnp.zeros(()),
-                                "correct": jnp.sum(hit * mask), "weight": jnp.sum(mask)}
+        return total / factor, {"loss_sum": total, "correct": jnp.sum(hit * mask),
+                                "count": jnp.sum(mask)}
 
     def loss_fn(self, params, batch, dropout_rng, weights, factor, num_microbatches=1,
                 model_state=None):
+        """The symmetric contrastive loss over the (micro)batch's pairs, divided by the full
+        batch's pair count; (loss, (metric sums, new model state))."""
         del weights, num_microbatches  # The mask is the weight.
         zimg, ztxt, t, new_state = self.embed(params, model_state, batch, True, dropout_rng)
         loss, sums = self._sums(zimg, ztxt, t, batch, self.label_smoothing, factor)
@@ -242,9 +246,9 @@ class DualEncoderModel(ImageBatchMixin):
         return loss, (sums, new_state)
 
     def eval_fn(self, params, batch, model_state=None):
+        """Contrastive loss (no smoothing) and top-1 image->text retrieval over the real pairs:
+        `accuracy` is the retrieval accuracy."""
         zimg, ztxt, t, _ = self.embed(params, model_state, batch, False)
         _, sums = self._sums(zimg, ztxt, t, batch, 0.0, 1.0)
         return sums
 
-    def flops_per_step(self, params, input_shapes) -> float:
-        return 0.0

@@ -1,9 +1,10 @@
 """Offline image data for the vision track, fetched only from package registries.
 
 * Fashion-MNIST (Xiao et al. 2017; 60,000 train + 10,000 test 28x28 grayscale images, 10
-  classes, MIT): the Debian package `dataset-fashion-mnist`, fetched with `apt-get download`
-  into `$MOETX_DATA/downloads` and unpacked with `dpkg-deb -x` (no root install), then read from
-  its IDX files. The decoded files' SHA-256 are checked.
+  classes, MIT): the Debian package `dataset-fashion-mnist`, fetched by
+  `moetx.datasets.registry` (`apt-get download` into `$MOETX_DATA/downloads`, no root install),
+  whose four IDX files are copied out of it into `$MOETX_DATA/fashion_mnist/<version>`. The
+  decoded files' SHA-256 are checked.
 * scikit-learn's bundled digits (1,797 8x8 images, 10 classes, BSD): a fixed split of 1,500
   train / 297 test images.
 * Digit clips: [T, 32, 32, 1] videos of a (2x upscaled) digit moving and bouncing off the frame
@@ -12,27 +13,29 @@
   for the ALIGN-style dual encoder.
 
 All arrays are uint8 images [N, H, W, 1] (clips [N, T, H, W, 1]) and int32 labels [N].
-`python -m moetx.vision.data` fetches what needs fetching (the Makefile's `data` step).
+`python -m moetx.cli.data` fetches what needs fetching (the Makefile's `data` step).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gzip
 import hashlib
-import shutil
-import subprocess
+import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from moetx.tasks import paths
+from moetx.datasets import paths, registry
+from moetx.datasets.registry import FetchError
 
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_VERSION = "0.0~git20200523.55506a9-1"
+#: Only the pinned version: the IDX files' content is checked against fixed hashes.
+FASHION_MNIST = registry.Package("apt", FASHION_MNIST_PACKAGE, FASHION_MNIST_VERSION,
+                                 pattern=f"{FASHION_MNIST_PACKAGE}_*_all.deb",
+                                 candidate_fallback=False)
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                          "Shirt", "Sneaker", "Bag", "Ankle boot")
 # SHA-256 of the decompressed IDX files (the content, whatever the .gz compression).
@@ -52,10 +55,6 @@ DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "e
 _DIGITS_TRAIN = 1500
 
 
-class DataError(RuntimeError):
-    """Offline data could not be fetched or read."""
-
-
 def _log(message: str) -> None:
     print(f"[moetx.vision.data] {message}", file=sys.stderr, flush=True)
 
@@ -69,7 +68,7 @@ def parse_idx(data: bytes) -> np.ndarray:
     """Decodes an IDX file (LeCun's MNIST format): 2 zero bytes, a dtype code, the number of
     dimensions, big-endian int32 sizes, then the row-major values."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataError(f"Not an IDX file: header {data[:4].hex()} (expected 00 00 <dtype> "
+        raise FetchError(f"Not an IDX file: header {data[:4].hex()} (expected 00 00 <dtype> "
                         f"<ndim> with dtype one of {[hex(k) for k in _IDX_DTYPES]}).")
     ndim = data[3]
     header = 4 + 4 * ndim
@@ -77,7 +76,7 @@ def parse_idx(data: bytes) -> np.ndarray:
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - header != expected:
-        raise DataError(f"IDX payload is {len(data) - header} bytes but shape {shape} of "
+        raise FetchError(f"IDX payload is {len(data) - header} bytes but shape {shape} of "
                         f"{dtype} needs {expected}; the file is truncated or corrupt.")
     return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
@@ -88,40 +87,27 @@ def fashion_mnist_dir(data_dir=None) -> Path:
 
 
 def fetch_fashion_mnist(data_dir=None, force: bool = False) -> Path:
-    """Downloads the Debian package with `apt-get download` (reused when cached), unpacks it with
-    `dpkg-deb -x`, and leaves the four IDX .gz files in `fashion_mnist_dir()`."""
+    """Leaves the four IDX .gz files in `fashion_mnist_dir()`, copied out of the Debian package
+    (fetched with `apt-get download` when not cached; `force` downloads it again).
+
+    Raises FetchError with the fix when the package cannot be fetched or lacks a file."""
     out = fashion_mnist_dir(data_dir)
     if not force and all((out / name).exists() for name, _ in _FASHION_FILES.values()):
         return out
-    downloads = paths.downloads_dir(data_dir)
-    downloads.mkdir(parents=True, exist_ok=True)
-    pattern = f"{FASHION_MNIST_PACKAGE}_*_all.deb"
-    debs = sorted(downloads.glob(pattern))
-    if not debs or force:
-        for tool in ("apt-get", "dpkg-deb"):
-            if shutil.which(tool) is None:
-                raise DataError(f"`{tool}` is not available: Fashion-MNIST comes from the Debian "
-                                f"package {FASHION_MNIST_PACKAGE}. On a non-Debian system put "
-                                f"the four IDX .gz files into {out} by hand.")
-        cmd = ["apt-get", "download", f"{FASHION_MNIST_PACKAGE}={FASHION_MNIST_VERSION}"]
-        _log(f"{' '.join(cmd)} (30.9 MB) into {downloads}")
-        proc = subprocess.run(cmd, cwd=downloads, capture_output=True, text=True, check=False)
-        debs = sorted(downloads.glob(pattern))
-        if proc.returncode != 0 or not debs:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise DataError(
-                f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{tail}\nFix: run "
-                f"`apt-get update` (the package index may be missing) or download the .deb by "
-                f"hand into {downloads}, then re-run `python -m moetx.vision.data`.")
-    with tempfile.TemporaryDirectory(dir=downloads) as tmp:
-        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), tmp], check=True)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, _ in _FASHION_FILES.values():
-            src = Path(tmp) / _DEB_MEMBER_DIR / name
-            if not src.exists():
-                raise DataError(f"{debs[-1].name} has no {_DEB_MEMBER_DIR / name}; delete it "
-                                f"and re-run `python -m moetx.vision.data --force`.")
-            shutil.copyfile(src, out / name)
+    deb = registry.fetch(FASHION_MNIST, data_dir, purpose="Fashion-MNIST (30.9 MB)",
+                         refresh=force, manual=f"the four IDX .gz files into {out}")
+    wanted = [str(_DEB_MEMBER_DIR / name) for name, _ in _FASHION_FILES.values()]
+    members = registry.read_members(deb, wanted)
+    out.mkdir(parents=True, exist_ok=True)
+    for member in wanted:
+        if member not in members:
+            raise FetchError(f"{deb.name} has no {member}; delete it and re-run "
+                             "`python -m moetx.cli.data --force`.")
+        # Written under a temporary name and renamed: an interrupted copy leaves no half file.
+        target = out / Path(member).name
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(members[member])
+        os.replace(tmp, target)
     _log(f"Fashion-MNIST ready in {out}")
     return out
 
@@ -136,8 +122,8 @@ def _load_fashion_mnist(split: str, data_dir: str | None) -> tuple[np.ndarray, n
         name, sha = _FASHION_FILES[(split, kind)]
         raw = gzip.decompress((directory / name).read_bytes())
         if hashlib.sha256(raw).hexdigest() != sha:
-            raise DataError(f"{directory / name} does not decode to the expected content; "
-                            f"delete {directory} and re-run `python -m moetx.vision.data`.")
+            raise FetchError(f"{directory / name} does not decode to the expected content; "
+                            f"delete {directory} and re-run `python -m moetx.cli.data`.")
         arrays.append(parse_idx(raw))
     images, labels = arrays
     return images[..., None], labels.astype(np.int32)
@@ -226,24 +212,3 @@ def digit_captions(split: str, length: int = 8) -> tuple[np.ndarray, np.ndarray,
     text = np.stack([caption_tokens(CAPTION_TEMPLATES[i % len(CAPTION_TEMPLATES)].format(
         DIGIT_WORDS[y]), length) for i, y in enumerate(labels)])
     return images, text, labels
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moetx.vision.data",
-                                     description="Fetch the vision track's offline data.")
-    parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    fetch_fashion_mnist(args.data_dir, force=args.force)
-    for split in ("train", "test"):
-        images, labels = load_fashion_mnist(split, args.data_dir)
-        print(f"fashion_mnist/{split}: {images.shape} {images.dtype}, labels "
-              f"{np.bincount(labels).tolist()}")
-    for split in ("train", "test"):
-        images, labels = load_digits(split)
-        print(f"digits/{split}: {images.shape}, labels {np.bincount(labels).tolist()}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

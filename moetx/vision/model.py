@@ -1,16 +1,20 @@
 """Image (and clip) classification model wrapper: what the trainer calls for vision models.
 
-Same contract as `moetx.lm.models` (feature_converter, input_shapes, get_initial_variables,
-loss_fn, eval_fn, flops_per_step), plus the trainer's hooks for vision:
+`ImageBatchMixin` implements the trainer's model protocol (`moetx.trainer.model.Model`) for the
+vision wrappers (classification here, `align.DualEncoderModel`, `must.MultiTaskModel`):
 
   state_collections = ('batch_stats',)   carried by the trainer in TrainState.model_state
-  loss_fn(..., model_state=) -> (loss, (metric sums, new model state))
   loss_weights_and_factor(batch)         per-example weights (the `mask`) and their sum
+  metric sums                            `loss_sum` (the loss summed over real examples),
+                                         `correct` (top-1 hits), `count` (real examples), and
+                                         in training `loss` (the differentiated loss)
+  summarized metrics                     `loss`, `accuracy` and the count under `count_unit`
+                                         ('examples' here)
+  parameter_resizers()                   relative-position tables restored at another image size
 
 The batch holds raw images (uint8 [B, (T,) H, W, C] as the task stores them), `label` [B] and
 `mask` [B]. Preprocessing runs on device inside the step: scale to [0, 1], resize to
 `image_size`, at train time `augment` (pad-crop, flip, RandAugment) and mixup, then normalise.
-Metric sums use the LM names (`cross_ent_sum`, `correct`, `weight` = number of examples).
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from typing import Any, Mapping, Sequence
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from moetx.trainer.model import BaseModel, Resizer
 from moetx.vision import augment as augment_lib
 from moetx.vision import models
+from moetx.vision.models import coatnet
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -35,20 +42,47 @@ def soft_targets(labels: Array, num_classes: int, label_smoothing: float) -> Arr
     return one_hot * (1.0 - label_smoothing) + label_smoothing / num_classes
 
 
-class ImageBatchMixin:
-    """The trainer hooks shared by the vision model wrappers (classification, ALIGN, MuST):
-    the batch carries raw `image`s and a per-example `mask`; the wrapper has the fields
-    `image_size`, `augment`, `mean` and `std`."""
+def resize_position_table(table: Any, target_shape: tuple[int, ...]) -> Any:
+    """A relative-position bias table [2h-1, 2w-1, heads] resized (bilinearly, by
+    `coatnet.resize_relative_position_bias`) to `target_shape` [2H-1, 2W-1, heads]. Anything
+    else (another rank, another number of heads) comes back unchanged, for the restore to
+    report as a mismatch."""
+    have, want = tuple(np.shape(table)), tuple(target_shape)
+    if len(have) != 3 or len(want) != 3 or have[-1] != want[-1] or have == want:
+        return table
+    return coatnet.resize_relative_position_bias(table, ((want[0] + 1) // 2,
+                                                        (want[1] + 1) // 2))
+
+
+class ImageBatchMixin(BaseModel):
+    """The model protocol shared by the vision wrappers (classification, ALIGN, MuST): the
+    batch carries raw `image`s and a per-example `mask`; the wrapper has the fields
+    `image_size`, `augment`, `mean` and `std`, and its metric sums `loss_sum`, `correct` and
+    `count` (see the module docstring)."""
 
     image_size: int | None
     augment: augment_lib.Augment | None
     mean: Sequence[float]
     std: Sequence[float]
 
+    state_collections = ("batch_stats",)
+
     def loss_weights_and_factor(self, batch: Batch) -> tuple[Array, Array]:
         """Per-example loss weights (the batch's `mask`) and their sum, at least 1."""
         weights = batch["mask"].astype(jnp.float32)
         return weights, jnp.maximum(jnp.sum(weights), 1.0)
+
+    def summarize_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """`loss` (mean over the real examples), `accuracy` and the number of examples under
+        `count_unit`."""
+        n = float(sums["count"])
+        return {"loss": float(sums["loss_sum"]) / max(n, 1.0),
+                "accuracy": float(sums["correct"]) / max(n, 1.0), self.count_unit: n}
+
+    def parameter_resizers(self) -> Mapping[str, Resizer]:
+        """Relative-position bias tables (CoAtNet's `relative_position_bias`) restored from a
+        checkpoint trained at another image size are resized to this model's size."""
+        return {r"relative_position_bias$": resize_position_table}
 
     def preprocess(self, images: Array, rng: Array | None = None, train: bool = False) -> Array:
         """Raw images -> normalised float32 network inputs (augmented when `train` and an rng
@@ -94,8 +128,7 @@ class ImageClassificationModel(ImageBatchMixin):
     mean: Sequence[float] = (0.5,)
     std: Sequence[float] = (0.5,)
 
-    state_collections = ("batch_stats",)
-    metric_unit = "examples"
+    count_unit = "examples"
 
     def __post_init__(self):
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -150,7 +183,8 @@ class ImageClassificationModel(ImageBatchMixin):
     def loss_fn(self, params, batch: Batch, dropout_rng: Array | None, weights: Array,
                 factor: Array | None, num_microbatches: int = 1, model_state=None):
         """Mean (over the full batch's real examples) cross entropy against smoothed, mixed
-        targets; metrics count top-1 hits against the unmixed labels."""
+        targets; metrics count top-1 hits against the unmixed labels. Returns
+        (loss, (metric sums, new model state))."""
         del num_microbatches
         if dropout_rng is not None:
             k_aug, k_mix, k_drop = jax.random.split(dropout_rng, 3)
@@ -165,9 +199,9 @@ class ImageClassificationModel(ImageBatchMixin):
         ce = softmax_cross_entropy(logits, targets)
         total = jnp.sum(ce * weights)
         loss = total / factor if factor is not None else total
-        metrics = {"loss": loss, "cross_ent_sum": total, "z_loss_sum": jnp.zeros(()),
+        metrics = {"loss": loss, "loss_sum": total,
                    "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * weights),
-                   "weight": jnp.sum(weights)}
+                   "count": jnp.sum(weights)}
         return loss, (metrics, new_state)
 
     def eval_fn(self, params, batch: Batch, model_state=None) -> dict[str, Array]:
@@ -175,9 +209,9 @@ class ImageClassificationModel(ImageBatchMixin):
         logits = self.predict(params, batch["image"], model_state)
         mask = batch["mask"].astype(jnp.float32)
         ce = softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], self.num_classes))
-        return {"cross_ent_sum": jnp.sum(ce * mask), "z_loss_sum": jnp.zeros(()),
+        return {"loss_sum": jnp.sum(ce * mask),
                 "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
-                "weight": jnp.sum(mask)}
+                "count": jnp.sum(mask)}
 
     def predict(self, params, images: Array, model_state=None) -> Array:
         """Eval-mode logits [B, num_classes] of raw images."""

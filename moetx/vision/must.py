@@ -216,8 +216,11 @@ class MultiTaskModel(ImageBatchMixin):
       tasks: the TaskSpecs (as in the store's manifest).
       image_size, augment, mean, std: image preprocessing, as for classification.
 
-    Metrics: `cross_ent_sum` is the weighted multi-task loss times the batch size, `correct`
-    the top-1 agreement with the first classification task's teacher on its labelled images.
+    Metrics: `loss`, the weighted multi-task loss sum_t w_t * <task>_loss over the evaluated
+    images; `<task>_loss`, each task's mean loss over the images it labels; `accuracy`, the
+    top-1 agreement with the first classification task's teacher on the images it labels; and
+    the number of `images`. (The metric sums are `<task>_loss_sum`, `<task>_count`, `correct`
+    and `count`, plus `loss` in training.)
     """
 
     backbone_name: str = "tiny/s"
@@ -227,8 +230,7 @@ class MultiTaskModel(ImageBatchMixin):
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
 
-    state_collections = ("batch_stats",)
-    metric_unit = "images"
+    count_unit = "images"
 
     def __post_init__(self):
         if not self.tasks:
@@ -262,17 +264,37 @@ class MultiTaskModel(ImageBatchMixin):
         variables.setdefault("batch_stats", {})
         return variables
 
-    def _metrics(self, outputs, batch, loss, sums, weights):
-        first = next((t for t in self.tasks if t.kind == "classification"), None)
+    def _first_classification(self) -> TaskSpec | None:
+        return next((t for t in self.tasks if t.kind == "classification"), None)
+
+    def _metrics(self, outputs, batch, sums, weights) -> dict[str, Array]:
+        """The per-task sums plus `correct` (agreement with the first classification task's
+        teacher on its labelled images) and `count` (real images)."""
+        first = self._first_classification()
         correct = jnp.zeros(())
         if first is not None:
             m = batch[f"{first.name}_mask"] * weights
             agree = jnp.argmax(outputs[first.name], -1) == jnp.argmax(
                 batch[f"{first.name}_labels"], -1)
             correct = jnp.sum(agree * m)
-        n = jnp.sum(weights)
-        return {"loss": loss, "cross_ent_sum": loss * n, "z_loss_sum": jnp.zeros(()),
-                "correct": correct, "weight": n, **sums}
+        return {**sums, "correct": correct, "count": jnp.sum(weights)}
+
+    def summarize_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """Each task's mean loss over the images it labels, their weighted sum `loss`, the
+        first classification task's `accuracy` and the number of `images`."""
+        out = {}
+        loss = 0.0
+        for t in self.tasks:
+            mean = float(sums[f"{t.name}_loss_sum"]) / max(float(sums[f"{t.name}_count"]), 1.0)
+            out[f"{t.name}_loss"] = mean
+            loss += t.weight * mean
+        out["loss"] = loss
+        first = self._first_classification()
+        if first is not None:
+            out["accuracy"] = float(sums["correct"]) / max(float(sums[f"{first.name}_count"]),
+                                                           1.0)
+        out[self.count_unit] = float(sums["count"])
+        return out
 
     def loss_fn(self, params, batch, dropout_rng, weights, factor, num_microbatches=1,
                 model_state=None):
@@ -288,14 +310,11 @@ class MultiTaskModel(ImageBatchMixin):
         loss, sums = multitask_loss(outputs, batch, self.tasks, weights)
         loss = loss / num_microbatches
         new_state = {c: mutated.get(c, {}) for c in self.state_collections}
-        return loss, (self._metrics(outputs, batch, loss, sums, weights), new_state)
+        return loss, ({"loss": loss, **self._metrics(outputs, batch, sums, weights)}, new_state)
 
     def eval_fn(self, params, batch, model_state=None):
         variables = {"params": params, **(model_state or {"batch_stats": {}})}
         outputs = self.module.apply(variables, self.preprocess(batch["image"]), train=False)
         w = batch["mask"].astype(jnp.float32)
-        loss, sums = multitask_loss(outputs, batch, self.tasks, w)
-        return self._metrics(outputs, batch, loss, sums, w)
-
-    def flops_per_step(self, params, input_shapes) -> float:
-        return 0.0
+        _, sums = multitask_loss(outputs, batch, self.tasks, w)
+        return self._metrics(outputs, batch, sums, w)

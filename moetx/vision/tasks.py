@@ -1,4 +1,6 @@
-"""SeqIO tasks of the vision track, registered on import (data is read only when iterated).
+"""SeqIO tasks of the vision track. Importing this module registers nothing:
+`register_default_tasks()` registers the tasks below (the command lines call it through
+`moetx.cli.flags`), and their data is read only when a dataset is first built.
 
   fashion_mnist    image uint8 [28, 28, 1], label; splits train (60,000) / test (10,000)
   digits           image uint8 [8, 8, 1], label; splits train (1,500) / test (297)
@@ -98,10 +100,10 @@ def _captions(split):
 
 
 def register_default_tasks() -> None:
+    """(Re-)registers `fashion_mnist`, `digits`, `digit_clips` and `digit_captions`. Idempotent;
+    reads no data (Fashion-MNIST is fetched, if it is not cached, when first read)."""
     register_array_task("fashion_mnist", lambda s: _as_dict(*data.load_fashion_mnist(s)))
     register_array_task("digits", lambda s: _as_dict(*data.load_digits(s)))
     register_array_task("digit_clips", lambda s: _as_dict(*data.digit_clips(s)))
     register_array_task("digit_captions", _captions)
 
-
-register_default_tasks()

@@ -12,8 +12,8 @@ import torch
 import transformers
 
 from moetx.lm import models, transformer
-from moetx.tools import hf
-from tests.conftest import REPO_ROOT
+from moetx.convert import hf
+from tests.conftest import REPO_ROOT, count_params_from_shapes
 
 GIN_DIR = os.path.join(REPO_ROOT, "moetx", "gin")
 
@@ -26,34 +26,6 @@ T5_1_1 = {
     "xl": ((2048, 32, 64, 5120, 24), 2_849_757_184, 2.85e9),
     "xxl": ((4096, 64, 64, 10240, 24), 11_135_332_352, 11.1e9),
 }
-
-
-@pytest.fixture
-def parse(clean_gin):
-    """Parses models/<name>.gin through gin's search path, as the CLI does; returns MODEL."""
-    gin.add_config_file_search_path(GIN_DIR)
-    # gin tries its prefixes in order and logs an error for each miss; look in moetx/gin first
-    # (the CLI does the same).
-    prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
-    saved = list(prefixes)
-    prefixes.sort(key=lambda p: 0 if p == GIN_DIR else 1)
-
-    def _parse(name: str):
-        gin.parse_config_files_and_bindings([f"models/{name}.gin"], [])
-        return gin.query_parameter("%MODEL").scoped_configurable_fn()
-
-    yield _parse
-    prefixes[:] = saved
-
-
-def _moetx_count(model) -> int:
-    """Parameter count from `jax.eval_shape` of the model's init: shapes only."""
-    if model.is_encoder_decoder:
-        shapes = model.input_shapes(1, {"inputs": 8, "targets": 8})
-    else:
-        shapes = model.input_shapes(1, 8)
-    abstract = jax.eval_shape(lambda: model.get_initial_variables(jax.random.PRNGKey(0), shapes))
-    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract["params"]))
 
 
 def _hf_t5_count(cfg: transformer.TransformerConfig) -> int:
@@ -83,7 +55,7 @@ def test_t5_1_1_configs_match_the_published_models(parse, size):
     assert cfg.vocab_size == 32128 and cfg.mlp_activations == ("gelu", "linear")
     assert not cfg.logits_via_embedding and cfg.dropout_rate == 0.0
     assert model.z_loss == 1e-4
-    ours, theirs = _moetx_count(model), _hf_t5_count(cfg)
+    ours, theirs = count_params_from_shapes(model), _hf_t5_count(cfg)
     print(f"\nt5_1_1_{size}: moetx {ours:,} HF {theirs:,}")
     assert ours == theirs == published
     assert abs(ours - approx) / approx < 0.01
@@ -94,7 +66,7 @@ def test_llama_tiny_matches_hf_llama(parse):
     cfg = model.config
     assert isinstance(model, models.DecoderOnlyModel)
     assert cfg.position_embedding == "rope" and cfg.scale_attention_logits
-    ours, theirs = _moetx_count(model), _hf_llama_count(cfg)
+    ours, theirs = count_params_from_shapes(model), _hf_llama_count(cfg)
     print(f"\nllama_tiny: moetx {ours:,} HF {theirs:,}")
     assert ours == theirs
 
@@ -113,7 +85,7 @@ def test_primer_ez_adds_nine_heads_dkv_per_layer(parse, primer, baseline):
         base = parse(baseline)
         assert base.config == dataclasses.replace(cfg, primer_dconv=False,
                                                   mlp_activations=("relu",))
-    ours, plain = _moetx_count(model), _moetx_count(base)
+    ours, plain = count_params_from_shapes(model), count_params_from_shapes(base)
     extra = 9 * cfg.num_heads * cfg.head_dim * cfg.num_decoder_layers
     print(f"\n{primer}: {ours:,} = {plain:,} + {extra:,}")
     assert ours == plain + extra
@@ -141,5 +113,5 @@ def test_full_primer_config_parameter_count(parse):
     ez = parse("primer_ez_base")
     d, j, n = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.num_decoder_layers
     extra = n * (j * j - d * j - 3 * j + 2 * d) + d
-    assert _moetx_count(model) == _moetx_count(ez) + extra
+    assert count_params_from_shapes(model) == count_params_from_shapes(ez) + extra
     assert extra == -8448

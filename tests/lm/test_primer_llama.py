@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moetx.lm import attention, layers, models, transformer
-from tests.lm.test_transformer import assert_cached_decoding_matches_teacher_forcing
+from moetx.lm import attention, models, transformer
+from moetx.nn import layers
+from tests.lm.conftest import assert_cached_decoding_matches_teacher_forcing
 
 BASE = dict(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, num_decoder_layers=2)
 

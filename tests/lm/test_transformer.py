@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from moetx.lm import attention, layers, models, transformer
+from moetx.lm import attention, models, transformer
+from moetx.nn import layers
+from tests.lm.conftest import assert_cached_decoding_matches_teacher_forcing
 
 CFG = transformer.TransformerConfig(vocab_size=64, emb_dim=16, num_heads=2, head_dim=8,
                                     mlp_dim=32, num_decoder_layers=2)
@@ -107,21 +109,6 @@ def test_prefix_lm_inputs_are_bidirectional_targets_causal():
     base2 = logits(t)
     pert2 = logits(t.at[:, 12].set((t[:, 12] + 7) % 60 + 3))  # input position 13: a target
     np.testing.assert_allclose(base2[:, :13], pert2[:, :13], atol=1e-6)
-
-
-def assert_cached_decoding_matches_teacher_forcing(m, params, seed: int = 3) -> None:
-    """Feeding a sequence one token at a time through the cache gives the logits of the full
-    teacher-forced forward pass at every position (shared by the Primer/RoPE tests)."""
-    t = jnp.asarray(np.random.RandomState(seed).randint(3, 64, (2, 16)), jnp.int32)
-    inp = _shift(t)
-    full = m.logits(params, {"decoder_input_tokens": inp, "decoder_target_tokens": t})
-    cache = m.init_cache(params, 2, 16)
-    step = jax.jit(m.decode_step)
-    got = []
-    for i in range(16):
-        lg, cache = step(params, inp[:, i:i + 1], jnp.int32(i), cache)
-        got.append(lg)
-    np.testing.assert_allclose(jnp.stack(got, 1), full, atol=1e-5)
 
 
 @pytest.mark.parametrize("untied", [True, False])

@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec as P
 
 from moetx.lm import models, transformer
 from moetx.moe import layers as moe_layers
-from moetx.trainer import losses, partitioning
-from tests.trainer.helpers import make_trainer, packed_batch
+from moetx.trainer import partitioning
+from tests.conftest import make_trainer, packed_batch
 
 
 def _layer(dispatch="masked", **kw):
@@ -110,7 +110,7 @@ def _loss_and_grads(trainer, batch):
 
     def f(params, b):
         with nn.logical_axis_rules(trainer.rules):
-            w, factor = losses.loss_weights_and_factor(b, model.loss_normalization)
+            w, factor = model.loss_weights_and_factor(b)
             return jax.value_and_grad(
                 lambda p: model.loss_fn(p, b, jax.random.PRNGKey(3), w, factor)[0])(params)
 
@@ -138,8 +138,8 @@ def test_router_losses_are_in_the_loss_and_jitter_needs_its_rng():
     batch = {k: jnp.asarray(v) for k, v in packed_batch(4, 32, seed=5).items()}
     params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0),
                                                   model.input_shapes(4, 32))["params"])
-    w, f = losses.loss_weights_and_factor(batch, model.loss_normalization)
-    loss, sums = model.loss_fn(params, batch, jax.random.PRNGKey(1), w, f)
+    w, f = model.loss_weights_and_factor(batch)
+    loss, (sums, _) = model.loss_fn(params, batch, jax.random.PRNGKey(1), w, f)
     expected = (sums["cross_ent_sum"] + sums["z_loss_sum"]) / f + (
         1e-2 * sums["moe_aux_loss"] + 1e-3 * sums["moe_router_z_loss"])
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
@@ -196,8 +196,8 @@ def test_encoder_moe_override_allows_experts_choose_in_the_encoder():
     shapes = m.input_shapes(2, {"inputs": 8, "targets": 8})
     v = m.get_initial_variables(jax.random.PRNGKey(0), shapes)
     batch = {k: jnp.ones(s, jnp.int32) for k, s in shapes.items()}
-    w, f = losses.loss_weights_and_factor(batch, m.loss_normalization)
-    loss, sums = m.loss_fn(nn.unbox(v["params"]), batch, None, w, f)
+    w, f = m.loss_weights_and_factor(batch)
+    loss, (sums, _) = m.loss_fn(nn.unbox(v["params"]), batch, None, w, f)
     assert np.isfinite(float(loss)) and "moe/encoder/layers_1/mlp/aux_loss" in sums
     with pytest.raises(ValueError):  # experts-choose would break causality in the decoder
         bad = models.EncoderDecoderModel(transformer.TransformerConfig(**base, moe=enc_moe))

@@ -6,22 +6,22 @@ import pytest
 import torch
 import transformers
 
-from tests.lm.test_configs import _moetx_count, parse  # noqa: F401  (fixture)
+from tests.conftest import count_params_from_shapes
 
 
-def test_st_moe_32b_has_269b_parameters(parse):  # noqa: F811
+def test_st_moe_32b_has_269b_parameters(parse):
     model = parse("st_moe_32b")
     moe = model.config.moe
     assert (moe.num_experts, moe.num_selected_experts, moe.sparse_every, moe.extra_mlp) == (
         64, 2, 4, True)
     assert moe.router_z_loss_factor == 1e-3
-    count = _moetx_count(model)
+    count = count_params_from_shapes(model)
     print(f"\nst_moe_32b: {count:,}")
     assert abs(count - 269e9) / 269e9 < 0.005
 
 
 @pytest.mark.parametrize("experts", [8, 128])
-def test_switch_base_matches_hf_switch_transformers(parse, experts):  # noqa: F811
+def test_switch_base_matches_hf_switch_transformers(parse, experts):
     model = parse(f"switch_base_{experts}")
     cfg = model.config
     assert cfg.moe.num_selected_experts == 1 and cfg.moe.sparse_every == 2
@@ -33,10 +33,10 @@ def test_switch_base_matches_hf_switch_transformers(parse, experts):  # noqa: F8
     with torch.device("meta"):
         hf_model = transformers.SwitchTransformersForConditionalGeneration(hf_cfg)
     hf_count = sum(p.numel() for p in hf_model.parameters())
-    assert _moetx_count(model) == hf_count
+    assert count_params_from_shapes(model) == hf_count
 
 
-def test_switch_primer_and_moe_primer_small(parse):  # noqa: F811
+def test_switch_primer_and_moe_primer_small(parse):
     sp = parse("switch_primer").config
     assert sp.primer_dconv and sp.mlp_activations == ("squared_relu",)
     assert (sp.moe.num_experts, sp.moe.num_selected_experts, sp.moe.jitter_noise,

@@ -3,13 +3,12 @@ the router losses and per-layer metrics reach TensorBoard, and the experts do no
 
 import pytest
 
-from moetx.trainer import cli
-from tests.trainer.test_cli import _event_tags, _losses
+from moetx.cli import train as cli_train
+from tests.conftest import event_tags, train_losses
 
 
 @pytest.mark.usefixtures("clean_gin")
 def test_tiny_moe_decoder_trains_without_collapse(tmp_path, capsys):
-    from moetx.trainer import train
 
     md = tmp_path / "moe"
     argv = ["--gin_file=models/moe_tiny.gin", "--gin_file=runs/pretrain.gin",
@@ -17,12 +16,12 @@ def test_tiny_moe_decoder_trains_without_collapse(tmp_path, capsys):
             "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.TRAIN_STEPS=30",
             "--gin.BATCH_SIZE=8", "--gin.EVAL_STEPS=2", "--gin.LOG_EVERY=1",
             "--gin.WARMUP_STEPS=100", "--gin.MESH_SHAPE=(2, 4, 1)"]
-    code = cli.run(train.main, argv, module_imports=("moetx.lm.models", "moetx.tasks"))
+    code = cli_train.main(argv)
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]
-    losses = {k: float(v) for k, v in _losses(err).items()}
+    losses = {k: float(v) for k, v in train_losses(err).items()}
     assert sum(losses[s] for s in range(26, 31)) / 5 < sum(losses[s] for s in range(1, 6)) / 5 - 1
-    tags = _event_tags(md / "train")
+    tags = event_tags(md / "train")
     assert {"moe_aux_loss", "moe_router_z_loss", "moe_expert_usage",
             "moe/decoder/layers_1/mlp/expert_usage"} <= tags
     from tensorflow.compat.v1.train import summary_iterator

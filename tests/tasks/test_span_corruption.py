@@ -6,7 +6,9 @@ import seqio
 import tensorflow as tf
 
 import moetx.tasks as tasks
-from moetx.tasks import corpora, pretraining, vocab
+from moetx.datasets import corpora, vocab
+from moetx.tasks import pretraining
+from moetx.trainer import data as data_lib
 
 EOS = 1
 EXTRA_IDS = pretraining.SPAN_CORRUPTION_EXTRA_IDS
@@ -258,12 +260,12 @@ def test_span_corruption_tasks_are_registered(sentinel_vocab):
         ("moetx_en_span_corruption", tasks.BundledCorpusSource),
         ("c4_span_corruption", seqio.TfdsDataSource),
     ]:
-        task = tasks.get_task_or_mixture(name)
+        task = data_lib.get_task(name)
         assert isinstance(task.source, source_type)
         assert set(task.output_features) == {"inputs", "targets"}
         for feature in task.output_features.values():
             assert feature.vocabulary.extra_ids == EXTRA_IDS and feature.add_eos
-    assert tasks.get_task_or_mixture("c4_span_corruption").source.tfds_dataset.name == (
+    assert data_lib.get_task("c4_span_corruption").source.tfds_dataset.name == (
         tasks.C4_TFDS_NAME
     )
     assert "moetx_en_span_corruption" in tasks.register_default_tasks()  # idempotent

@@ -1,6 +1,11 @@
 """SeqIO tasks registered by moetx.tasks: causal/prefix LM, text files, C4, name lookup."""
 
+import json
+import os
 import socket
+import subprocess
+import sys
+import textwrap
 
 import gin
 import numpy as np
@@ -9,7 +14,10 @@ import seqio
 import tensorflow as tf
 
 import moetx.tasks as tasks
-from moetx.tasks import corpora, pretraining, vocab
+from moetx.datasets import corpora, vocab
+from moetx.datasets.registry import FetchError
+from moetx.tasks import pretraining
+from moetx.trainer import data as data_lib
 
 EOS = 1
 
@@ -29,12 +37,38 @@ def validation_lines(corpus_dir, default_vocab):
         return f.read().splitlines()
 
 
-def test_import_registers_all_tasks():
+def test_register_default_tasks_registers_all_tasks():
     for name in [*tasks.BUNDLED_TASKS, *tasks.C4_TASKS]:
         assert name in seqio.TaskRegistry.names()
     # Registration is idempotent: doing it again replaces, never raises.
     assert tasks.register_default_tasks() == [*tasks.BUNDLED_TASKS, *tasks.C4_TASKS]
     tasks.register_default_tasks()
+
+
+def test_importing_registers_nothing_and_register_all_registers_every_task():
+    # A fresh interpreter: this session's fixture has registered everything already.
+    code = textwrap.dedent("""
+        import json, seqio
+        def names():
+            return set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+        before = names()
+        import moetx.tasks, moetx.tasks.flan, moetx.vision.tasks
+        on_import = names() - before
+        returned = moetx.tasks.register_all()
+        moetx.vision.tasks.register_default_tasks()
+        print(json.dumps({"on_import": sorted(on_import), "returned": sorted(returned),
+                          "registered": sorted(names() - before)}))
+    """)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["on_import"] == []
+    assert set(out["returned"]) <= set(out["registered"])
+    for name in ["moetx_en_causal_lm", "moetx_en_span_corruption", "c4_prefix_lm", "flan_spam",
+                 "flan_offline_all", "fashion_mnist", "digit_clips"]:
+        assert name in out["registered"], name
 
 
 def test_causal_lm_chunks_documents_and_ends_each_with_eos(validation_lines):
@@ -170,7 +204,7 @@ def test_text_files_task_from_gin(tmp_path, clean_gin, default_vocab):
         """
     )
     assert tasks.text_files_task() == "gin_text_task"
-    assert tasks.get_task_or_mixture("gin_text_task").splits == ("train",)
+    assert data_lib.get_task("gin_text_task").splits == ("train",)
 
 
 def test_text_files_task_errors_name_the_file(tmp_path):
@@ -198,9 +232,9 @@ def test_text_files_task_errors_name_the_file(tmp_path):
 
 def test_unknown_task_name_suggests_close_names():
     with pytest.raises(ValueError, match="moetx_en_causal_lm") as info:
-        tasks.get_task_or_mixture("moetx_en_casual_lm")
+        data_lib.get_task("moetx_en_casual_lm")
     assert "Did you mean" in str(info.value)
-    assert isinstance(tasks.get_task_or_mixture("moetx_en_prefix_lm"), seqio.Task)
+    assert isinstance(data_lib.get_task("moetx_en_prefix_lm"), seqio.Task)
 
 
 def test_c4_tasks_register_without_network(monkeypatch):
@@ -211,7 +245,7 @@ def test_c4_tasks_register_without_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", _no_network)
     tasks.register_default_tasks()
     for name, objective in tasks.C4_TASKS.items():
-        task = tasks.get_task_or_mixture(name)
+        task = data_lib.get_task(name)
         assert isinstance(task.source, seqio.TfdsDataSource)
         assert task.source.tfds_dataset.name == tasks.C4_TFDS_NAME
         assert tuple(task.source.splits) == ("train", "validation")
@@ -224,7 +258,7 @@ def test_tasks_register_before_the_corpus_exists(tmp_path):
         tasks.register_default_tasks(tmp_path)
         assert list(tmp_path.iterdir()) == []  # registration read and wrote nothing
         task = seqio.get_mixture_or_task("moetx_en_causal_lm")
-        with pytest.raises(corpora.CorpusError, match=r"python -m moetx\.tasks\.corpora"):
+        with pytest.raises(FetchError, match=r"python -m moetx\.cli\.data"):
             task.get_dataset({"targets": 32}, split="train", shuffle=False)
     finally:
         tasks.register_default_tasks()

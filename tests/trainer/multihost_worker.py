@@ -9,6 +9,11 @@ import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+# The shared test helpers (importing the test conftest sets its own 8-device XLA_FLAGS, which the
+# next line replaces before jax creates its backend).
+from tests.conftest import make_trainer, packed_batch, tiny_model  # noqa: E402
+
 # 4 devices in all: 2 per process with two processes, 4 in the single-process reference.
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // int(sys.argv[2])}"
 os.environ["JAX_PLATFORMS"] = "cpu"
@@ -21,10 +26,6 @@ def main():
     if nproc > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=nproc, process_id=pid)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-        __file__)))))
-    from tests.trainer.helpers import make_trainer, packed_batch, tiny_model
-
     global_batch = packed_batch(8, 32, seed=7)
     # data=2 x model=2 over 4 devices: batch rows split across processes, model within.
     trainer = make_trainer(tiny_model(), (2, 1, 2), batch_size=8, devices=jax.devices())

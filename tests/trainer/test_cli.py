@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from moetx.trainer import cli
-from tests.conftest import REPO_ROOT
+from moetx.cli import flags as cli
+from tests.conftest import REPO_ROOT, event_tags, train_losses
 
 TINY = ["--gin_file=models/decoder_tiny.gin"]
 TASK = ["--gin.MIXTURE_OR_TASK_NAME='moetx_en_causal_lm'",
@@ -26,9 +26,9 @@ def _train_args(model_dir, steps=4, *extra):
 
 
 def _run_train_inprocess(argv, capsys):
-    from moetx.trainer import train
+    from moetx.cli import train as cli_train
 
-    code = cli.run(train.main, argv, module_imports=("moetx.lm.models", "moetx.tasks"))
+    code = cli_train.main(argv)
     err = capsys.readouterr().err
     return code, err
 
@@ -121,23 +121,8 @@ class TestErrors:
 def _cli(module, args, timeout=600):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, "-m", f"moetx.trainer.{module}", *args], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, "-m", f"moetx.cli.{module}", *args], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _losses(stderr: str) -> dict[int, str]:
-    return {int(m.group(1)): m.group(2)
-            for m in re.finditer(r"\[train\] step (\d+)/\d+ .*?\| loss ([\d.]+)", stderr)}
-
-
-def _event_tags(logdir) -> set[str]:
-    from tensorflow.compat.v1.train import summary_iterator
-
-    tags = set()
-    for f in logdir.glob("events.out.tfevents.*"):
-        for event in summary_iterator(str(f)):
-            tags.update(v.tag for v in event.summary.value)
-    return tags
 
 
 def test_train_checkpoint_eval_infer_end_to_end(tmp_path):
@@ -145,12 +130,12 @@ def test_train_checkpoint_eval_infer_end_to_end(tmp_path):
     r = _cli("train", _train_args(md, 6, "--gin.SAVE_EVERY=2", "--gin.KEEP_CHECKPOINTS=2"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in md.glob("checkpoint_*")) == ["checkpoint_4", "checkpoint_6"]
-    tags = _event_tags(md / "train")
+    tags = event_tags(md / "train")
     assert {"loss", "accuracy", "z_loss", "learning_rate", "tokens_per_sec", "mfu",
             "steps_per_sec"} <= tags, tags
-    assert {"perplexity", "cross_ent_loss"} <= _event_tags(md / "eval")
+    assert {"perplexity", "cross_ent_loss"} <= event_tags(md / "eval")
     assert "[eval] before training" in r.stderr and "[eval] after training" in r.stderr
-    assert set(_losses(r.stderr)) == set(range(1, 7))
+    assert set(train_losses(r.stderr)) == set(range(1, 7))
 
     r = _cli("eval", [*TINY, "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_DIR='{md}'", *TASK,
                       "--gin.EVAL_STEPS=2", "--gin.BATCH_SIZE=4"])
@@ -181,7 +166,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     steps = 12
     ref = _cli("train", _train_args(tmp_path / "ref", steps, "--gin.SAVE_EVERY=4"))
     assert ref.returncode == 0, ref.stderr[-3000:]
-    ref_losses = _losses(ref.stderr)
+    ref_losses = train_losses(ref.stderr)
     assert len(ref_losses) == steps
 
     # Start a long run and SIGKILL it as soon as its first checkpoint is complete.
@@ -189,7 +174,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moetx.trainer.train",
+        [sys.executable, "-m", "moetx.cli.train",
          *_train_args(md, 100000, "--gin.SAVE_EVERY=4")],
         cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -201,7 +186,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     restart = _cli("train", _train_args(md, steps, "--gin.SAVE_EVERY=4"))
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert "Restored checkpoint_" in restart.stderr
-    resumed = _losses(restart.stderr)
+    resumed = train_losses(restart.stderr)
     assert resumed and min(resumed) > 4 and max(resumed) == steps
     for step, loss in resumed.items():
         assert loss == ref_losses[step], (step, loss, ref_losses[step])
@@ -216,7 +201,7 @@ def test_encoder_decoder_span_corruption_end_to_end(tmp_path):
                        "--gin.TRAIN_STEPS=3", "--gin.BATCH_SIZE=8", "--gin.EVAL_STEPS=1",
                        "--gin.LOG_EVERY=1"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert set(_losses(r.stderr)) == {1, 2, 3} and (md / "checkpoint_3").is_dir()
+    assert set(train_losses(r.stderr)) == {1, 2, 3} and (md / "checkpoint_3").is_dir()
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"inputs": "The king <extra_id_0> said.",
                                    "targets": "<extra_id_0> of France"}) + "\n")

@@ -58,7 +58,7 @@ def test_train_cli_runs_as_two_processes(tmp_path):
             "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.TRAIN_STEPS=3",
             "--gin.BATCH_SIZE=8", "--gin.LOG_EVERY=1", "--gin.EVAL_STEPS=1",
             f"--coordinator_address=127.0.0.1:{port}", "--process_count=2"]
-    procs = [subprocess.Popen([sys.executable, "-m", "moetx.trainer.train", *args,
+    procs = [subprocess.Popen([sys.executable, "-m", "moetx.cli.train", *args,
                                f"--process_index={i}"], cwd=REPO_ROOT, env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i in range(2)]

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moetx.trainer import losses
-from tests.trainer.helpers import make_trainer, packed_batch, tiny_model
+from tests.conftest import make_trainer, packed_batch, tiny_model
 
 
 def _loss_and_grads(trainer, batch):
@@ -16,7 +15,7 @@ def _loss_and_grads(trainer, batch):
 
     def f(params, b):
         with nn.logical_axis_rules(trainer.rules):
-            w, factor = losses.loss_weights_and_factor(b, model.loss_normalization)
+            w, factor = model.loss_weights_and_factor(b)
             return jax.value_and_grad(lambda p: model.loss_fn(p, b, None, w, factor)[0])(params)
 
     state = trainer.init_state()

@@ -4,8 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from moetx.trainer import losses
-from tests.trainer.helpers import make_trainer, packed_batch, tiny_model
+from tests.conftest import make_trainer, packed_batch, tiny_model
 
 
 @pytest.mark.parametrize("normalization", ["NUM_REAL_TARGET_TOKENS", None,
@@ -45,7 +44,7 @@ def test_loss_decreases_on_a_repeated_batch():
 
 def test_dropout_is_deterministic_per_step_and_active():
     from moetx.lm import models, transformer
-    from tests.trainer.helpers import TINY
+    from tests.conftest import TINY
 
     model = models.DecoderOnlyModel(transformer.TransformerConfig(**TINY, dropout_rate=0.3))
     batch = packed_batch(8, 32, seed=5)
@@ -58,7 +57,7 @@ def test_dropout_is_deterministic_per_step_and_active():
     assert losses_[0] == losses_[1]
     params = trainer.init_state().params
     b = trainer.to_global(batch)
-    w, f = losses.loss_weights_and_factor(b, model.loss_normalization)
+    w, f = model.loss_weights_and_factor(b)
     a = model.loss_fn(params, b, jax.random.PRNGKey(1), w, f)[0]
     c = model.loss_fn(params, b, jax.random.PRNGKey(2), w, f)[0]
     assert float(a) != float(c)
@@ -86,3 +85,91 @@ def test_checkpoints_from_before_model_state_and_ema_still_restore(tmp_path):
     with_ema = make_trainer(tiny_model(), (1, 1, 1), ema_decay=0.9)
     with pytest.raises(ValueError, match="Could not restore checkpoint_0"):
         ckpt.restore(0, with_ema.abstract_state_with_shardings())
+
+
+def test_language_model_protocol_members():
+    """The LM fills unpacked batches as the trainer used to (one segment per row, zeros), counts
+    encoder + decoder target tokens, averages the router metrics and prints its eval line."""
+    from types import SimpleNamespace
+
+    from moetx.lm import models, transformer
+    from tests.conftest import TINY
+
+    model = tiny_model()
+    shapes = model.input_shapes(8, 32)
+    batch = packed_batch(8, 32)
+    unpacked = {k: v for k, v in batch.items()
+                if k not in ("decoder_segment_ids", "decoder_positions")}
+    full = model.complete_batch({**unpacked, "extra": np.ones(8)}, shapes)
+    assert list(full) == list(shapes)
+    np.testing.assert_array_equal(full["decoder_segment_ids"],
+                                  (batch["decoder_target_tokens"] > 0).astype(np.int32))
+    assert full["decoder_segment_ids"].dtype == np.int32 and not full["decoder_positions"].any()
+    with pytest.raises(ValueError, match="needs at least decoder_target_tokens"):
+        model.complete_batch({"decoder_input_tokens": batch["decoder_input_tokens"]}, shapes)
+
+    assert model.count_per_batch(shapes) == 8 * 32
+    encdec = models.EncoderDecoderModel(transformer.TransformerConfig(
+        **TINY, num_encoder_layers=1))
+    assert encdec.count_per_batch(encdec.input_shapes(8, {"inputs": 16, "targets": 32})) \
+        == 8 * (16 + 32)
+
+    assert [model.metric_reduction(k) for k in (
+        "moe_aux_loss", "moe/decoder/layers_1/mlp/expert_usage", "cross_ent_sum", "loss")] \
+        == ["mean", "mean", "sum", "sum"]
+    m = model.summarize_metrics({"cross_ent_sum": 20.0, "z_loss_sum": 1.0, "correct": 5.0,
+                                 "weight": 10.0, "moe_aux_loss": 0.5})
+    assert m == {"cross_ent_loss": 2.0, "accuracy": 0.5, "z_loss": 0.1,
+                 "perplexity": pytest.approx(np.exp(2.0)), "moe_aux_loss": 0.5, "tokens": 10.0}
+    assert model.headline(m) == "loss 2.0000 | acc 0.500 | perplexity 7.39 (10 tokens)"
+
+    def task(vocab_size, *features):
+        feature = SimpleNamespace(rank=1, vocabulary=SimpleNamespace(vocab_size=vocab_size))
+        return SimpleNamespace(name="t", output_features={f: feature for f in features})
+
+    model.check_task(task(128, "targets"), {"targets": 32})
+    with pytest.raises(ValueError, match="vocabulary has 200 ids but the model's embedding "
+                                         "only 128; raise TransformerConfig.vocab_size"):
+        model.check_task(task(200, "targets"))
+    with pytest.raises(ValueError, match=r"is missing \['inputs'\]"):
+        model.check_task(task(128, "inputs", "targets"), {"targets": 32})
+    with pytest.raises(ValueError, match=r"Feature length targets=1 is too short: at least 2 "
+                                         r"tokens are needed .*TASK_FEATURE_LENGTHS\['targets'\]"):
+        model.input_shapes(8, {"targets": 1})
+
+
+def test_training_log_keeps_the_language_model_names_and_values():
+    """With 2 microbatches, the logged scalars are those of before the model protocol:
+    per-token means, `loss` = cross_ent_loss, trainer scalars and tokens/s (no token count)."""
+    from moetx.trainer import metrics as metrics_lib, trainer as trainer_lib
+
+    class Recorder(metrics_lib.MetricWriter):
+        def __init__(self, total_steps):
+            super().__init__(None, total_steps)
+            self.logged = {}
+
+        def write_scalars(self, step, scalars):
+            self.logged[step] = dict(scalars)
+
+    model = tiny_model()
+    trainer = make_trainer(model, (2, 1, 1), num_microbatches=2)
+    state = trainer.init_state()
+    batch = packed_batch(8, 32, seed=6)
+    # The step's metrics are those of the parameters before its update: the eval sums.
+    direct = jax.device_get(trainer.eval_step(state.params, trainer.to_global(batch)))
+    writer = Recorder(1)
+    trainer_lib.run_training_loop(trainer, state, iter([batch]), 1, writer, log_every=1,
+                                  count_per_batch=model.count_per_batch(trainer.input_shapes))
+    scalars = writer.logged[1]
+    assert set(scalars) == {"cross_ent_loss", "accuracy", "z_loss", "perplexity", "loss",
+                            "learning_rate", "grad_norm", "steps_per_sec", "tokens_per_sec"}
+    assert scalars["loss"] == scalars["cross_ent_loss"]
+    np.testing.assert_allclose(scalars["perplexity"], np.exp(scalars["cross_ent_loss"]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(scalars["tokens_per_sec"], 8 * 32 * scalars["steps_per_sec"],
+                               rtol=1e-6)
+    weight = float(np.sum(batch["decoder_loss_weights"]))
+    np.testing.assert_allclose(scalars["cross_ent_loss"], direct["cross_ent_sum"] / weight,
+                               rtol=1e-5)
+    np.testing.assert_allclose(scalars["accuracy"], direct["correct"] / weight, rtol=1e-5)
+    np.testing.assert_allclose(scalars["z_loss"], direct["z_loss_sum"] / weight, rtol=1e-5)

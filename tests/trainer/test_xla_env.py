@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
-from moetx.trainer import xla_env
+import pytest
+
+from moetx.util import xla_env
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type=+eltwise"
 
@@ -17,10 +19,13 @@ def test_flags_are_appended_and_user_flags_win():
     assert xla_env.cpu_flags_to_add("", "0.10.2", "aarch64") == []
 
 
-def test_entry_point_sets_flags_before_jax_and_keeps_existing_ones():
+@pytest.mark.parametrize("command", ["train", "convert"])
+def test_every_command_sets_flags_before_jax_and_keeps_existing_ones(command):
+    """Importing any `moetx.cli` command runs the one preamble (`moetx/cli/__init__.py`) before
+    anything imports jax."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
     env.pop("MOETX_XLA_CPU_DEFAULTS", None)
-    code = ("import moetx.trainer.train, os, jax; "
+    code = (f"import moetx.cli.{command}, os, jax; "
             "print(os.environ['XLA_FLAGS']); print(jax.device_count())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300)

@@ -12,7 +12,7 @@ import pytest
 
 from moetx.vision.models import attention_augmented as aa
 from moetx.vision.models import common, resnet_rs
-from tests.vision.timm_utils import random_variables
+from tests.vision.conftest import random_variables
 
 
 def test_rel_to_abs_and_relative_logits_equal_brute_force():

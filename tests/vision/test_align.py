@@ -95,7 +95,8 @@ def test_dual_encoder_trains_on_digit_captions():
                  "mask": np.ones(32, np.float32)}
         state, sums = trainer.train_step(state, trainer.to_global(batch))
     after = trainer.evaluate(state.params, iter([eval_batch]), model_state=state.model_state)
-    assert after["cross_ent_loss"] < before["cross_ent_loss"] - 1.0, (before, after)
+    assert after["loss"] < before["loss"] - 1.0, (before, after)
+    assert after["pairs"] == 32.0 and "perplexity" not in after
     # Chance of naming the right digit is about 10%.
     assert before["accuracy"] < 0.35 and after["accuracy"] > 0.7, (before, after)
     # The temperature was learnt.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moetx.vision.models import coatnet, common
-from tests.vision import timm_utils
+from tests.vision import conftest as timm_utils
 
 
 @pytest.mark.parametrize("variant,expected", [
@@ -53,7 +53,7 @@ def test_relative_position_index_is_the_offset():
 def test_logits_match_timm():
     """timm coatnet_0_224 shortened to depths (1, 2, 1, 2) at 64x64 (so every block kind, with
     and without downsampling, is covered), all weights and BN statistics random, eval mode."""
-    torch = timm_utils.torch
+    torch = pytest.importorskip("torch")
     tm = timm_utils.randomized_timm_model("coatnet_0_224", depths=(1, 2, 1, 2), img_size=64,
                                           num_classes=10)
     with torch.no_grad():
@@ -112,10 +112,11 @@ def test_finetune_at_another_resolution_resizes_the_tables(tmp_path, capsys):
     statistics are restored as is, the run's EMA starts from them, and the 64x64 model runs."""
     import jax
 
-    from moetx.tools import convert, restore
-    from moetx.tools.hf import ConversionError
+    from moetx.convert import restore
+    from moetx.convert.errors import ConversionError
     from moetx.trainer import checkpoints, optimizers, partitioning
     from moetx.trainer import trainer as trainer_lib
+    from moetx.util import trees
     from moetx.vision import model as vision_model
 
     def make(size, **kw):
@@ -134,7 +135,7 @@ def test_finetune_at_another_resolution_resizes_the_tables(tmp_path, capsys):
     ck = checkpoints.Checkpointer(str(tmp_path / "pre"), save_interval_steps=1, keep=None)
     ck.save(7, small_state, {"batches_consumed": 0})
     ck.close()
-    src = convert._flatten(jax.device_get(small_state.params))
+    src = trees.flatten(jax.device_get(small_state.params))
     tables = sorted(k for k in src if k.endswith("relative_position_bias"))
     assert len(tables) == 2  # the two Transformer stages of 'tiny'
 
@@ -144,7 +145,7 @@ def test_finetune_at_another_resolution_resizes_the_tables(tmp_path, capsys):
     new = restore.InitFromCheckpoint(path=str(tmp_path / "pre"),
                                      resize_position_tables=True)(big_tr, big_state)
     assert "2 position table(s) resized" in capsys.readouterr().err
-    got = convert._flatten(jax.device_get(new.params))
+    got = trees.flatten(jax.device_get(new.params))
     assert set(got) == set(src)
     for k, v in src.items():
         if k in tables:
@@ -154,14 +155,14 @@ def test_finetune_at_another_resolution_resizes_the_tables(tmp_path, capsys):
                 got[k], coatnet.resize_relative_position_bias(v, (side, side)), rtol=1e-6)
         else:
             np.testing.assert_array_equal(got[k], v)
-    stats = convert._flatten(jax.device_get(small_state.model_state))
-    got_stats = convert._flatten(jax.device_get(new.model_state))
+    stats = trees.flatten(jax.device_get(small_state.model_state))
+    got_stats = trees.flatten(jax.device_get(new.model_state))
     assert stats and set(got_stats) == set(stats)
     for k, v in stats.items():
         np.testing.assert_array_equal(got_stats[k], v)
     # The EMA starts from the restored weights and statistics, not the 64x64 run's fresh init.
     for tree, want in ((new.ema["params"], got), (new.ema["model_state"], got_stats)):
-        flat = convert._flatten(jax.device_get(tree))
+        flat = trees.flatten(jax.device_get(tree))
         assert set(flat) == set(want)
         for k, v in want.items():
             np.testing.assert_array_equal(flat[k], v)

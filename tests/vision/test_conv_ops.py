@@ -91,3 +91,13 @@ def test_common_conv_uses_it_with_unchanged_parameters():
                                                       plain.init(jax.random.PRNGKey(0), x))
     assert not _uses_lax_conv(lambda v, x: ours.apply(v, x), v, x)
     np.testing.assert_allclose(ours.apply(v, x), plain.apply(v, x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_ops_is_not_a_model_family():
+    from moetx.vision import models
+
+    families = models.families()
+    assert "conv_ops" not in families and "common" not in families
+    assert {"resnet_rs", "coatnet", "efficientnet_v2", "gmlp"} <= set(families)
+    with pytest.raises(ValueError, match="families"):
+        models.create("conv_ops/tiny", 10)

@@ -3,6 +3,10 @@ the SeqIO tasks through `trainer.data`, and augmentation invariants (flip, crop,
 RandAugment ops against PIL)."""
 
 import gzip
+import os
+import shutil
+import stat
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from moetx.datasets import paths, registry
+from moetx.datasets.registry import FetchError
 from moetx.vision import augment, data
 
 
@@ -27,13 +33,83 @@ def test_idx_parsing_on_the_real_fashion_mnist_files():
     assert int(images[0].sum()) == 33456
 
 
+def _fake_apt_get(tmp_path, monkeypatch, deb):
+    """An `apt-get` first on PATH that logs its arguments and "downloads" `deb` (None: refuses)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = bin_dir / "apt-get"
+    action = (f'cp "{deb}" "./{data.FASHION_MNIST_PACKAGE}_{data.FASHION_MNIST_VERSION}_all.deb"'
+              if deb else 'echo "E: Unable to locate package" >&2; exit 100')
+    script.write_text(f'#!/bin/sh\necho "$*" >> "{tmp_path}/calls.log"\n{action}\n')
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path / "calls.log"
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_fetch_fashion_mnist_copies_the_idx_files_out_of_the_pinned_package(tmp_path,
+                                                                           monkeypatch):
+    real_deb = registry.find_archive(data.FASHION_MNIST, paths.downloads_dir())
+    assert real_deb is not None, "`python -m moetx.cli.data` fetches it"
+    calls = _fake_apt_get(tmp_path, monkeypatch, real_deb)
+    out = data.fetch_fashion_mnist(tmp_path / "cache")
+    assert calls.read_text().split("\n")[:-1] == [
+        f"download {data.FASHION_MNIST_PACKAGE}={data.FASHION_MNIST_VERSION}"]
+    assert out == data.fashion_mnist_dir(tmp_path / "cache")
+    for name in sorted(p.name for p in data.fashion_mnist_dir().iterdir()):
+        assert (out / name).read_bytes() == (data.fashion_mnist_dir() / name).read_bytes()
+    assert not list(out.glob(".*"))  # no temporary file left behind
+    data.fetch_fashion_mnist(tmp_path / "cache")  # cached: apt-get does not run again
+    assert len(calls.read_text().splitlines()) == 1
+
+
+def test_fetch_fashion_mnist_refused_says_how_to_fix_it(tmp_path, monkeypatch):
+    calls = _fake_apt_get(tmp_path, monkeypatch, None)
+    with pytest.raises(FetchError) as info:
+        data.fetch_fashion_mnist(tmp_path / "cache")
+    message = str(info.value)
+    assert "Unable to locate package" in message and "apt-get update" in message
+    assert "four IDX .gz files into" in message and "python -m moetx.cli.data" in message
+    # Pinned: no fallback to another version of the data.
+    assert len(calls.read_text().splitlines()) == 1
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+def test_fetch_fashion_mnist_reports_a_package_without_the_files(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: {data.FASHION_MNIST_PACKAGE}\nVersion: 1\nArchitecture: all\n"
+        "Maintainer: moetx tests <tests@example.com>\nDescription: one file only\n")
+    member = root / "usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz"
+    member.parent.mkdir(parents=True)
+    member.write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\0"))
+    deb = tmp_path / "partial.deb"
+    subprocess.run(["dpkg-deb", "-Zgzip", "--build", str(root), str(deb)], check=True,
+                   capture_output=True)
+    _fake_apt_get(tmp_path, monkeypatch, deb)
+    with pytest.raises(FetchError, match=r"has no usr/share/datasets/fashion-mnist/.*--force"):
+        data.fetch_fashion_mnist(tmp_path / "cache")
+
+
+def test_fashion_mnist_files_with_other_content_are_reported(tmp_path):
+    directory = data.fashion_mnist_dir(tmp_path)
+    directory.mkdir(parents=True)
+    idx = gzip.compress(bytes([0, 0, 0x08, 1]) + np.asarray([2], ">i4").tobytes() + b"\1\2")
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (directory / name).write_bytes(idx)
+    with pytest.raises(FetchError, match=r"does not decode to the expected content.*moetx\.cli"):
+        data.load_fashion_mnist("test", tmp_path)
+
+
 def test_idx_parser_round_trip_and_errors():
     arr = np.arange(24, dtype=">i4").reshape(2, 3, 4)
     raw = bytes([0, 0, 0x0C, 3]) + np.asarray([2, 3, 4], ">i4").tobytes() + arr.tobytes()
     np.testing.assert_array_equal(data.parse_idx(raw), np.arange(24).reshape(2, 3, 4))
-    with pytest.raises(data.DataError, match="truncated"):
+    with pytest.raises(FetchError, match="truncated"):
         data.parse_idx(raw[:-1])
-    with pytest.raises(data.DataError, match="Not an IDX"):
+    with pytest.raises(FetchError, match="Not an IDX"):
         data.parse_idx(b"\x1f\x8b\x08\x00")
 
 
@@ -60,7 +136,9 @@ def test_digits_clips_and_captions():
 def test_tasks_feed_the_trainer_pipeline():
     from moetx.trainer import data as trainer_data
     from moetx.vision import model as vision_model
-    from moetx.vision import tasks  # noqa: F401  (registers the tasks)
+    from moetx.vision import tasks
+
+    tasks.register_default_tasks()  # idempotent (the session fixture registered them already)
 
     model = vision_model.ImageClassificationModel(model_name="tiny/s")
     cfg = trainer_data.DatasetConfig("digits", {"image": (8, 8, 1)}, split="test",

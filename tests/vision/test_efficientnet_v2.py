@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moetx.vision.models import efficientnet_v2 as ev
-from tests.vision import timm_utils
+from tests.vision import conftest as timm_utils
 
 
 @pytest.mark.parametrize("variant", ["s", "m", "l", "b0", "b1", "b2", "b3"])
@@ -16,14 +16,14 @@ def test_param_count_equals_timm(variant):
     """Trainable params ('params' only, no BN statistics) == timm `tf_efficientnetv2_<v>`."""
     ours = ev.num_params(ev.create(variant, 1000))
     assert ours == timm_utils.timm_param_count(f"tf_efficientnetv2_{variant}")
-    expected = {"s": 21_458_488, "b0": 7_139_704}  # seeds.md §0
+    expected = {"s": 21_458_488, "b0": 7_139_704}  # the published counts
     if variant in expected:
         assert ours == expected[variant]
 
 
 def test_logits_match_timm_v2s():
     """timm tf_efficientnetv2_s, random BN affine params, BN statistics of the evaluated batch
-    (see timm_utils), eval mode, 96×96, batch 2: same logits after from_timm."""
+    (see tests/vision/conftest.py), eval mode, 96×96, batch 2: same logits after from_timm."""
     x = np.random.default_rng(0).normal(size=(2, 96, 96, 3)).astype(np.float32)
     tm = timm_utils.randomized_timm_model("tf_efficientnetv2_s", calibration_images=x,
                                           num_classes=10)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moetx.vision.models import common, gsa, resnet_rs
-from tests.vision.timm_utils import random_variables
+from tests.vision.conftest import random_variables
 
 
 def test_content_branch_equals_explicit_einsum():
@@ -86,8 +86,8 @@ def test_gsa_resnet50_param_count_and_shapes():
         common.param_shapes(gsa.create("50", 1000), (1, 224, 224, 3))["params"])
     assert ours == expected == 18_109_080
     # The paper's exact figure (arXiv 2010.03019) could not be read from any stored copy (see the
-    # gsa.py docstring). ../shared/references/seeds.md records it only as "18.xM", fewer than
-    # ResNet-50's 25.6M: the count is checked to that precision.
+    # gsa.py docstring). The figure on record for the paper is "18.xM", fewer than ResNet-50's
+    # 25.6M: the count is checked to that precision.
     assert 18_000_000 <= ours < 19_000_000 and ours < 25_557_032
     model = gsa.create("tiny", 10)
     x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)

@@ -11,7 +11,7 @@ import pytest
 
 from moetx.vision.models import common
 from moetx.vision.models import lambda_networks as ln
-from tests.vision import timm_utils
+from tests.vision import conftest as timm_utils
 
 
 def _run(layer, x, variables=None):
@@ -91,7 +91,7 @@ def test_position_lambdas_are_translation_equivariant(conv_size):
 def test_layer_matches_timm_lambda_layer():
     """timm's LambdaLayer (u = 1, lambda conv r = 5, bias zeroed, random BN statistics, eval)
     and ours with the same weights give the same output."""
-    torch = timm_utils.torch
+    torch = pytest.importorskip("torch")
     from timm.layers.lambda_layer import LambdaLayer as TimmLambda
 
     torch.manual_seed(0)
@@ -131,7 +131,7 @@ def test_param_counts():
         assert abs(ours - paper) / paper < 0.01, (variant, ours)
     layer = common.count_params(
         common.param_shapes(ln.LambdaLayer(256), (1, 14, 14, 256))["params"])
-    torch = timm_utils.torch
+    torch = pytest.importorskip("torch")
     from timm.layers.lambda_layer import LambdaLayer as TimmLambda
     with torch.device("meta"):
         tl = TimmLambda(256, 256, num_heads=4, dim_head=16, r=23)

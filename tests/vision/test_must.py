@@ -104,3 +104,15 @@ def test_student_trains_on_the_store(store):
         after = sums[f"{t}_loss_sum"] / sums[f"{t}_count"]
         assert after < 0.7 * before, (t, before, after)
     assert set(state.params) == {"backbone", "head_digit", "head_ink"}
+
+
+def test_student_metrics_are_per_task_means_and_their_weighted_sum():
+    model = must.MultiTaskModel(backbone_name="tiny/s", tasks=tuple(SPECS))
+    weights = {s.name: s.weight for s in SPECS}
+    sums = {"digit_loss_sum": 6.0, "digit_count": 3.0, "ink_loss_sum": 2.0, "ink_count": 8.0,
+            "correct": 2.0, "count": 8.0, "loss": 123.0}
+    out = model.summarize_metrics(sums)
+    assert out == {"digit_loss": 2.0, "ink_loss": 0.25,
+                   "loss": weights["digit"] * 2.0 + weights["ink"] * 0.25,
+                   "accuracy": 2.0 / 3.0, "images": 8.0}
+    assert model.headline(out).endswith("| accuracy 0.667 | (8 images)")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moetx.vision.models import common, resnet_rs
-from tests.vision import timm_utils
+from tests.vision import conftest as timm_utils
 
 
 @pytest.mark.parametrize("variant", ["50", "101", "152", "200", "270", "350", "420"])
@@ -18,7 +18,7 @@ def test_param_count_equals_timm(variant):
     ours = resnet_rs.num_params(resnet_rs.create(variant, 1000))
     assert ours == timm_utils.timm_param_count(f"resnetrs{variant}")
     if variant == "50":
-        assert ours == 35_691_912  # seeds.md §0
+        assert ours == 35_691_912  # the published count
 
 
 def test_logits_match_timm_rs50():
@@ -51,7 +51,7 @@ def test_from_timm_is_strict():
 @pytest.mark.parametrize("kernels,stem_kernel", [((1, 1, 1, 1), 1), ((1, 1, 3, 3), 5)])
 def test_3d_single_frame_equals_2d(kernels, stem_kernel):
     """A one-frame clip through the 3D net (2D weights on the central temporal tap) gives the 2D
-    net's logits and feature maps: with all temporal kernels 1 (seeds.md's inflation check) and
+    net's logits and feature maps: with all temporal kernels 1 (the inflation check of the 3D ResNet papers) and
     with the real (1, 1, 3, 3) / stem-5 kernels, where the other taps only see zero padding."""
     m2 = resnet_rs.create("tiny", 10, self_gating=True)
     m3 = resnet_rs.create("3d-tiny", 10, temporal_kernel_sizes=kernels,

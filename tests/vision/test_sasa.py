@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moetx.vision.models import common, sasa
-from tests.vision.timm_utils import random_variables
+from tests.vision.conftest import random_variables
 
 
 def test_layer_equals_brute_force():

@@ -106,7 +106,7 @@ def test_ema_warmup_decay_and_validation():
 
 
 def test_lm_states_stay_empty():
-    from tests.trainer.helpers import make_trainer, tiny_model
+    from tests.conftest import make_trainer, tiny_model
 
     abstract = make_trainer(tiny_model(), (1, 1, 1)).abstract_state
     assert abstract.model_state == {} and abstract.ema == {}

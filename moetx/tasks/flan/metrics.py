@@ -8,7 +8,7 @@
   punctuation or articles, single spaces) via `generation_metrics(targets, predictions)`.
 
 All values are percentages, like the T5/FLAN metrics. `seqio.Evaluator` logs them to
-TensorBoard and JSON (see `moetx.tasks.flan.evaluate`).
+TensorBoard and JSON (see `moetx.pipelines.flan_eval`).
 """
 
 from __future__ import annotations

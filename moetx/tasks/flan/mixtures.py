@@ -24,7 +24,8 @@ import gin
 import seqio
 
 from moetx.tasks.flan import clusters as clusters_lib
-from moetx.tasks.flan import sources, tasks
+from moetx.datasets import flan_sources as sources
+from moetx.tasks.flan import tasks
 
 __all__ = [
     "COLLECTIONS",

@@ -29,8 +29,9 @@ import gin
 import seqio
 import tensorflow as tf
 
-from moetx.tasks import paths, vocab as vocab_lib
-from moetx.tasks.flan import metrics, preprocessors, sources, templates
+from moetx.datasets import paths, vocab as vocab_lib
+from moetx.tasks.flan import metrics, preprocessors, templates
+from moetx.datasets import flan_sources as sources
 
 __all__ = [
     "DEFAULT_EVAL_CAP",

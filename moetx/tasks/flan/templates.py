@@ -43,7 +43,7 @@ NLI3_OPTIONS = ("yes", "it is not possible to tell", "no")
 
 # Fields of each dataset's normalized record ('options' is implied by `{options_}`).
 FIELDS: dict[str, tuple[str, ...]] = {
-    # offline (moetx.tasks.flan.sources)
+    # offline (moetx.datasets.flan_sources)
     "fortunes_topic": ("text", "answer"),
     "language_id": ("text", "answer"),
     "spam": ("text", "answer"),

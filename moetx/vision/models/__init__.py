@@ -18,8 +18,8 @@ import pkgutil
 
 import flax.linen as nn
 
-#: Modules of this package that are not model families.
-_NOT_FAMILIES = frozenset({"common"})
+#: Modules of this package that are not model families (shared layers, convolution fast paths).
+_NOT_FAMILIES = frozenset({"common", "conv_ops"})
 
 
 def families() -> list[str]:

@@ -31,9 +31,9 @@ author (github.com/dk-liang/Awesome-Visual-Transformer pull 5): GSA-Net-50 gains
 over ResNet-50 "while using 50% the parameters and 70% the computation". 50% (12.8M) is below
 what any ResNet-50 with only its 3x3 convs replaced can have (the rest of ResNet-50 alone is
 14,239,784 of its 25,557,032), whereas 70% is this construction's ratio; the two ratios may be
-swapped in that summary. The project's seeds.md (section 0) records the paper's figure as "18.xM",
-fewer than ResNet-50's; the test checks the count to that precision only, and the 1% check against
-the paper's table is still open.
+swapped in that summary. The figure the project has on record for the paper is "18.xM", fewer
+than ResNet-50's; the test checks the count to that precision only, and the 1% check against the
+paper's table is still open.
 Choices that would move it: an output 1x1 projection after the heads (lucidrains' `to_out`:
 +1,257,472 over the 16 modules) or a key depth below dv.
 """

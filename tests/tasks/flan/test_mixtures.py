@@ -3,8 +3,9 @@
 import pytest
 import seqio
 
-import moetx.tasks.flan  # noqa: F401  (registers the tasks and mixtures)
-from moetx.tasks.flan import clusters, mixtures, sources, tasks
+import moetx.tasks.flan  # noqa: F401  (the session fixture registers the tasks and mixtures)
+from moetx.tasks.flan import clusters, mixtures, tasks
+from moetx.datasets import flan_sources as sources
 
 
 def test_mixing_rate_is_min_of_n_and_caps():

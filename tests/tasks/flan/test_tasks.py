@@ -6,7 +6,8 @@ import seqio
 import tensorflow_datasets as tfds
 
 import moetx.tasks.flan  # noqa: F401
-from moetx.tasks.flan import metrics, sources, tasks
+from moetx.tasks.flan import metrics, tasks
+from moetx.datasets import flan_sources as sources
 
 LENGTHS = {"inputs": 256, "targets": 16}
 

@@ -4,7 +4,8 @@ fields, golden formatting with options, and Python/TensorFlow formatting parity.
 import pytest
 import tensorflow as tf
 
-from moetx.tasks.flan import sources, tasks, templates
+from moetx.datasets import flan_sources as sources
+from moetx.tasks.flan import tasks, templates
 
 # One raw record per offline dataset, shaped like `sources.load_records` output.
 RAW = {

@@ -1,0 +1,159 @@
+"""The one implementation of moetx's command-line flags: T5X-style gin flags, clear one-line
+errors, task registration and multi-host initialisation, shared by every `moetx.cli` command.
+
+Flags (as in T5X):
+  --gin_file=F             (repeatable) a gin file; looked up in --gin_search_paths and in
+                           moetx's own `gin/` directory.
+  --gin_search_paths=A,B   extra directories for gin files and includes.
+  --gin_bindings='X = V'   (repeatable) a raw gin binding.
+  --gin.NAME=VALUE         rewritten to the binding `NAME = VALUE` (macros and configurables).
+  --multiprocess, --coordinator_address=H:P, --process_count=N, --process_index=I
+                           start `jax.distributed` (also read from MOETX_COORDINATOR_ADDRESS,
+                           MOETX_PROCESS_COUNT, MOETX_PROCESS_INDEX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import re
+import sys
+from typing import Callable, Sequence
+
+import gin
+
+from moetx.datasets.registry import FetchError
+from moetx.util import gin_files
+
+GIN_DIR = gin_files.GIN_DIR
+
+
+# What gin raises for bad files and bindings (its parser reports syntax errors as SyntaxError).
+_GIN_ERRORS = (ValueError, KeyError, SyntaxError, ImportError, TypeError)
+
+
+# Modules whose gin configurables every command knows without an `import` in the gin files.
+DEFAULT_IMPORTS = ("moetx.lm.models",)
+
+
+class UserError(Exception):
+    """A configuration or input error reported as one line, without a traceback."""
+
+
+def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(add_help=True)
+    parser.add_argument("--gin_file", action="append", default=[])
+    parser.add_argument("--gin_search_paths", default="")
+    parser.add_argument("--gin_bindings", action="append", default=[])
+    parser.add_argument("--multiprocess", action="store_true")
+    parser.add_argument("--coordinator_address", default=os.environ.get(
+        "MOETX_COORDINATOR_ADDRESS"))
+    parser.add_argument("--process_count", type=int, default=_env_int("MOETX_PROCESS_COUNT"))
+    parser.add_argument("--process_index", type=int, default=_env_int("MOETX_PROCESS_INDEX"))
+    gin_dot = []
+    rest = []
+    for arg in argv:
+        m = re.match(r"^--gin\.([A-Za-z_][\w./]*)=(.*)$", arg, re.S)
+        if m:
+            gin_dot.append((m.group(1), m.group(2)))
+        else:
+            rest.append(arg)
+    args = parser.parse_args(rest)
+    args.gin_dot = gin_dot
+    return args
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    return int(v) if v else None
+
+
+def maybe_initialize_distributed(args: argparse.Namespace) -> None:
+    """`jax.distributed.initialize` when running as one of several processes."""
+    if not (args.multiprocess or args.coordinator_address):
+        return
+    import jax
+
+    if not (args.coordinator_address and args.process_count and args.process_index is not None):
+        raise UserError("Multi-process runs need --coordinator_address, --process_count and "
+                        "--process_index (or MOETX_COORDINATOR_ADDRESS/_PROCESS_COUNT/_INDEX).")
+    # CPU collectives across processes go through gloo.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.process_count, process_id=args.process_index)
+
+
+def parse_gin(args: argparse.Namespace, module_imports: Sequence[str] = ()) -> None:
+    """Parses gin files and bindings; unknown macros, unknown configurables and required macros
+    left unset are reported as `UserError`s naming the binding and the fix."""
+    for mod in module_imports:
+        __import__(mod)
+    try:
+        gin_files.parse_files(args.gin_file, args.gin_bindings,
+                              args.gin_search_paths.split(","))
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
+    except _GIN_ERRORS as e:
+        raise UserError(f"bad gin config: {_one_line(e)}") from None
+    defined_macros = gin_files.macro_names()
+    for name, value in args.gin_dot:
+        if "." not in name and "/" not in name and name not in defined_macros:
+            close = difflib.get_close_matches(name, sorted(defined_macros), n=1)
+            hint = f" Did you mean --gin.{close[0]}?" if close else ""
+            raise UserError(f"--gin.{name}: no such gin macro in the given gin files.{hint}")
+        try:
+            gin.parse_config(f"{name} = {value}")
+        except _GIN_ERRORS as e:
+            raise UserError(f"bad binding --gin.{name}={value}: {_one_line(e)}") from None
+    missing = sorted(n for n in gin_files.macro_names() if gin_files.is_required(n))
+    if missing:
+        raise UserError("missing required gin binding(s): " + ", ".join(missing)
+                        + " (set them with " + " ".join(f"--gin.{n}=..." for n in missing) + ").")
+    gin.finalize()
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def register_tasks() -> None:
+    """Registers moetx's SeqIO tasks and mixtures (language and vision); reads no data."""
+    from moetx import tasks
+    from moetx.vision import tasks as vision_tasks
+
+    tasks.register_all()
+    vision_tasks.register_default_tasks()
+
+
+def run(main_fn: Callable[[argparse.Namespace], None], argv: Sequence[str] | None = None,
+        module_imports: Sequence[str] = DEFAULT_IMPORTS) -> int:
+    """Parses flags and gin, runs `main_fn`, and reports user errors as one line (exit 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_flags(argv)
+        maybe_initialize_distributed(args)
+        register_tasks()
+        parse_gin(args, module_imports)
+        main_fn(args)
+    except UserError as e:
+        print(f"moetx: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, FloatingPointError, FetchError) as e:
+        if os.environ.get("MOETX_TRACEBACK"):
+            raise
+        print(f"moetx: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def gin_command(fn: Callable[[], object]) -> Callable[[Sequence[str] | None], int]:
+    """`main(argv) -> exit status` of a command that parses the gin flags and calls the
+    gin-configured library function `fn` (e.g. `moetx.trainer.train.train`)."""
+
+    def main(argv: Sequence[str] | None = None) -> int:
+        return run(lambda args: fn(), argv)
+
+    main.__doc__ = f"Parses the gin flags in `argv` and runs `{fn.__module__}.{fn.__name__}`."
+    return main

@@ -1,0 +1,19 @@
+"""`python -m moetx.cli.flan_evaluate`: zero-/few-shot FLAN evaluation of a checkpoint.
+
+    python -m moetx.cli.flan_evaluate --gin_file=models/t5_demo.gin \\
+      --gin_file=runs/flan_eval.gin --gin.CHECKPOINT_DIR="'runs/flan_no_tc'" \\
+      --gin.MIXTURE_OR_TASK_NAME="'flan_offline_text_classification_eval'"
+
+The library function is `moetx.pipelines.flan_eval.evaluate_flan`.
+"""
+
+import sys
+
+from moetx.cli import flags
+from moetx.pipelines import flan_eval
+
+main = flags.gin_command(flan_eval.evaluate_flan)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

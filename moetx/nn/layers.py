@@ -1,0 +1,227 @@
+"""Neural-network building blocks with T5X parameter names and logical axis annotations, shared
+by the language-model (`moetx.lm`) and mixture-of-experts (`moetx.moe`) stacks.
+
+Every parameter is created through `nn.with_logical_partitioning`, so the variables returned by
+`init` are `nn.LogicallyPartitioned` boxes carrying their logical axis names (`embed`, `mlp`,
+`joined_kv`, `vocab`, `heads`, `relpos_buckets`, ...). `moetx.trainer.partitioning` maps those
+names onto the mesh. Parameter names and shapes follow T5X / flaxformer (`query/kernel` is
+[embed, heads * head_dim], `mlp/wi_0/kernel` [embed, mlp], and so on) so that T5X checkpoints map
+one to one.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+# T5X's default kernel initializer: variance scaling, fan-in, truncated normal.
+default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def constrain(x: Array, axes: Sequence[str | None]) -> Array:
+    """Sharding constraint on an activation by logical axis names (no-op outside a mesh)."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+class DenseGeneral(nn.Module):
+    """A bias-free dense layer over the last axis, kernel `[in, features]` with logical axes.
+
+    Attributes:
+      features: output width.
+      kernel_axes: logical names of the kernel's two axes, e.g. `('embed', 'mlp')`.
+      dtype: computation dtype of the activations (the kernel is stored in `param_dtype`).
+    """
+
+    features: int
+    kernel_axes: tuple[str, str]
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: Initializer = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """x: <dtype>[..., in] -> <dtype>[..., features]."""
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+            (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        kernel = jnp.asarray(kernel, self.dtype)
+        return jnp.einsum("...i,io->...o", jnp.asarray(x, self.dtype), kernel)
+
+
+class RMSNorm(nn.Module):
+    """T5 layer norm: scale only, no mean subtraction, no bias; statistics in float32."""
+
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x32 = jnp.asarray(x, jnp.float32)
+        var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        y = jnp.asarray(x32 * jax.lax.rsqrt(var + self.epsilon), self.dtype)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],)
+        )
+        return y * jnp.asarray(scale, self.dtype)
+
+
+class PrimerNorm(nn.Module):
+    """Primer's normalisation (So et al. 2021): mean-centred, divided by the square root of the
+    "pseudo-variance" mean(x * (x - mean)), then scale and bias; statistics in float32."""
+
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x32 = jnp.asarray(x, jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        pseudo_var = jnp.mean(x32 * centred, axis=-1, keepdims=True)
+        y = jnp.asarray(centred * jax.lax.rsqrt(pseudo_var + self.epsilon), self.dtype)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],)
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (x.shape[-1],)
+        )
+        return y * jnp.asarray(scale, self.dtype) + jnp.asarray(bias, self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding `embedding [vocab, embed]`; `attend` gives tied output logits."""
+
+    num_embeddings: int
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    embedding_init: Initializer = nn.initializers.normal(stddev=1.0)
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(self.embedding_init, ("vocab", "embed")),
+            (self.num_embeddings, self.features),
+            jnp.float32,
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        """ids: <int32>[batch, length] -> <dtype>[batch, length, embed]."""
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"Embed expects integer token ids, got dtype {ids.dtype}.")
+        return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+
+    def attend(self, x: Array) -> Array:
+        """x: [batch, length, embed] -> logits [batch, length, vocab] with the shared matrix."""
+        return jnp.einsum("...d,vd->...v", x, jnp.asarray(self.embedding, self.dtype))
+
+
+def relative_position_bucket(
+    relative_position: Array, bidirectional: bool, num_buckets: int, max_distance: int
+) -> Array:
+    """T5's bucketing of `memory_position - query_position` into `num_buckets` ids.
+
+    Half the buckets (all of them when unidirectional) hold exact small distances, the rest
+    grow logarithmically up to `max_distance`; larger distances share the last bucket. For a
+    unidirectional (causal) model, positive offsets (the future) all map to bucket 0.
+    """
+    ret = 0
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        ret += (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    # Guard log(0); the value is unused where is_small holds.
+    val_if_large = max_exact + (
+        jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+        / np.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
+    ).astype(jnp.int32)
+    val_if_large = jnp.minimum(val_if_large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, val_if_large)
+
+
+class RelativePositionBiases(nn.Module):
+    """Shared relative position bias `rel_embedding [heads, relpos_buckets]` (T5.1.1)."""
+
+    num_buckets: int
+    max_distance: int
+    num_heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, query_positions: Array, key_positions: Array, bidirectional: bool) -> Array:
+        """query_positions: <int32>[q], key_positions: <int32>[k] -> bias [1, heads, q, k]."""
+        rel = key_positions[None, :] - query_positions[:, None]
+        buckets = relative_position_bucket(rel, bidirectional, self.num_buckets, self.max_distance)
+        table = self.param(
+            "rel_embedding",
+            nn.with_logical_partitioning(
+                nn.initializers.variance_scaling(1.0, "fan_avg", "uniform"),
+                ("heads", "relpos_buckets"),
+            ),
+            (self.num_heads, self.num_buckets),
+            jnp.float32,
+        )
+        # Shape: [heads, q, k] via a one-hot contraction (gather-free, shards over heads).
+        onehot = jax.nn.one_hot(buckets, self.num_buckets, dtype=self.dtype)
+        bias = jnp.einsum("hb,qkb->hqk", jnp.asarray(table, self.dtype), onehot)
+        return bias[None]
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "squared_relu": lambda x: jnp.square(jax.nn.relu(x)),
+    "linear": lambda x: x,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+class MlpBlock(nn.Module):
+    """T5 MLP: `wi` (one activation) or gated `wi_0, wi_1` (product of two), then `wo`.
+
+    `activations=('gelu', 'linear')` is T5.1.1's gated GELU; `('relu',)` is T5 1.0.
+    """
+
+    intermediate_dim: int
+    activations: Sequence[str] = ("gelu", "linear")
+    intermediate_dropout_rate: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        """x: [batch, length, embed] -> [batch, length, embed]."""
+        outs = []
+        for i, act in enumerate(self.activations):
+            name = "wi" if len(self.activations) == 1 else f"wi_{i}"
+            h = DenseGeneral(self.intermediate_dim, ("embed", "mlp"), self.dtype, name=name)(x)
+            outs.append(get_activation(act)(h))
+        h = functools.reduce(lambda a, b: a * b, outs)
+        h = constrain(h, ("batch", "length", "mlp"))
+        h = nn.Dropout(self.intermediate_dropout_rate, broadcast_dims=(-2,))(
+            h, deterministic=deterministic
+        )
+        out = DenseGeneral(x.shape[-1], ("mlp", "embed"), self.dtype, name="wo")(h)
+        return constrain(out, ("batch", "length", "embed"))

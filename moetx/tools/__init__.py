@@ -1,5 +1,0 @@
-"""Checkpoint tools: conversion between moetx, T5X and Hugging Face formats.
-
-Submodules are imported explicitly (`from moetx.tools import hf`), so importing this package stays
-cheap and does not pull in `transformers`.
-"""
