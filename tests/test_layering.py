@@ -174,3 +174,67 @@ def test_the_feature_check_finds_language_model_names():
     code = '"""moe in a docstring"""\nx = batch["decoder_target_tokens"]\ny = metrics.moe_aux\n'
     hits = {m.group(0) for w in _code_words(ast.parse(code)) for m in _LM_WORDS.finditer(w)}
     assert hits == {"decoder_target_tokens", "moe_aux"}
+
+
+TESTS = pathlib.Path(__file__).resolve().parent
+
+
+def _private_uses(path: pathlib.Path) -> list[str]:
+    """`_private` names of other moetx modules that `path` imports or reads as attributes."""
+    tree = ast.parse(path.read_text(), str(path))
+    own = _module_name(path) if PKG in path.parents else None
+    aliases, out = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("moetx") and a.asname:
+                    aliases[a.asname] = a.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.startswith("moetx"):
+            for a in node.names:
+                if a.name.startswith("_") and node.module != own:
+                    out.append(f"from {node.module} import {a.name}")
+                if f"{node.module}.{a.name}" in MODULES:
+                    aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id in aliases and node.attr.startswith("_") \
+                and not node.attr.startswith("__") and aliases[node.value.id] != own:
+            out.append(f"{aliases[node.value.id]}.{node.attr}")
+    return sorted(set(out))
+
+
+def test_modules_and_tests_use_public_names_only():
+    files = SOURCES + sorted(TESTS.rglob("*.py"))
+    bad = {str(p.relative_to(PKG.parent)): uses for p in files if (uses := _private_uses(p))}
+    assert not bad, f"private names used across modules: {bad}"
+
+
+def test_tests_do_not_import_other_test_modules():
+    bad = []
+    for path in sorted(TESTS.rglob("*.py")):
+        for name in _imports_any(path):
+            if name.startswith("tests.") and not name.endswith("conftest") \
+                    and name.split(".")[-1].startswith("test_"):
+                bad.append(f"{path.relative_to(TESTS)} imports {name}")
+    assert not bad, "shared test helpers belong in a conftest.py:\n  " + "\n  ".join(bad)
+
+
+def _imports_any(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_the_private_name_check_finds_uses(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("from moetx.convert import formats\nfrom moetx.trainer.trainer import _x\n"
+                       "formats._flatten({})\nformats.convert\n")
+    assert _private_uses(planted) == ["from moetx.trainer.trainer import _x",
+                                      "moetx.convert.formats._flatten"]

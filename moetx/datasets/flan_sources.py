@@ -201,7 +201,7 @@ def _build_language_id(data_dir) -> dict:
 _TAG = re.compile(r"<[^>]*>")
 
 
-def _email_text(raw: bytes, max_chars: int = 600) -> str:
+def email_text(raw: bytes, max_chars: int = 600) -> str:
     msg = email.message_from_bytes(raw, policy=email.policy.compat32)
     subject = _clean(str(msg.get("Subject", "") or ""))
     body = ""
@@ -236,7 +236,7 @@ def _build_spam(data_dir) -> dict:
     records, unlabeled = [], []
     for name, raw in sorted(files.items()):
         group = name.split("/")[-2]
-        text = _email_text(raw)
+        text = email_text(raw)
         if len(text) < 20:
             continue
         if group in ("easy-ham-2", "spam-1"):  # the unlabeled pool (labels held out)
@@ -395,7 +395,7 @@ def _build_analogies(data_dir) -> dict:
     return {"records": records}
 
 
-def _quiz_canonical(field: str) -> str:
+def quiz_canonical(field: str) -> str:
     """The full form of a `quiz(6)` answer pattern: `{x}` kept, first of `a|b` / `[a|b]`."""
     # Innermost brackets first: [a|b] -> a, {x} -> x.
     prev = None
@@ -438,7 +438,7 @@ def _build_trivia_qa(data_dir) -> dict:
         pattern, answer_col = _QUIZ[base]
         text = data.decode("latin-1").replace("\\\n", "")
         for line in text.splitlines():
-            cols = [_quiz_canonical(c) for c in line.split(":")]
+            cols = [quiz_canonical(c) for c in line.split(":")]
             if len(cols) <= answer_col or not cols[0] or not cols[answer_col]:
                 continue
             records.append({"question": pattern.format(*cols), "answer": cols[answer_col],

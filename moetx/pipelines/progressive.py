@@ -85,7 +85,7 @@ def run(model: Any = gin.REQUIRED, train_steps: int = gin.REQUIRED,
     results, end = [], 0
     for i, stage in enumerate(plan):
         end += stage.steps
-        train_lib._log(f"[progressive] stage {i + 1}/{len(plan)}: steps {end - stage.steps}"
+        train_lib.log(f"[progressive] stage {i + 1}/{len(plan)}: steps {end - stage.steps}"
                        f"-{end}, image {stage.image_size}, RandAugment {stage.randaug_magnitude}"
                        f", mixup {stage.mixup_alpha}, dropout {stage.dropout}")
         out = train_fn(model=stage_model(model, stage, randaugment_layers), train_steps=end)

@@ -105,13 +105,13 @@ def train(
     latest = ckpt.latest_step()
     if latest is not None:
         state, data_state = ckpt.restore(latest, trainer.abstract_state_with_shardings())
-        _log(f"Restored checkpoint_{latest} from {model_dir}.")
+        log(f"Restored checkpoint_{latest} from {model_dir}.")
     else:
         state, data_state = trainer.init_state(), {}
         if init_from is not None:
             state = init_from(trainer, state)
     n_params = metrics_lib.count_params(state.params)
-    _log(f"Model: {n_params:,} parameters; mesh {dict(trainer.mesh.shape)}; "
+    log(f"Model: {n_params:,} parameters; mesh {dict(trainer.mesh.shape)}; "
          f"{jax.process_count()} process(es), {jax.device_count()} device(s).")
 
     batches, _ = make_batches(trainer, train_dataset_cfg,
@@ -129,7 +129,7 @@ def train(
         m = trainer.evaluate(params, evaluation_batches(trainer, eval_dataset_cfg), eval_steps,
                              model_state=model_state)
         eval_writer.write_scalars(step, m)
-        _log(f"[eval] {label} step {step}: {model.headline(m)}")
+        log(f"[eval] {label} step {step}: {model.headline(m)}")
         return m
 
     start_step = int(jax.device_get(state.step))
@@ -164,6 +164,7 @@ def check_data(model, cfg: data.DatasetConfig) -> None:
     model.input_shapes(cfg.batch_size, lengths)
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
+    """Prints `msg` to stderr on process 0 (the run's progress and results)."""
     if jax.process_index() == 0:
         print(msg, file=sys.stderr, flush=True)

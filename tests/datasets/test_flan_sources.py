@@ -9,17 +9,17 @@ from moetx.datasets import flan_sources as sources
 
 
 def test_quiz_patterns_expand_to_their_full_form():
-    assert sources._quiz_canonical("{G{eorge} }Washington") == "George Washington"
-    assert sources._quiz_canonical("{I }[injure|thwart]") == "I injure"
-    assert sources._quiz_canonical("Alabama|Ala|AL") == "Alabama"
-    assert sources._quiz_canonical("forget{-| }me{-| }not") == "forget-me-not"
+    assert sources.quiz_canonical("{G{eorge} }Washington") == "George Washington"
+    assert sources.quiz_canonical("{I }[injure|thwart]") == "I injure"
+    assert sources.quiz_canonical("Alabama|Ala|AL") == "Alabama"
+    assert sources.quiz_canonical("forget{-| }me{-| }not") == "forget-me-not"
 
 
 def test_email_text_uses_subject_and_plain_body():
     raw = (b"From: a@b.c\nSubject: Cheap   meds\nContent-Type: multipart/alternative; "
            b"boundary=XX\n\n--XX\nContent-Type: text/html\n\n<p>Buy <b>now</b>&amp;save</p>\n"
            b"--XX\nContent-Type: text/plain\n\nBuy now\n and save.\n--XX--\n")
-    assert sources._email_text(raw) == "Subject: Cheap meds. Buy now and save."
+    assert sources.email_text(raw) == "Subject: Cheap meds. Buy now and save."
 
 
 def test_split_records_is_stable_and_deterministic():

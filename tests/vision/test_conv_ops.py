@@ -11,7 +11,7 @@ from moetx.vision.models import common, conv_ops
 
 
 def _numbers(nd):
-    return conv_ops._channels_last_numbers(nd)
+    return conv_ops.channels_last_numbers(nd)
 
 
 def _both(x, w, strides, padding, groups):

@@ -46,7 +46,7 @@ from jax import lax
 SMALL_INPUT_MARGIN = 1
 
 
-def _channels_last_numbers(nd: int) -> lax.ConvDimensionNumbers:
+def channels_last_numbers(nd: int) -> lax.ConvDimensionNumbers:
     """Dimension numbers of [B, *spatial, C] inputs, [*k, C_in, C_out] kernels (Flax's)."""
     spatial = tuple(range(1, nd + 1))
     return lax.ConvDimensionNumbers(lhs_spec=(0, nd + 1) + spatial,
@@ -56,7 +56,7 @@ def _channels_last_numbers(nd: int) -> lax.ConvDimensionNumbers:
 
 def _is_channels_last(dimension_numbers: Any, lhs: jax.Array, rhs: jax.Array) -> bool:
     nd = lhs.ndim - 2
-    want = _channels_last_numbers(nd)
+    want = channels_last_numbers(nd)
     if dimension_numbers is None:
         return False  # lax's default is channels-first
     if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
