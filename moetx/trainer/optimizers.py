@@ -16,6 +16,7 @@ logical axes of its state, so the trainer can shard optimizer state like the par
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple
 
 import gin
@@ -298,6 +299,139 @@ def sgd_momentum(schedule: Schedule = gin.REQUIRED, param_axes: Any = None,
     parts.append(optax.scale_by_learning_rate(schedule))
     tx = optax.chain(*parts)
     return Optimizer(tx, _like_params_state_axes(tx), schedule)
+
+
+# ------------------------------------------------------------- PowerSign / AddSign (NOS)
+# Bello et al. 2017, "Neural Optimizer Search with Reinforcement Learning": update rules found
+# by searching programs, written here as TensorFlow's reference optimizers define them. With
+# m_t = beta * m_{t-1} + (1 - beta) * g_t (updated before use) and the agreement
+# a_t = sign(g_t) * sign(m_t) in {-1, 0, 1}:
+#
+#   PowerSign: p -= lr_t * base ** (f(t) * a_t) * g_t        (base e by default)
+#   AddSign:   p -= lr_t * (alpha + f(t) * a_t) * g_t         (alpha 1 by default)
+#
+# f is an optional sign decay evaluated at the number of updates already made (0 at the first
+# update), so the first update sees f(0): TensorFlow's optimizers read the global step before
+# incrementing it.
+SignDecay = Callable[[Array], Array]
+
+
+@gin.configurable
+def linear_sign_decay(decay_steps: int) -> SignDecay:
+    """f(t) = max(0, (decay_steps - min(t, decay_steps)) / decay_steps): 1 down to 0."""
+    if decay_steps <= 0:
+        raise ValueError(f"decay_steps must be positive, got {decay_steps}.")
+
+    def decay(step):
+        t = jnp.minimum(jnp.asarray(step, jnp.int32), decay_steps)
+        return jnp.maximum(0.0, (decay_steps - t).astype(jnp.float32) / decay_steps)
+    return decay
+
+
+@gin.configurable
+def cosine_sign_decay(decay_steps: int, num_periods: float = 0.5,
+                      zero_after: float | None = None) -> SignDecay:
+    """f(t) = 0.5 * (1 + cos(2 pi num_periods min(t, T) / T)); 0 once 2 num_periods t / T
+    reaches 2 zero_after. The default half period goes from 1 at t=0 to 0 at t=T."""
+    if decay_steps <= 0:
+        raise ValueError(f"decay_steps must be positive, got {decay_steps}.")
+
+    def decay(step):
+        t = jnp.minimum(jnp.asarray(step, jnp.float32), decay_steps)
+        fraction = 2.0 * num_periods * t / decay_steps
+        out = 0.5 * (1.0 + jnp.cos(jnp.pi * fraction))
+        if zero_after is not None:
+            out = jnp.where(fraction >= 2 * zero_after, 0.0, out)
+        return out
+    return decay
+
+
+@gin.configurable
+def restart_sign_decay(decay_steps: int, num_periods: float = 1.0,
+                       zero_after: float | None = None) -> SignDecay:
+    """f(t) = 0.5 * (1 + cos(pi * ((num_periods * min(t, T)) mod T) / T)): cosine cycles that
+    restart at 1 `num_periods` times over T steps (SGDR-like); 0 once num_periods t / T reaches
+    zero_after."""
+    if decay_steps <= 0:
+        raise ValueError(f"decay_steps must be positive, got {decay_steps}.")
+
+    def decay(step):
+        t = jnp.minimum(jnp.asarray(step, jnp.float32), decay_steps)
+        fraction = jnp.mod(num_periods * t, decay_steps) / decay_steps
+        out = 0.5 * (1.0 + jnp.cos(jnp.pi * fraction))
+        if zero_after is not None:
+            out = jnp.where(num_periods * t / decay_steps >= zero_after, 0.0, out)
+        return out
+    return decay
+
+
+class SignAgreementState(NamedTuple):
+    """Updates made so far and the running average m of the gradients."""
+
+    count: Array
+    m: Any
+
+
+def scale_by_sign_agreement(rule: str, beta: float = 0.9, base: float = math.e,
+                            alpha: float = 1.0, sign_decay: SignDecay | None = None
+                            ) -> optax.GradientTransformation:
+    """The PowerSign (`rule='powersign'`) or AddSign (`'addsign'`) scaling of the gradients,
+    before the learning rate (see the comment above)."""
+    if rule not in ("powersign", "addsign"):
+        raise ValueError(f"rule must be 'powersign' or 'addsign', got {rule!r}.")
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta}.")
+    if rule == "powersign" and base <= 0:
+        raise ValueError(f"PowerSign's base must be positive, got {base}.")
+    log_base = math.log(base) if rule == "powersign" else 0.0
+
+    def init(params):
+        return SignAgreementState(count=jnp.zeros((), jnp.int32),
+                                  m=jax.tree_util.tree_map(jnp.zeros_like, params))
+
+    def update(grads, state, params=None):
+        del params
+        m = jax.tree_util.tree_map(lambda m, g: beta * m + (1.0 - beta) * g, state.m, grads)
+        f = 1.0 if sign_decay is None else sign_decay(state.count)
+
+        def scale(g, m):
+            agree = jnp.sign(g) * jnp.sign(m)
+            mult = jnp.exp(log_base * f * agree) if rule == "powersign" else alpha + f * agree
+            return (mult * g).astype(g.dtype)
+
+        updates = jax.tree_util.tree_map(scale, grads, m)
+        return updates, SignAgreementState(count=state.count + 1, m=m)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _sign_optimizer(rule: str, schedule: Schedule, beta: float, base: float, alpha: float,
+                    sign_decay: SignDecay | None, grad_clip_norm: float | None) -> Optimizer:
+    parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
+    parts.append(scale_by_sign_agreement(rule, beta, base, alpha, sign_decay))
+    parts.append(optax.scale_by_learning_rate(schedule))
+    tx = optax.chain(*parts)
+    return Optimizer(tx, _like_params_state_axes(tx), schedule)
+
+
+@gin.configurable
+def powersign(schedule: Schedule = gin.REQUIRED, param_axes: Any = None, beta: float = 0.9,
+              base: float = math.e, sign_decay: SignDecay | None = None,
+              grad_clip_norm: float | None = None) -> Optimizer:
+    """PowerSign: p -= lr * base ** (f(t) * sign(g) * sign(m)) * g (Bello et al. 2017).
+    `make_optimizer.optimizer_fn = @powersign`; `powersign.sign_decay = @linear_sign_decay()`."""
+    del param_axes
+    return _sign_optimizer("powersign", schedule, beta, base, 1.0, sign_decay, grad_clip_norm)
+
+
+@gin.configurable
+def addsign(schedule: Schedule = gin.REQUIRED, param_axes: Any = None, beta: float = 0.9,
+            alpha: float = 1.0, sign_decay: SignDecay | None = None,
+            grad_clip_norm: float | None = None) -> Optimizer:
+    """AddSign: p -= lr * (alpha + f(t) * sign(g) * sign(m)) * g (Bello et al. 2017).
+    `make_optimizer.optimizer_fn = @addsign`; `addsign.sign_decay = @cosine_sign_decay()`."""
+    del param_axes
+    return _sign_optimizer("addsign", schedule, beta, math.e, alpha, sign_decay, grad_clip_norm)
 
 
 @gin.configurable
