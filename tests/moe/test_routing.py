@@ -1,5 +1,6 @@
-"""Routing: the loss identities of lm_moe_t5x.md §1.3, capacity and priority toys, and the masked
-and scatter paths checked against one plain loop reference (MaxText's moe_test pattern)."""
+"""Routing: the published load-balancing and router z-loss identities (Switch, ST-MoE), capacity
+and priority toys, and the masked and scatter paths checked against one plain loop reference
+(MaxText's moe_test pattern)."""
 
 from __future__ import annotations
 
