@@ -19,14 +19,13 @@ import re
 import tempfile
 from typing import Any, Mapping
 
-import flax.linen as nn
 import flax.serialization
 import gin
 import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moetx.trainer import partitioning
+from moetx.trainer import model as model_lib, partitioning
 
 
 class CheckpointDirError(ValueError):
@@ -108,10 +107,8 @@ class Checkpointer:
 
     def _absent_parts(self, step: int, target: dict) -> list[str]:
         """Top-level parts of `target` that checkpoint_<step>'s saved state does not have."""
-        path = os.path.join(self.directory, f"checkpoint_{step}", "state")
-        try:
-            saved = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
-        except Exception:  # Unreadable metadata: let restore report the real problem.
+        saved = _saved_tree(state_dir(self.directory, step))
+        if saved is None:  # Unreadable metadata: let restore report the real problem.
             return []
         return [k for k in target if k not in saved]
 
@@ -212,20 +209,11 @@ def abstract_variables(model: Any, mesh: Mesh, rules: partitioning.LogicalRules,
     not divide is replicated), the model state (`{collection: tree}` for each of the model's
     `state_collections`, `{}` for none) is replicated, as the trainer keeps it.
     """
-    boxed = jax.eval_shape(
-        lambda: model.get_initial_variables(jax.random.PRNGKey(0), dict(input_shapes)))
-    params = nn.unbox(boxed["params"])
-    shardings = partitioning.logical_shardings(
-        partitioning.params_logical_axes(boxed["params"]), mesh, tuple(rules), params)
-    collections = tuple(getattr(model, "state_collections", ()))
-    missing = [c for c in collections if c not in boxed]
-    if missing:
-        raise ValueError(f"The model declares state collections {missing} that its "
-                         f"get_initial_variables does not return (it has {sorted(boxed)}).")
+    axes, params, state = model_lib.abstract_variables(model, input_shapes)
+    shardings = partitioning.logical_shardings(axes, mesh, tuple(rules), params)
     replicated = NamedSharding(mesh, PartitionSpec())
-    model_state = {c: jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        nn.unbox(boxed[c])) for c in collections}
+    model_state = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
     return abstract_with_shardings(params, shardings), model_state
 
 

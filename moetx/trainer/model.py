@@ -37,8 +37,11 @@ import abc
 import inspect
 from typing import Any, Callable, Literal, Mapping, Protocol, runtime_checkable
 
+import flax.linen as nn
 import jax
 import numpy as np
+
+from moetx.trainer import partitioning
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -225,6 +228,25 @@ def check_model(model: Any) -> None:
             f"{type(model).__name__} is not a moetx model: it lacks {missing}. Fix: subclass "
             f"moetx.trainer.model.BaseModel (which supplies the optional members) and implement "
             f"the rest.")
+
+
+def abstract_variables(model: Model, input_shapes: Shapes, seed: int = 0
+                       ) -> tuple[Any, Any, dict[str, Any]]:
+    """`(params logical axes, abstract params, abstract model state)` of `model` at
+    `input_shapes`, from `jax.eval_shape` of its `get_initial_variables` (nothing allocated).
+
+    The model state is `{collection: tree}` for each of the model's `state_collections`; a
+    declared collection that `get_initial_variables` does not return is a ValueError.
+    """
+    rng = jax.random.PRNGKey(seed)
+    boxed = jax.eval_shape(lambda: model.get_initial_variables(rng, dict(input_shapes)))
+    collections = tuple(model.state_collections)
+    missing = [c for c in collections if c not in boxed]
+    if missing:
+        raise ValueError(f"The model declares state collections {missing} that its "
+                         f"get_initial_variables does not return (it has {sorted(boxed)}).")
+    return (partitioning.params_logical_axes(boxed["params"]), nn.unbox(boxed["params"]),
+            {c: nn.unbox(boxed[c]) for c in collections})
 
 
 def reduce_metrics(model: Model, totals: Mapping[str, float], num_steps: int

@@ -95,15 +95,8 @@ class Trainer:
                 f"num_microbatches or the mesh.")
 
         # Shapes and logical axes of the parameters, without materialising them.
-        init_rng = jax.random.PRNGKey(seed)
-        boxed = jax.eval_shape(lambda: model.get_initial_variables(init_rng, self.input_shapes))
-        self.params_axes = partitioning.params_logical_axes(boxed["params"])
-        abstract_params = nn.unbox(boxed["params"])
-        missing = [c for c in self.state_collections if c not in boxed]
-        if missing:
-            raise ValueError(f"The model declares state collections {missing} that its "
-                             f"get_initial_variables does not return (it has {sorted(boxed)}).")
-        abstract_model_state = {c: nn.unbox(boxed[c]) for c in self.state_collections}
+        self.params_axes, abstract_params, abstract_model_state = model_lib.abstract_variables(
+            model, self.input_shapes, seed)
         model_state_axes = jax.tree_util.tree_map(lambda _: PartitionSpec(),
                                                   abstract_model_state)
         self.optimizer = optimizer_factory(param_axes=self.params_axes)
