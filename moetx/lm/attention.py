@@ -97,45 +97,51 @@ def rotary_embedding(x: Array, positions: Array, theta: float = 10000.0) -> Arra
 
 
 class DepthwiseConv(nn.Module):
-    """Primer's causal depthwise convolution over length, one 3-tap filter per channel.
+    """Primer's causal depthwise convolution over length, one filter of `taps` taps per channel.
 
-    y_t = w0 * x_t + w1 * x_{t-1} + w2 * x_{t-2}, with zero fill: a shift never wraps and never
-    reads across a packed-segment boundary. Kernel `[3, channels]` (logical `conv_window`,
-    `joined_kv`), initialised to 0.5, 0.5/3, 0.5/3.
+    y_t = w0 * x_t + w1 * x_{t-1} + ... + w_{taps-1} * x_{t-taps+1}, with zero fill: a shift
+    never wraps and never reads across a packed-segment boundary. Kernel `[taps, channels]`
+    (logical `conv_window` and `channel_axis`), initialised as Primer's: w0 = 0.5 and every other
+    tap 0.5 / taps (Primer's width 3: 0.5, 0.5/3, 0.5/3).
 
-    In decode mode the last two *pre-conv* inputs are kept in the `cache` collection
-    (`prev [batch, 2, channels]`, most recent first), so one-token steps give exactly the
+    In decode mode the last `taps - 1` *pre-conv* inputs are kept in the `cache` collection
+    (`prev [batch, taps - 1, channels]`, most recent first), so one-token steps give exactly the
     teacher-forced outputs.
     """
 
     dtype: jnp.dtype = jnp.float32
+    taps: int = DCONV_TAPS
+    channel_axis: str = "joined_kv"
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array | None = None,
                  decode: bool = False) -> Array:
         """x: <dtype>[batch, length, channels] -> same shape."""
+        if self.taps < 1:
+            raise ValueError(f"DepthwiseConv needs at least one tap, got {self.taps}.")
         channels = x.shape[-1]
+        taps = self.taps
 
         def init(key, shape, dtype=jnp.float32):
             del key
-            taps = jnp.array([0.5] + [0.5 / DCONV_TAPS] * (DCONV_TAPS - 1), dtype)
-            return jnp.broadcast_to(taps[:, None], shape)
+            first = jnp.array([0.5] + [0.5 / taps] * (taps - 1), dtype)
+            return jnp.broadcast_to(first[:, None], shape)
 
         kernel = self.param("kernel", nn.with_logical_partitioning(
-            init, ("conv_window", "joined_kv")), (DCONV_TAPS, channels), jnp.float32)
+            init, ("conv_window", self.channel_axis)), (taps, channels), jnp.float32)
         kernel = jnp.asarray(kernel, self.dtype)
         if decode:
             is_initialized = self.has_variable("cache", "prev")
             prev = self.variable("cache", "prev", jnp.zeros,
-                                 (x.shape[0], DCONV_TAPS - 1, channels), x.dtype)
+                                 (x.shape[0], taps - 1, channels), x.dtype)
             if is_initialized:
-                # Shape: [batch, 1, channels] at position t; prev holds t-1, t-2.
-                window = jnp.concatenate([x, prev.value], axis=1)  # [x_t, x_{t-1}, x_{t-2}]
+                # Shape: [batch, 1, channels] at position t; prev holds t-1, t-2, ...
+                window = jnp.concatenate([x, prev.value], axis=1)  # [x_t, x_{t-1}, ...]
                 y = jnp.einsum("bsc,sc->bc", window, kernel)[:, None]
-                prev.value = window[:, :DCONV_TAPS - 1]
+                prev.value = window[:, :taps - 1]
                 return y
         y = x * kernel[0]
-        for s in range(1, DCONV_TAPS):
+        for s in range(1, min(taps, x.shape[1])):  # a shift past the length reads only zeros
             shifted = jnp.pad(x, ((0, 0), (s, 0), (0, 0)))[:, :-s]
             if segment_ids is not None:
                 seg_shifted = jnp.pad(segment_ids, ((0, 0), (s, 0)))[:, :-s]
@@ -214,8 +220,7 @@ class MultiHeadDotProductAttention(nn.Module):
                 v = conv("value_dconv", v)
         else:
             k = DenseGeneral(joined, ("embed", "joined_kv"), self.dtype, name="key")(inputs_kv)
-            if self.dconv:
-                q, k, v = conv("query_dconv", q), conv("key_dconv", k), conv("value_dconv", v)
+            q, k, v = self.transform_projections(q, k, v, segment_ids, decode)
         b, lq = q.shape[:2]
         lk = k.shape[1]
         # Shape: [batch, length, heads, d_kv]
@@ -246,6 +251,17 @@ class MultiHeadDotProductAttention(nn.Module):
         out = out.reshape(b, lq, joined)
         out = DenseGeneral(inputs_q.shape[-1], ("joined_kv", "embed"), self.dtype, name="out")(out)
         return constrain(out, ("batch", "length", "embed"))
+
+    def transform_projections(self, q: Array, k: Array, v: Array, segment_ids: Array | None,
+                              decode: bool) -> tuple[Array, Array, Array]:
+        """What happens to the projected Q, K, V `<dtype>[batch, length, heads*d_kv]` before the
+        head split (not with `share_qk`): Primer's convs with `dconv`, else nothing. Subclasses
+        override it (e.g. `moetx.lm.programs`); submodules made here belong to this module."""
+        if not self.dconv:
+            return q, k, v
+        conv = lambda name, x: DepthwiseConv(self.dtype, name=name)(  # noqa: E731
+            x, segment_ids, decode)
+        return conv("query_dconv", q), conv("key_dconv", k), conv("value_dconv", v)
 
     def _update_cache(self, k: Array, v: Array) -> tuple[Array, Array]:
         """Writes one step's key/value `[batch, 1, heads, d_kv]` into the cache; returns the cache.

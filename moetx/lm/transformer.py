@@ -18,6 +18,9 @@ Parameter trees follow T5X / flaxformer names:
 Primer adds `{query,key,value}_dconv/kernel [3, heads*d_kv]` to each self-attention; full Primer
 (shared QK) has `query`, `query_dconv`, `q_solo_project [heads*d_kv, heads*d_kv]`, `value`,
 `value_dconv` and no `key`.
+
+With `decoder_program` set, every decoder block is a `programs.ProgramDecoderLayer` running that
+block program (the language of the Primer-style search); its parameters are named as above.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from moetx.lm import attention
+from moetx.lm import attention, programs
 from moetx.nn import layers
 from moetx.moe import layers as moe_layers
 
@@ -75,6 +78,10 @@ class TransformerConfig:
       encoder_moe: an encoder-only override of `moe` (e.g. experts-choose routing in the
         encoder with top-2 tokens-choose in the decoder, as flaxformer's experts_choose gins).
       dtype: activation dtype (float32 on CPU, bfloat16 on accelerators); params stay float32.
+      decoder_program: a block program (`moetx.lm.programs`, e.g. `programs.SEED_PROGRAM`) that
+        every decoder block runs instead of the built-in one (`ProgramDecoderLayer`): its q, k, v
+        paths and ffn replace the projections' post-processing and the MLP (`mlp_activations` is
+        then unused). Decoder-only, dense models only.
     """
 
     vocab_size: int = 32128
@@ -101,6 +108,7 @@ class TransformerConfig:
     moe: moe_layers.MoeConfig | None = None
     encoder_moe: moe_layers.MoeConfig | None = None
     dtype: str = "float32"
+    decoder_program: str | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
@@ -122,6 +130,8 @@ class TransformerConfig:
         for act in self.mlp_activations:
             layers.get_activation(act)
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+        if self.decoder_program is not None:
+            programs.check_config(self)
 
     @property
     def jnp_dtype(self) -> jnp.dtype:
@@ -353,8 +363,9 @@ class Decoder(nn.Module):
                 query_tokens, encoder_input_tokens, query_segments,
                 encoder_segment_ids if query_segments is not None else None))
 
+        layer_cls = DecoderLayer if cfg.decoder_program is None else programs.ProgramDecoderLayer
         for i in range(cfg.num_decoder_layers):
-            x = DecoderLayer(cfg, cross, i, name=f"layers_{i}")(
+            x = layer_cls(cfg, cross, i, name=f"layers_{i}")(
                 x, bias, deterministic, decode, encoded, cross_bias,
                 None if decode else decoder_segment_ids, positions)
         x = _norm(cfg, "decoder_norm")(x)

@@ -60,10 +60,12 @@ class DenseGeneral(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """T5 layer norm: scale only, no mean subtraction, no bias; statistics in float32."""
+    """T5 layer norm: scale only, no mean subtraction, no bias; statistics in float32. `axis` is
+    the logical axis of the normalised (last) dimension."""
 
     epsilon: float = 1e-6
     dtype: jnp.dtype = jnp.float32
+    axis: str = "embed"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -71,7 +73,8 @@ class RMSNorm(nn.Module):
         var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         y = jnp.asarray(x32 * jax.lax.rsqrt(var + self.epsilon), self.dtype)
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],)
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
+            (x.shape[-1],)
         )
         return y * jnp.asarray(scale, self.dtype)
 
@@ -90,7 +93,8 @@ class PrimerNorm(nn.Module):
         pseudo_var = jnp.mean(x32 * centred, axis=-1, keepdims=True)
         y = jnp.asarray(centred * jax.lax.rsqrt(pseudo_var + self.epsilon), self.dtype)
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],)
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
+            (x.shape[-1],)
         )
         bias = self.param(
             "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (x.shape[-1],)

@@ -246,7 +246,7 @@ def _drop(seq, i):
     return tuple(x for j, x in enumerate(seq) if j != i)
 
 
-def _like_params_state_axes(tx: optax.GradientTransformation) -> Callable[[Any, Any], Any]:
+def like_params_state_axes(tx: optax.GradientTransformation) -> Callable[[Any, Any], Any]:
     """State axes of a transformation whose state holds params-shaped trees (and scalars)."""
     def state_axes(axes_tree, abstract_params):
         state = jax.eval_shape(tx.init, abstract_params)
@@ -267,7 +267,7 @@ def adamw(schedule: Schedule = gin.REQUIRED, param_axes: Any = None, b1: float =
     parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     tx = optax.chain(*parts)
-    return Optimizer(tx, _like_params_state_axes(tx), schedule)
+    return Optimizer(tx, like_params_state_axes(tx), schedule)
 
 
 # ----------------------------------------------------------------------------- SGD (vision)
@@ -298,7 +298,7 @@ def sgd_momentum(schedule: Schedule = gin.REQUIRED, param_axes: Any = None,
             weight_decay, mask=kernels_only if decay_kernels_only else None))
     parts.append(optax.scale_by_learning_rate(schedule))
     tx = optax.chain(*parts)
-    return Optimizer(tx, _like_params_state_axes(tx), schedule)
+    return Optimizer(tx, like_params_state_axes(tx), schedule)
 
 
 # ------------------------------------------------------------- PowerSign / AddSign (NOS)
@@ -411,7 +411,7 @@ def _sign_optimizer(rule: str, schedule: Schedule, beta: float, base: float, alp
     parts.append(scale_by_sign_agreement(rule, beta, base, alpha, sign_decay))
     parts.append(optax.scale_by_learning_rate(schedule))
     tx = optax.chain(*parts)
-    return Optimizer(tx, _like_params_state_axes(tx), schedule)
+    return Optimizer(tx, like_params_state_axes(tx), schedule)
 
 
 @gin.configurable

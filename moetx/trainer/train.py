@@ -153,6 +153,7 @@ def train(
     ckpt.close()
     results["step"] = train_steps
     results["params"] = n_params
+    results["flops_per_step"] = flops_per_step
     return results
 
 
