@@ -93,8 +93,7 @@ class PrimerNorm(nn.Module):
         pseudo_var = jnp.mean(x32 * centred, axis=-1, keepdims=True)
         y = jnp.asarray(centred * jax.lax.rsqrt(pseudo_var + self.epsilon), self.dtype)
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
-            (x.shape[-1],)
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],)
         )
         bias = self.param(
             "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (x.shape[-1],)
