@@ -75,9 +75,11 @@ def breakdown(args, cache: bool) -> dict:
     search = evolution.Search()
     fit = search.fitness
     steps = args.steps or fit.train_steps
+    budget = {"train_steps": steps} if steps else {"train_flops": fit.train_flops}
+    log_every = max((steps or 200) // 4, 1)
     fit = fitness_lib.TrainingFitness(
-        gin_files=fit.gin_files, bindings=(*fit.bindings, "LOG_EVERY = %d" % max(steps // 4, 1)),
-        train_steps=steps, hurdle_fraction=None, compilation_cache=cache)
+        gin_files=fit.gin_files, bindings=(*fit.bindings, f"LOG_EVERY = {log_every}"),
+        hurdle_fraction=None, compilation_cache=cache, **budget)
     spec = pg.dna_spec(search.space)
     rng = random.Random(args.seed)
     rows = []
@@ -94,7 +96,8 @@ def breakdown(args, cache: bool) -> dict:
         wall = time.perf_counter() - t0
         rates = [v for _, v in report.read_scalars(os.path.join(trial_dir, "train")).get(
             "steps_per_sec", [])][1:]
-        training = steps / statistics.median(rates) if rates else float("nan")
+        trained = out.cost.get("steps", steps or 0)
+        training = trained / statistics.median(rates) if rates else float("nan")
         rows.append({"wall_s": wall, "compile_s": compile_s["total"] - before,
                      "training_s": training, "status": out.status})
         print(f"[bench] cache={cache} trial {len(rows)}: {wall:.1f}s, compile "
@@ -102,7 +105,8 @@ def breakdown(args, cache: bool) -> dict:
               file=sys.stderr, flush=True)
     gin.clear_config()
     tot = {k: sum(r[k] for r in rows) for k in ("wall_s", "compile_s", "training_s")}
-    return {"trials": len(rows), "steps": steps, "seconds_per_trial": tot["wall_s"] / len(rows),
+    return {"trials": len(rows), "steps": steps, "flops": budget.get("train_flops"),
+            "seconds_per_trial": tot["wall_s"] / len(rows),
             "fraction_compile": tot["compile_s"] / tot["wall_s"],
             "fraction_training_steps": tot["training_s"] / tot["wall_s"],
             "fraction_outside_training": 1.0 - tot["training_s"] / tot["wall_s"],
@@ -116,7 +120,7 @@ def workers_rate(args, num_workers: int) -> dict:
     extra = [f"search.num_workers = {num_workers}", "search.parallel_trials = 2",
              f"search.num_trials = {args.trials}", f"search.seed = {args.seed}"]
     if args.steps:
-        extra.append(f"TrainingFitness.train_steps = {args.steps}")
+        extra += [f"TrainingFitness.train_steps = {args.steps}", "TrainingFitness.train_flops = None"]
     configure(args.proxy, root, extra)
     t0 = time.perf_counter()
     summary = evolution.Search().run()

@@ -5,7 +5,9 @@ One search (`Search.run`, gin name `search`):
 
 1. PyGlove's regularized evolution (`pyglove.ext.evolution.regularized_evolution`: a random
    initial population of P, then a tournament of S drawn from the last P trials whose winner is
-   mutated) proposes `parallel_trials` DNAs at a time: a *batch*.
+   mutated) proposes `parallel_trials` DNAs at a time: a *batch*. With `seeds` (Primer's search
+   starts from the vanilla Transformer), the initial population is instead the seeds themselves,
+   then mutants of them (`SeededInit`); the rest of the search is the same.
 2. Each DNA is materialised into a candidate (`pg.materialize`). The candidate checks itself
    (`validate()`, which raises ValueError with the reason: the trial is `rejected`) and is
    fingerprinted on fixed probe inputs (`fingerprint()`): a candidate that computes what an
@@ -239,6 +241,40 @@ class TrialLog:
                 f.write(data[:data.rfind(b"\n") + 1])
 
 
+# --------------------------------------------------------------------- seeded initial population
+@pg.members([
+    ("seeds", pg.typing.List(pg.typing.Object(pg.DNA), min_size=1),
+     "DNAs proposed first, once each."),
+    ("max_mutations", pg.typing.Int(min_value=1, default=3),
+     "Each later proposal is a seed mutated 1..max_mutations times."),
+    ("seed", pg.typing.Int().noneable(), "Seeds the choice of parent, count and mutations."),
+])
+class SeededInit(pg.DNAGenerator):
+    """An initial population grown from seed DNAs: the seeds in order, then each proposal a
+    random seed with 1..`max_mutations` uniform mutations (one decision re-sampled each)."""
+
+    def _setup(self):
+        import random
+
+        self._random = random.Random(self.seed)
+        self._mutator = evolution.mutators.Uniform(seed=self._random.randrange(2 ** 31))
+        self._seeds = [d.use_spec(self.dna_spec) for d in self.seeds]
+
+    def _propose(self) -> pg.DNA:
+        n = self.num_proposals
+        if n < len(self._seeds):
+            return self._seeds[n].clone(deep=True)
+        dna = self._random.choice(self._seeds)
+        for _ in range(self._random.randint(1, self.max_mutations)):
+            dna = self._mutator.mutate(dna).use_spec(self.dna_spec)
+        return dna
+
+
+def encode_candidate(space: Any, value: Any) -> pg.DNA:
+    """The DNA of `value` (a materialised candidate) in `space`, by PyGlove's template."""
+    return pg.template(space).encode(value)
+
+
 # ------------------------------------------------------------------------------------ search
 def _failed_or_rejected(rec: dict) -> bool:
     return rec["status"] in (FAILED, REJECTED)
@@ -261,6 +297,11 @@ class Search:
         being run by 1 or many workers).
       num_workers: worker processes (0 runs the trials in this process).
       hurdle_min_trials: finished trials with an early reward needed before the hurdle applies.
+      seeds: candidates the initial population starts from (see `SeededInit`); empty: a random
+        initial population.
+      seed_encoder: (space, seed) -> DNA; default `encode_candidate` (PyGlove's template). A
+        space whose seeds are written another way (e.g. program text) names its own.
+      seed_mutations: the initial population's mutants carry 1..seed_mutations mutations.
       dedupe: skip candidates whose fingerprint was scored already.
       failed_reward: what failed and rejected trials are fed back as.
       plot: write `best_reward.png` (needs matplotlib) when the search ends.
@@ -278,6 +319,9 @@ class Search:
     parallel_trials: int = 1
     num_workers: int = 0
     hurdle_min_trials: int = 5
+    seeds: Sequence[Any] = ()
+    seed_encoder: Callable[[Any, Any], pg.DNA] | None = None
+    seed_mutations: int = 3
     dedupe: bool = True
     failed_reward: float = -1e30
     plot: bool = True
@@ -300,6 +344,15 @@ class Search:
         if spec.space_size == 1 or not spec.decision_points:
             raise ValueError(f"The search space has no choices to make: {self.space!r}.")
         self.spec = spec
+        encoder = self.seed_encoder or encode_candidate
+        seed_dnas = []
+        for value in self.seeds:
+            try:
+                seed_dnas.append(encoder(self.space, value))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"search.seeds: {value!r} is not a point of the space: {e}"
+                                 ) from e
+        self.seed_dnas = seed_dnas
 
     # --------------------------------------------------------------------------- bookkeeping
     def _header(self) -> dict:
@@ -308,6 +361,8 @@ class Search:
             "tournament_size": self.tournament_size, "parallel_trials": self.parallel_trials,
             "space_sha1": hashlib.sha1(pg.to_json_str(self.space).encode()).hexdigest(),
             "fitness": repr(self.fitness), "mutator": repr(self.mutator),
+            **({"seeds": [dna_value(d) for d in self.seed_dnas],
+                "seed_mutations": self.seed_mutations} if self.seed_dnas else {}),
         }
 
     def _check_header(self) -> None:
@@ -330,6 +385,10 @@ class Search:
             seed=self.seed)
         algo = evolution.regularized_evolution(mutator, self.population_size,
                                                self.tournament_size, seed=self.seed)
+        if self.seed_dnas:
+            init = SeededInit(seeds=self.seed_dnas, max_mutations=self.seed_mutations,
+                              seed=self.seed)
+            algo.rebind(population_init=(init, self.population_size), skip_notification=True)
         algo.setup(self.spec)
         return algo
 

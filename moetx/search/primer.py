@@ -293,6 +293,7 @@ def candidate_from_program(program: programs.BlockProgram | str,
     return BlockCandidate(**fields, ffn_output=regs[src])
 
 
+@gin.configurable("encode_block")
 def encode(space: BlockCandidate, candidate: BlockCandidate | programs.BlockProgram | str
            ) -> pg.DNA:
     """The DNA of `candidate` (a candidate, a program or its text) in `space`; ValueError when

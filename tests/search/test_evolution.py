@@ -244,5 +244,64 @@ def test_the_shipped_search_gin_files_build_their_search(name, tmp_path):
         assert isinstance(evolution.candidate_bindings(cand), list)
         if name != "toy":
             assert s.fitness.gin_files and s.num_workers == 2
+        if name == "primer_proxy":  # the population starts from T5.1.1's block
+            from moetx.lm import programs
+
+            (seed,) = s.seed_dnas
+            assert pg.materialize(s.space, seed).text() == programs.SEED_PROGRAM
     finally:
         gin.clear_config()
+
+
+@pytest.mark.parametrize("name", ["nos_baselines", "nos_transfer", "primer_transfer",
+                                  "primer_proxy_retrain"])
+def test_the_shipped_comparison_gin_files_parse(name, tmp_path):
+    """Each comparison under gin/search binds its arms, and every arm's bindings parse on top of
+    the base run (what `compare` does before training each arm)."""
+    import gin
+
+    from moetx.search import compare, fitness
+    from moetx.util import gin_files
+
+    gin.clear_config()
+    try:
+        gin_files.parse_files([f"search/{name}.gin"], [f"OUTPUT_DIR = '{tmp_path}'"])
+        cfg = {k: gin.query_parameter(f"compare.{k}") for k in ("gin_files", "arms", "bindings")}
+    finally:
+        gin.clear_config()
+    assert len(cfg["arms"]) >= 2
+    base = fitness.TrainingFitness(gin_files=cfg["gin_files"], bindings=tuple(cfg["bindings"]),
+                                   train_steps=1, compilation_cache=False)
+    try:
+        for arm, bindings in cfg["arms"].items():
+            base.parse(list(bindings), str(tmp_path / arm), 1)
+            assert base.planned_flops_per_step() > 0, arm
+    finally:
+        gin.clear_config()
+    assert callable(compare.compare)
+
+
+def test_a_seeded_initial_population_starts_from_the_seeds(tmp_path):
+    """With seeds, trial 0 is the seed and the rest of the initial population are its mutants
+    (1..seed_mutations decisions away); the seeds are part of the search's identity."""
+    seed = {"a": 0, "b": 0, "c": 0}
+    s = make_search(tmp_path, "seeded", seeds=[seed], seed_mutations=2, num_trials=12)
+    s.run()
+    records = evolution.trials(s.search_dir)
+    assert records[0]["dna"] == [0, 0, 0]
+    initial = [r["dna"] for r in records[1:s.population_size]]
+    distances = [sum(x != y for x, y in zip(d, [0, 0, 0])) for d in initial]
+    assert max(distances) <= 2 and sum(distances) > 0
+    random_init = make_search(tmp_path, "random", num_trials=12)
+    random_init.run()
+    far = [sum(x != 0 for x in r["dna"]) for r in evolution.trials(random_init.search_dir)[:6]]
+    assert max(far) == 3  # an unseeded population is not drawn near the seed
+    # deterministic, and a different seed list is another search
+    again = make_search(tmp_path, "seeded2", seeds=[seed], seed_mutations=2, num_trials=12)
+    again.run()
+    assert proposals(evolution.trials(again.search_dir)) == proposals(records)
+    with pytest.raises(ValueError, match="another search"):
+        make_search(tmp_path, "seeded", seeds=[{"a": 1, "b": 0, "c": 0}],
+                    seed_mutations=2).run()
+    with pytest.raises(ValueError, match="not a point of the space"):
+        make_search(tmp_path, "bad_seed", seeds=[{"a": 7, "b": 0, "c": 0}])
