@@ -23,6 +23,7 @@ LOWER = {
     "tasks": {"util", "datasets"},
     "lm": {"util", "nn", "moe", "trainer", "datasets"},
     "vision": {"util", "nn", "trainer", "datasets"},
+    "ranking": {"util", "nn", "trainer", "datasets"},
     "convert": {"util", "nn", "moe", "lm", "trainer", "datasets"},
 }
 _BELOW_EXPERIMENTS = set().union(*LOWER.values(), LOWER)

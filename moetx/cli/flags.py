@@ -119,12 +119,14 @@ def _one_line(e: BaseException) -> str:
 
 
 def register_tasks() -> None:
-    """Registers moetx's SeqIO tasks and mixtures (language and vision); reads no data."""
+    """Registers moetx's SeqIO tasks and mixtures (language, vision, ranking); reads no data."""
     from moetx import tasks
+    from moetx.ranking import tasks as ranking_tasks
     from moetx.vision import tasks as vision_tasks
 
     tasks.register_all()
     vision_tasks.register_default_tasks()
+    ranking_tasks.register_default_tasks()
 
 
 def run(main_fn: Callable[[argparse.Namespace], None], argv: Sequence[str] | None = None,

@@ -51,10 +51,12 @@ def register_tasks() -> None:
     global _registered
     if not _registered:
         from moetx import tasks
+        from moetx.ranking import tasks as ranking_tasks
         from moetx.vision import tasks as vision_tasks
 
         tasks.register_all()
         vision_tasks.register_default_tasks()
+        ranking_tasks.register_default_tasks()
         _registered = True
 
 
