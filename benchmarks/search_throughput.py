@@ -92,16 +92,19 @@ def breakdown(args, cache: bool) -> dict:
         trial_dir = os.path.join(root, "trials", f"{len(rows):05d}")
         before = compile_s["total"]
         t0 = time.perf_counter()
-        out = fit(cand, trial_dir, None)
+        try:
+            status = fit(cand, trial_dir, None).status
+        except FloatingPointError:  # a rule that diverges: the search records it as failed
+            status = "failed"
         wall = time.perf_counter() - t0
-        rates = [v for _, v in report.read_scalars(os.path.join(trial_dir, "train")).get(
-            "steps_per_sec", [])][1:]
-        trained = out.cost.get("steps", steps or 0)
-        training = trained / statistics.median(rates) if rates else float("nan")
+        logged = report.read_scalars(os.path.join(trial_dir, "train")).get("steps_per_sec", [])
+        rates = [v for _, v in logged][1:]
+        trained = logged[-1][0] if logged else 0  # the last step logged (where a NaN stopped it)
+        training = trained / statistics.median(rates) if rates else 0.0
         rows.append({"wall_s": wall, "compile_s": compile_s["total"] - before,
-                     "training_s": training, "status": out.status})
+                     "training_s": training, "status": status})
         print(f"[bench] cache={cache} trial {len(rows)}: {wall:.1f}s, compile "
-              f"{rows[-1]['compile_s']:.1f}s, training {training:.1f}s ({out.status})",
+              f"{rows[-1]['compile_s']:.1f}s, training {training:.1f}s ({status})",
               file=sys.stderr, flush=True)
     gin.clear_config()
     tot = {k: sum(r[k] for r in rows) for k in ("wall_s", "compile_s", "training_s")}
