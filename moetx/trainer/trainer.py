@@ -317,6 +317,7 @@ def run_training_loop(
     start = int(jax.device_get(state.step))
     t_window, s_window = time.perf_counter(), start
     t_start = t_window
+    previous_sums = None
     for step in range(start + 1, train_steps + 1):
         try:
             batch = next(batches)
@@ -324,6 +325,13 @@ def run_training_loop(
             raise ValueError(f"The training data ran out at step {step}; the train split is "
                              f"empty or too small for one batch.") from None
         state, sums = trainer.train_step(state, trainer.to_global(batch))
+        # At most two steps in flight: the host prepares step n+1's batch while step n runs,
+        # but never queues further ahead. An unbounded queue holds every queued batch in
+        # device memory, and on XLA:CPU with several devices, steps queued far ahead can
+        # starve the runtime's thread pool (seen as an all-reduce rendezvous timeout abort).
+        if previous_sums is not None:
+            jax.block_until_ready(previous_sums)
+        previous_sums = sums
         if step % log_every == 0 or step == train_steps:
             sums = dict(jax.device_get(sums))
             now = time.perf_counter()

@@ -33,8 +33,14 @@ def _train(model, steps: int, peak_lr: float) -> tuple[float, float]:
         model.input_shapes(BATCH, {"features": (N, F)}), seed=0)
     state = trainer.init_state()
     rng = np.random.RandomState(0)
+    previous = None
     for _ in range(steps):
-        state, _ = trainer.train_step(state, trainer.to_global(synthetic_slates(BATCH, rng)))
+        state, sums = trainer.train_step(state, trainer.to_global(synthetic_slates(BATCH, rng)))
+        # Two steps in flight at most, as `trainer.run_training_loop` keeps them (queued further
+        # ahead, XLA:CPU with 8 simulated devices can starve its thread pool and abort).
+        if previous is not None:
+            jax.block_until_ready(previous)
+        previous = sums
     test = synthetic_slates(256, np.random.RandomState(1))
     rank = jax.jit(lambda p, x, m: model.rank(p, x, m))
     slate = np.asarray(rank(state.params, test["features"], test["item_mask"] > 0))

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from moetx.trainer import trainer as trainer_lib
 from tests.conftest import make_trainer, packed_batch, tiny_model
 
 
@@ -173,3 +174,37 @@ def test_training_log_keeps_the_language_model_names_and_values():
                                rtol=1e-5)
     np.testing.assert_allclose(scalars["accuracy"], direct["correct"] / weight, rtol=1e-5)
     np.testing.assert_allclose(scalars["z_loss"], direct["z_loss_sum"] / weight, rtol=1e-5)
+
+
+def test_the_training_loop_keeps_at_most_two_steps_in_flight(monkeypatch):
+    """After dispatching step n, the loop waits for step n-1's results (never for step n's, so
+    the host still prepares a batch while a step runs; never further back, so the queue is
+    bounded)."""
+    import types
+
+    awaited, checked = [], []
+
+    class _Stop(Exception):
+        pass
+
+    class FakeTrainer:
+        model = None
+
+        def to_global(self, batch):
+            return batch
+
+        def train_step(self, state, batch):
+            return types.SimpleNamespace(step=state.step + 1), {"step": state.step + 1}
+
+    def on_step_end(step, state):
+        assert awaited == [{"step": s} for s in range(1, step)], (step, awaited)
+        checked.append(step)
+        if step == 5:
+            raise _Stop
+
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: awaited.append(x) or x)
+    with pytest.raises(_Stop):
+        trainer_lib.run_training_loop(
+            FakeTrainer(), types.SimpleNamespace(step=0), iter(lambda: {}, None), 100,
+            writer=None, log_every=1000, on_step_end=on_step_end)
+    assert checked == [1, 2, 3, 4, 5]
