@@ -25,7 +25,7 @@ import glob
 import math
 import os
 import shutil
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import gin
 
@@ -60,7 +60,7 @@ def register_tasks() -> None:
         _registered = True
 
 
-def _use_compilation_cache(path: str) -> None:
+def use_compilation_cache(path: str) -> None:
     import jax
 
     if jax.config.jax_compilation_cache_dir != path:
@@ -82,8 +82,9 @@ class TrainingFitness:
       train_steps: the budget in steps; or
       train_flops: the budget in training FLOPs (the model's `flops_per_step`).
       hurdle_fraction: the share of the budget trained before the hurdle (None: no hurdle).
-      metric: the eval metric to minimise, reward = -metric; None: `cross_ent_loss` when the
-        model reports it (language models: the loss without the z-loss), else `loss`.
+      metric: the eval metric of the reward; None: `cross_ent_loss` when the model reports it
+        (language models: the loss without the z-loss), else `loss`.
+      maximize: reward = metric (an accuracy); False: reward = -metric (a loss).
       keep_checkpoints: keep the trial's checkpoints.
       gin_search_paths: extra directories for gin files.
       compilation_cache: share compiled XLA programs between the trials and stages of a search
@@ -97,6 +98,7 @@ class TrainingFitness:
     train_flops: float | None = None
     hurdle_fraction: float | None = None
     metric: str | None = None
+    maximize: bool = False
     keep_checkpoints: bool = False
     gin_search_paths: Sequence[str] = ()
     compilation_cache: bool = True
@@ -146,11 +148,23 @@ class TrainingFitness:
                              f"({fps:.3g} FLOPs per step).")
         return steps, fps
 
-    def __call__(self, candidate: Any, trial_dir: str, hurdle: float | None) -> Outcome:
+    def register(self) -> None:
+        """Registers the tasks a trial may name, in the trial's own process."""
         register_tasks()
+
+    def reward(self, metrics: Mapping[str, float]) -> tuple[float, str]:
+        """(reward, name of the metric it comes from) of a run's eval metrics."""
+        metric = self.metric or ("cross_ent_loss" if "cross_ent_loss" in metrics else "loss")
+        if metric not in metrics:
+            raise ValueError(f"The run reported no eval metric {metric!r} (it has "
+                             f"{sorted(metrics)}); set an eval dataset.")
+        return (metrics[metric] if self.maximize else -metrics[metric]), metric
+
+    def __call__(self, candidate: Any, trial_dir: str, hurdle: float | None) -> Outcome:
+        self.register()
         os.makedirs(trial_dir, exist_ok=True)
         if self.compilation_cache:
-            _use_compilation_cache(os.path.join(os.path.dirname(os.path.dirname(
+            use_compilation_cache(os.path.join(os.path.dirname(os.path.dirname(
                 os.path.abspath(trial_dir))), "jax_cache"))
         steps, fps = self.budget(candidate, trial_dir)
         stages = [steps]
@@ -163,17 +177,12 @@ class TrainingFitness:
                 self._parse(candidate, trial_dir, stage_steps)
                 results = train_lib.train()
                 metrics = {key: float(v) for key, v in results.get("eval", {}).items()}
-                metric = self.metric or ("cross_ent_loss" if "cross_ent_loss" in metrics
-                                         else "loss")
-                if metric not in metrics:
-                    raise ValueError(f"The run reported no eval metric {metric!r} (it has "
-                                     f"{sorted(metrics)}); set an eval dataset.")
-                reward = -metrics[metric]
+                reward, metric = self.reward(metrics)
                 cost = {"steps": float(stage_steps), "flops": float(stage_steps * fps)}
                 with open(os.path.join(trial_dir, "config.gin"), "w") as f:
                     f.write(gin.config_str())
                 if not math.isfinite(reward):
-                    return Outcome(None, "failed", reason=f"eval {metric} is {-reward}",
+                    return Outcome(None, "failed", reason=f"eval {metric} is {metrics[metric]}",
                                    cost=cost, metrics=metrics)
                 if k < len(stages) - 1:
                     hurdle_reward = reward
