@@ -24,6 +24,7 @@ from moetx.trainer import (
     metrics as metrics_lib,
     optimizers,
     partitioning,
+    run_lock,
     trainer as trainer_lib,
 )
 
@@ -99,62 +100,69 @@ def train(
         if cfg is not None:
             check_data(model, cfg)
     checkpoints.check_writable(model_dir)
-    trainer = build_trainer(model, train_dataset_cfg, mesh_fn, rules_fn, optimizer_factory,
-                            num_microbatches, seed, ema_decay, ema_model_state)
-    ckpt = checkpoints.Checkpointer(model_dir, save_every, keep_checkpoints)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, trainer.abstract_state_with_shardings())
-        log(f"Restored checkpoint_{latest} from {model_dir}.")
-    else:
-        state, data_state = trainer.init_state(), {}
-        if init_from is not None:
-            state = init_from(trainer, state)
-    n_params = metrics_lib.count_params(state.params)
-    log(f"Model: {n_params:,} parameters; mesh {dict(trainer.mesh.shape)}; "
-         f"{jax.process_count()} process(es), {jax.device_count()} device(s).")
+    # One writer per MODEL_DIR: a second trainer on it stops here (see `run_lock`).
+    lock = run_lock.RunLock(model_dir, enabled=jax.process_index() == 0)
+    lock.acquire()
+    try:
+        trainer = build_trainer(model, train_dataset_cfg, mesh_fn, rules_fn, optimizer_factory,
+                                num_microbatches, seed, ema_decay, ema_model_state)
+        ckpt = checkpoints.Checkpointer(model_dir, save_every, keep_checkpoints)
+        latest = ckpt.latest_step()
+        if latest is not None:
+            state, data_state = ckpt.restore(latest, trainer.abstract_state_with_shardings())
+            log(f"Restored checkpoint_{latest} from {model_dir}.")
+        else:
+            state, data_state = trainer.init_state(), {}
+            if init_from is not None:
+                state = init_from(trainer, state)
+        n_params = metrics_lib.count_params(state.params)
+        log(f"Model: {n_params:,} parameters; mesh {dict(trainer.mesh.shape)}; "
+             f"{jax.process_count()} process(es), {jax.device_count()} device(s).")
 
-    batches, _ = make_batches(trainer, train_dataset_cfg,
-                              data_state.get("batches_consumed", 0), num_epochs=None)
-    count_per_batch = model.count_per_batch(trainer.input_shapes)
-    flops_per_step = model.flops_per_step(state.params, trainer.input_shapes)
-    peak = metrics_lib.measured_peak_flops_per_device() * jax.device_count()
+        batches, _ = make_batches(trainer, train_dataset_cfg,
+                                  data_state.get("batches_consumed", 0), num_epochs=None)
+        count_per_batch = model.count_per_batch(trainer.input_shapes)
+        flops_per_step = model.flops_per_step(state.params, trainer.input_shapes)
+        peak = metrics_lib.measured_peak_flops_per_device() * jax.device_count()
 
-    writer = metrics_lib.MetricWriter(os.path.join(model_dir, "train"), train_steps)
-    eval_writer = metrics_lib.MetricWriter(os.path.join(model_dir, "eval"), train_steps, "eval")
-    results: dict[str, Any] = {}
+        writer = metrics_lib.MetricWriter(os.path.join(model_dir, "train"), train_steps)
+        eval_writer = metrics_lib.MetricWriter(os.path.join(model_dir, "eval"), train_steps, "eval")
+        results: dict[str, Any] = {}
 
-    def run_eval(step: int, st, label: str) -> dict[str, float]:
-        params, model_state = trainer.eval_variables(st, eval_with_ema)
-        m = trainer.evaluate(params, evaluation_batches(trainer, eval_dataset_cfg), eval_steps,
-                             model_state=model_state)
-        eval_writer.write_scalars(step, m)
-        log(f"[eval] {label} step {step}: {model.headline(m)}")
-        return m
+        def run_eval(step: int, st, label: str) -> dict[str, float]:
+            params, model_state = trainer.eval_variables(st, eval_with_ema)
+            m = trainer.evaluate(params, evaluation_batches(trainer, eval_dataset_cfg), eval_steps,
+                                 model_state=model_state)
+            eval_writer.write_scalars(step, m)
+            log(f"[eval] {label} step {step}: {model.headline(m)}")
+            return m
 
-    start_step = int(jax.device_get(state.step))
-    if eval_dataset_cfg is not None and eval_at_start and start_step < train_steps:
-        results["eval_start"] = run_eval(start_step, state, "before training,")
+        start_step = int(jax.device_get(state.step))
+        if eval_dataset_cfg is not None and eval_at_start and start_step < train_steps:
+            results["eval_start"] = run_eval(start_step, state, "before training,")
 
-    def on_step_end(step: int, st) -> None:
-        if ckpt.should_save(step) or step == train_steps:
-            ckpt.save(step, st, batches.get_state())
-        if eval_dataset_cfg is not None and eval_every and step % eval_every == 0 \
-                and step != train_steps:
-            run_eval(step, st, "")
+        def on_step_end(step: int, st) -> None:
+            lock.heartbeat()
+            if ckpt.should_save(step) or step == train_steps:
+                ckpt.save(step, st, batches.get_state())
+            if eval_dataset_cfg is not None and eval_every and step % eval_every == 0 \
+                    and step != train_steps:
+                run_eval(step, st, "")
 
-    state = trainer_lib.run_training_loop(
-        trainer, state, batches, train_steps, writer, log_every, on_step_end, count_per_batch,
-        flops_per_step, peak)
-    if eval_dataset_cfg is not None:
-        results["eval"] = run_eval(train_steps, state, "after training,")
-    writer.close()
-    eval_writer.close()
-    ckpt.close()
-    results["step"] = train_steps
-    results["params"] = n_params
-    results["flops_per_step"] = flops_per_step
-    return results
+        state = trainer_lib.run_training_loop(
+            trainer, state, batches, train_steps, writer, log_every, on_step_end, count_per_batch,
+            flops_per_step, peak)
+        if eval_dataset_cfg is not None:
+            results["eval"] = run_eval(train_steps, state, "after training,")
+        writer.close()
+        eval_writer.close()
+        ckpt.close()
+        results["step"] = train_steps
+        results["params"] = n_params
+        results["flops_per_step"] = flops_per_step
+        return results
+    finally:
+        lock.release()
 
 
 def check_data(model, cfg: data.DatasetConfig) -> None:

@@ -81,6 +81,21 @@ class TestErrors:
         code, err = _run_train_inprocess(_train_args(blocker / "m"), capsys)
         assert code == 2 and "not writable" in _error_line(err)
 
+    def test_a_second_trainer_on_a_model_dir_in_use(self, tmp_path, capsys):
+        """A live holder (here the parent process, as a duplicate launch would see the first
+        trainer) makes the second trainer stop with one line naming it, writing nothing."""
+        import socket
+
+        md = tmp_path / "m"
+        md.mkdir()
+        lock = md / ".moetx_run.lock"
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(),
+                                    "start_time": 0.0, "argv": []}))
+        code, err = _run_train_inprocess(_train_args(md), capsys)
+        line = _error_line(err)
+        assert code == 2 and "in use by another trainer" in line and f"pid {os.getppid()}" in line
+        assert sorted(p.name for p in md.iterdir()) == [".moetx_run.lock"]
+
     @pytest.mark.parametrize("kind", ["empty", "missing"])
     def test_empty_or_missing_corpus_file(self, tmp_path, capsys, kind):
         path = tmp_path / "corpus.txt"
@@ -186,6 +201,9 @@ def test_killed_run_resumes_exactly(tmp_path):
     restart = _cli("train", _train_args(md, steps, "--gin.SAVE_EVERY=4"))
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert "Restored checkpoint_" in restart.stderr
+    # The killed run's lock (its pid is gone) is taken over, and released at the end.
+    assert "taking over the stale lock" in restart.stderr
+    assert not (md / ".moetx_run.lock").exists()
     resumed = train_losses(restart.stderr)
     assert resumed and min(resumed) > 4 and max(resumed) == steps
     for step, loss in resumed.items():
