@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import gin
 
 from moetx.datasets.registry import FetchError
+from moetx.trainer import preemption
 from moetx.util import gin_files
 
 GIN_DIR = gin_files.GIN_DIR
@@ -142,6 +143,8 @@ def run(main_fn: Callable[[argparse.Namespace], None], argv: Sequence[str] | Non
     except UserError as e:
         print(f"moetx: error: {e}", file=sys.stderr)
         return 2
+    except preemption.Preempted:
+        return preemption.PREEMPTED_EXIT_CODE
     except (ValueError, FileNotFoundError, FloatingPointError, FetchError) as e:
         if os.environ.get("MOETX_TRACEBACK"):
             raise

@@ -24,6 +24,7 @@ from moetx.trainer import (
     metrics as metrics_lib,
     optimizers,
     partitioning,
+    preemption,
     run_lock,
     trainer as trainer_lib,
 )
@@ -79,6 +80,7 @@ def train(
     ema_decay: float | None = None,
     ema_model_state: bool = True,
     eval_with_ema: bool = True,
+    preemption_check_every: int = 10,
 ) -> dict[str, Any]:
     """Trains `model` on `train_dataset_cfg` for `train_steps` steps in `model_dir`.
 
@@ -93,6 +95,10 @@ def train(
     `init_from` (e.g. `@moetx.convert.restore.InitFromCheckpoint()`) maps the Trainer and the
     fresh state to the state a new run starts from (another checkpoint's parameters, possibly
     upcycled); it is not used when MODEL_DIR already holds a checkpoint to resume.
+
+    SIGTERM or SIGINT during training saves a checkpoint of the step in progress and raises
+    `preemption.Preempted` (the command line exits with status 75); on several processes they
+    agree on the step every `preemption_check_every` steps.
     """
     if train_steps <= 0:
         raise ValueError(f"TRAIN_STEPS must be positive, got {train_steps}.")
@@ -104,6 +110,7 @@ def train(
     lock = run_lock.RunLock(model_dir, enabled=jax.process_index() == 0)
     lock.acquire()
     try:
+        watcher = preemption.PreemptionWatcher(preemption_check_every)
         trainer = build_trainer(model, train_dataset_cfg, mesh_fn, rules_fn, optimizer_factory,
                                 num_microbatches, seed, ema_decay, ema_model_state)
         ckpt = checkpoints.Checkpointer(model_dir, save_every, keep_checkpoints)
@@ -143,15 +150,26 @@ def train(
 
         def on_step_end(step: int, st) -> None:
             lock.heartbeat()
-            if ckpt.should_save(step) or step == train_steps:
+            stop = watcher.should_stop(step)
+            if stop or ckpt.should_save(step) or step == train_steps:
                 ckpt.save(step, st, batches.get_state())
+            if stop:
+                raise preemption.Preempted(step, watcher.signal_name)
             if eval_dataset_cfg is not None and eval_every and step % eval_every == 0 \
                     and step != train_steps:
                 run_eval(step, st, "")
 
-        state = trainer_lib.run_training_loop(
-            trainer, state, batches, train_steps, writer, log_every, on_step_end, count_per_batch,
-            flops_per_step, peak)
+        try:
+            with watcher:
+                state = trainer_lib.run_training_loop(
+                    trainer, state, batches, train_steps, writer, log_every, on_step_end,
+                    count_per_batch, flops_per_step, peak)
+        except preemption.Preempted as e:
+            writer.close()
+            eval_writer.close()
+            ckpt.close()
+            log(f"Preempted: {e}")
+            raise
         if eval_dataset_cfg is not None:
             results["eval"] = run_eval(train_steps, state, "after training,")
         writer.close()

@@ -177,12 +177,22 @@ def test_train_checkpoint_eval_infer_end_to_end(tmp_path):
     assert len(scores) == 2 and all(s < 0 for s in scores)
 
 
-def test_killed_run_resumes_exactly(tmp_path):
-    steps = 12
-    ref = _cli("train", _train_args(tmp_path / "ref", steps, "--gin.SAVE_EVERY=4"))
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tmp_path_factory):
+    """{step: loss} of an uninterrupted 12-step run."""
+    ref = _cli("train", _train_args(tmp_path_factory.mktemp("ref") / "ref", STEPS,
+                                    "--gin.SAVE_EVERY=4"))
     assert ref.returncode == 0, ref.stderr[-3000:]
-    ref_losses = train_losses(ref.stderr)
-    assert len(ref_losses) == steps
+    losses = train_losses(ref.stderr)
+    assert len(losses) == STEPS
+    return losses
+
+
+def test_killed_run_resumes_exactly(tmp_path, reference_losses):
+    steps, ref_losses = STEPS, reference_losses
 
     # Start a long run and SIGKILL it as soon as its first checkpoint is complete.
     md = tmp_path / "killed"
@@ -208,6 +218,39 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert resumed and min(resumed) > 4 and max(resumed) == steps
     for step, loss in resumed.items():
         assert loss == ref_losses[step], (step, loss, ref_losses[step])
+
+
+def test_sigterm_saves_the_step_in_progress_and_the_run_resumes_exactly(tmp_path,
+                                                                       reference_losses):
+    """A preemption notice (SIGTERM) mid-run: the trainer finishes its step, saves it (no
+    periodic save is due), exits with status 75, and the same command continues the curve."""
+    md = tmp_path / "preempted"
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moetx.cli.train",
+         *_train_args(md, 100000, "--gin.SAVE_EVERY=100000")],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if re.search(r"\[train\] step [2-9]/", line):
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=300)[1]
+    err = "".join(seen) + rest
+    assert proc.returncode == 75, err[-3000:]
+    saved = sorted(p.name for p in md.glob("checkpoint_*"))
+    assert len(saved) == 1, saved
+    stopped = int(saved[0].split("_")[1])
+    assert 2 <= stopped < STEPS and f"after step {stopped}" in err, err[-2000:]
+    assert not (md / ".moetx_run.lock").exists()
+    restart = _cli("train", _train_args(md, STEPS, "--gin.SAVE_EVERY=4"))
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    resumed = train_losses(restart.stderr)
+    assert min(resumed) == stopped + 1 and max(resumed) == STEPS
+    for step, loss in resumed.items():
+        assert loss == reference_losses[step], (step, loss, reference_losses[step])
 
 
 def test_encoder_decoder_span_corruption_end_to_end(tmp_path):
