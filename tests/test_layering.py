@@ -25,6 +25,7 @@ LOWER = {
     "vision": {"util", "nn", "trainer", "datasets"},
     "ranking": {"util", "nn", "trainer", "datasets"},
     "convert": {"util", "nn", "moe", "lm", "trainer", "datasets"},
+    "rl": set(),
 }
 _BELOW_EXPERIMENTS = set().union(*LOWER.values(), LOWER)
 LOWER["pipelines"] = set(_BELOW_EXPERIMENTS)
