@@ -6,6 +6,14 @@
 * Orbax writes each checkpoint into a temporary directory and renames it when complete, so a
   run killed mid-save leaves the previous checkpoint as the latest valid one.
 
+Integrity: after a checkpoint is complete, `MANIFEST` (`checkpoint_<step>/moetx_manifest.json`)
+is written last, listing every file of the checkpoint with its size and CRC-32. `verify`
+checks a checkpoint against it. On resume, `Checkpointer.latest_intact_step` takes the newest
+checkpoint that verifies; one that does not (a truncated or overwritten array file, deleted
+metadata, an empty directory) is renamed `checkpoint_<step>.corrupt-<time>` (never deleted) with
+a one-line warning, and the next newest is tried. A checkpoint without a manifest (written
+before manifests, or by another tool) is accepted as unverified when it has its `state` folder.
+
 `resolve_checkpoint` and `state_dir` are the one place that knows how checkpoints sit in a model
 directory. `restore_for_model` is the one way to load a checkpoint for evaluation or prediction:
 "restore these parameters (and model state) for this model on this mesh", with no optimizer and
@@ -14,9 +22,13 @@ no Trainer.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sys
 import tempfile
+import time
+import zlib
 from typing import Any, Mapping
 
 import flax.serialization
@@ -71,6 +83,34 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def latest_intact_step(self) -> int | None:
+        """The newest checkpoint that passes `verify`; the ones above it that fail are moved
+        aside (`move_aside`) with a warning. Only process 0 moves; the others wait for it."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        moved = False
+        found = None
+        for step in steps:
+            problem = verify(self.directory, step)
+            if problem is None:
+                found = step
+                break
+            if jax.process_index() == 0:
+                where = move_aside(self.directory, step)
+                print(f"moetx: warning: checkpoint_{step} is damaged ({problem}); moved to "
+                      f"{os.path.basename(where)}, trying the one before.", file=sys.stderr,
+                      flush=True)
+            moved = True
+        if moved:
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("moetx_checkpoint_move_aside")
+            self._manager.reload()
+            if found is None and steps:
+                raise ValueError(f"No intact checkpoint in {self.directory}: every one failed "
+                                 f"its check and was moved aside (checkpoint_*.corrupt-*).")
+        return found
+
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
@@ -84,6 +124,8 @@ class Checkpointer:
             state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
             dataset=ocp.args.JsonSave(data_state)))
         self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            write_manifest(self.directory, step)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores `step` into the structure, dtypes and shardings of `abstract_state`
@@ -114,6 +156,106 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+MANIFEST = "moetx_manifest.json"
+_CHUNK = 1 << 22
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _checkpoint_files(ckpt_dir: str) -> dict[str, str]:
+    """{relative path: absolute path} of every file of a checkpoint but its manifest."""
+    out = {}
+    for root, _, files in os.walk(ckpt_dir):
+        for name in files:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, ckpt_dir)
+            if rel != MANIFEST and not rel.startswith(MANIFEST + "."):
+                out[rel] = full
+    return out
+
+
+def write_manifest(directory: str, step: int) -> str:
+    """Writes `checkpoint_<step>/moetx_manifest.json` ({file: [size, crc32]}), atomically."""
+    ckpt_dir = os.path.join(os.path.abspath(directory), f"checkpoint_{step}")
+    files = {rel: [os.path.getsize(full), _crc32(full)]
+             for rel, full in sorted(_checkpoint_files(ckpt_dir).items())}
+    path = os.path.join(ckpt_dir, MANIFEST)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"format": 1, "step": step, "files": files}, f)
+    os.replace(tmp, path)
+    return path
+
+
+def verify(directory: str, step: int, checksums: bool = True) -> str | None:
+    """None when `checkpoint_<step>` of `directory` is intact, else what is wrong (one line):
+    a file of its manifest missing, of another size or (with `checksums`) another CRC-32; or,
+    without a manifest, no `state` folder."""
+    ckpt_dir = os.path.join(os.path.abspath(directory), f"checkpoint_{step}")
+    path = os.path.join(ckpt_dir, MANIFEST)
+    if not os.path.exists(path):
+        if not os.path.isdir(os.path.join(ckpt_dir, "state")) or not os.listdir(
+                os.path.join(ckpt_dir, "state")):
+            return "no manifest and no train state"
+        return None
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable manifest ({type(e).__name__})"
+    for rel, (size, crc) in files.items():
+        full = os.path.join(ckpt_dir, rel)
+        if not os.path.isfile(full):
+            return f"{rel} is missing"
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full):,} bytes, {size:,} were written"
+        if checksums and _crc32(full) != crc:
+            return f"{rel} has changed since it was written (CRC-32 mismatch)"
+    return None
+
+
+def move_aside(directory: str, step: int) -> str:
+    """Renames `checkpoint_<step>` to `checkpoint_<step>.corrupt-<UTC time>`; returns the new
+    path."""
+    src = os.path.join(os.path.abspath(directory), f"checkpoint_{step}")
+    dst = f"{src}.corrupt-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    n = 1
+    while os.path.exists(dst):
+        dst = f"{dst.split('~')[0]}~{n}"
+        n += 1
+    os.rename(src, dst)
+    return dst
+
+
+def check_all(directory: str, checksums: bool = True) -> list[tuple[str, str]]:
+    """[(checkpoint directory name, state)] of every checkpoint in `directory`, newest first;
+    state is 'intact', 'unverified (no manifest)', 'damaged: <why>' or, for the ones moved
+    aside earlier, 'moved aside'."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"Model directory {directory!r} does not exist.")
+    rows = []
+    for name in os.listdir(directory):
+        m = re.fullmatch(r"checkpoint_(\d+)(\.corrupt-.*)?", name)
+        if not m or not os.path.isdir(os.path.join(directory, name)):
+            continue
+        step = int(m.group(1))
+        if m.group(2):
+            rows.append((step, 1, name, "moved aside"))
+            continue
+        problem = verify(directory, step, checksums)
+        has_manifest = os.path.exists(os.path.join(directory, name, MANIFEST))
+        state = ("intact" if has_manifest else "unverified (no manifest)") if problem is None \
+            else f"damaged: {problem}"
+        rows.append((step, 0, name, state))
+    return [(name, state) for _, _, name, state in sorted(rows, reverse=True)]
 
 
 def latest_step(directory: str) -> int | None:

@@ -114,7 +114,7 @@ def train(
         trainer = build_trainer(model, train_dataset_cfg, mesh_fn, rules_fn, optimizer_factory,
                                 num_microbatches, seed, ema_decay, ema_model_state)
         ckpt = checkpoints.Checkpointer(model_dir, save_every, keep_checkpoints)
-        latest = ckpt.latest_step()
+        latest = ckpt.latest_intact_step()
         if latest is not None:
             state, data_state = ckpt.restore(latest, trainer.abstract_state_with_shardings())
             log(f"Restored checkpoint_{latest} from {model_dir}.")
