@@ -19,6 +19,7 @@ import difflib
 import os
 import re
 import sys
+import tokenize
 from typing import Callable, Sequence
 
 import gin
@@ -31,7 +32,8 @@ GIN_DIR = gin_files.GIN_DIR
 
 
 # What gin raises for bad files and bindings (its parser reports syntax errors as SyntaxError).
-_GIN_ERRORS = (ValueError, KeyError, SyntaxError, ImportError, TypeError)
+_GIN_ERRORS = (ValueError, KeyError, SyntaxError, ImportError, TypeError, tokenize.TokenError)
+_NUMBER_TYPES = (int, float)
 
 
 # Modules whose gin configurables every command knows without an `import` in the gin files.
@@ -103,15 +105,47 @@ def parse_gin(args: argparse.Namespace, module_imports: Sequence[str] = ()) -> N
             close = difflib.get_close_matches(name, sorted(defined_macros), n=1)
             hint = f" Did you mean --gin.{close[0]}?" if close else ""
             raise UserError(f"--gin.{name}: no such gin macro in the given gin files.{hint}")
+        before = _macro_value(name)
         try:
             gin.parse_config(f"{name} = {value}")
         except _GIN_ERRORS as e:
             raise UserError(f"bad binding --gin.{name}={value}: {_one_line(e)}") from None
+        _check_same_kind(name, value, before, _macro_value(name))
     missing = sorted(n for n in gin_files.macro_names() if gin_files.is_required(n))
     if missing:
         raise UserError("missing required gin binding(s): " + ", ".join(missing)
                         + " (set them with " + " ".join(f"--gin.{n}=..." for n in missing) + ").")
     gin.finalize()
+
+
+def _macro_value(name: str):
+    """The parsed value of macro `name`, or None when it is not a plain macro."""
+    if "." in name or "/" in name:
+        return None
+    try:
+        return gin.query_parameter(f"%{name}")
+    except (ValueError, KeyError):
+        return None
+
+
+def _kind(value) -> str | None:
+    """'number', 'bool' or 'str' for values whose kind a command-line override must keep."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, _NUMBER_TYPES):
+        return "number"
+    if isinstance(value, str):
+        return "str"
+    return None
+
+
+def _check_same_kind(name: str, text: str, before, after) -> None:
+    """A macro the gin files set to a number, a bool or a string must stay one: `--gin.
+    BATCH_SIZE='eight'` is refused here rather than failing deep inside the run."""
+    was, now = _kind(before), _kind(after)
+    if was and now and was != now:
+        raise UserError(f"bad binding --gin.{name}={text}: {name} is a {was} in the rest of "
+                        f"the configuration ({before!r}), this makes it a {now}.")
 
 
 def _one_line(e: BaseException) -> str:

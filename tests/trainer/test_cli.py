@@ -81,6 +81,16 @@ class TestErrors:
         code, err = _run_train_inprocess(_train_args(blocker / "m"), capsys)
         assert code == 2 and "not writable" in _error_line(err)
 
+    @pytest.mark.parametrize("binding, expected", [
+        ("--gin.BATCH_SIZE=(8", "bad binding --gin.BATCH_SIZE=(8"),
+        ("--gin.BATCH_SIZE='eight'", "BATCH_SIZE is a number in the rest of the configuration "
+                                     "(8), this makes it a str"),
+    ])
+    def test_bad_gin_values_are_one_line(self, tmp_path, capsys, binding, expected):
+        code, err = _run_train_inprocess([*_train_args(tmp_path / "m"), binding], capsys)
+        assert code == 2 and expected in _error_line(err)
+        assert not (tmp_path / "m").exists()
+
     def test_a_second_trainer_on_a_model_dir_in_use(self, tmp_path, capsys):
         """A live holder (here the parent process, as a duplicate launch would see the first
         trainer) makes the second trainer stop with one line naming it, writing nothing."""
