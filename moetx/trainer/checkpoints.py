@@ -14,6 +14,9 @@ metadata, an empty directory) is renamed `checkpoint_<step>.corrupt-<time>` (nev
 a one-line warning, and the next newest is tried. A checkpoint without a manifest (written
 before manifests, or by another tool) is accepted as unverified when it has its `state` folder.
 
+`resolve_checkpoint` (which evaluation, inference, conversion and the restore hook go through)
+refuses a checkpoint that fails its manifest's size check with one line.
+
 `resolve_checkpoint` and `state_dir` are the one place that knows how checkpoints sit in a model
 directory. `restore_for_model` is the one way to load a checkpoint for evaluation or prediction:
 "restore these parameters (and model state) for this model on this mesh", with no optimizer and
@@ -285,6 +288,7 @@ def resolve_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
             raise ValueError(f"{path} is checkpoint {m.group(1)}, but step {step} was asked for.")
         if not os.path.isdir(os.path.join(path, "state")):
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no 'state' folder).")
+        _refuse_damaged(os.path.dirname(path), int(m.group(1)))
         return os.path.dirname(path), int(m.group(1))
     if step is None:
         step = latest_step(path)
@@ -294,7 +298,17 @@ def resolve_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
                                     "directory.")
     if not os.path.isdir(state_dir(path, step)):
         raise FileNotFoundError(f"{state_dir(path, step)} does not exist.")
+    _refuse_damaged(path, step)
     return path, step
+
+
+def _refuse_damaged(model_dir: str, step: int) -> None:
+    """Raises ValueError when checkpoint `step` fails its manifest's size check (the fast part
+    of `verify`; a resumed run also checks the CRC-32s)."""
+    problem = verify(model_dir, step, checksums=False)
+    if problem is not None:
+        raise ValueError(f"checkpoint_{step} in {model_dir} is damaged ({problem}); "
+                         f"`moetx-check-checkpoint {model_dir}` lists the intact ones.")
 
 
 def state_dir(model_dir: str, step: int) -> str:

@@ -112,3 +112,15 @@ def test_the_check_command_reports_each_checkpoint(tmp_path, capsys):
     assert check_checkpoint.main([d, "--size-only"]) == 0  # same size: only checksums see it
     capsys.readouterr()
     assert check_checkpoint.main([str(tmp_path / "nope")]) == 2
+
+
+def test_eval_infer_and_convert_refuse_a_damaged_checkpoint(tmp_path):
+    """They find checkpoints through resolve_checkpoint, which checks the manifest's sizes."""
+    d = _run_dir(tmp_path)
+    assert checkpoints.resolve_checkpoint(d) == (d, 8)
+    _damage(_largest_file(os.path.join(d, "checkpoint_8")), "truncate")
+    with pytest.raises(ValueError, match="checkpoint_8 .* is damaged .*moetx-check-checkpoint"):
+        checkpoints.resolve_checkpoint(d)
+    with pytest.raises(ValueError, match="is damaged"):
+        checkpoints.resolve_checkpoint(os.path.join(d, "checkpoint_8"))
+    assert checkpoints.resolve_checkpoint(d, 4) == (d, 4)
