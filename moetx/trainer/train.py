@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import gin
 import jax
+import jax.numpy as jnp
 
 from moetx.trainer import (
     checkpoints,
@@ -35,11 +36,13 @@ def build_trainer(model, dataset_cfg: data.DatasetConfig,
                   rules_fn: Callable = partitioning.standard_logical_axis_rules,
                   optimizer_factory: Callable = optimizers.make_optimizer,
                   num_microbatches: int = 1, seed: int = 0, ema_decay: float | None = None,
-                  ema_model_state: bool = True) -> trainer_lib.Trainer:
+                  ema_model_state: bool = True, skip_nonfinite_updates: bool = False
+                  ) -> trainer_lib.Trainer:
     shapes = model.input_shapes(dataset_cfg.batch_size, dict(dataset_cfg.task_feature_lengths))
     return trainer_lib.Trainer(model, optimizer_factory, mesh_fn(), rules_fn(), shapes,
                                num_microbatches=num_microbatches, seed=seed,
-                               ema_decay=ema_decay, ema_model_state=ema_model_state)
+                               ema_decay=ema_decay, ema_model_state=ema_model_state,
+                               skip_nonfinite_updates=skip_nonfinite_updates)
 
 
 def make_batches(trainer: trainer_lib.Trainer, cfg: data.DatasetConfig, batches_consumed: int,
@@ -81,6 +84,8 @@ def train(
     ema_model_state: bool = True,
     eval_with_ema: bool = True,
     preemption_check_every: int = 10,
+    divergence_policy: str = "stop",
+    max_consecutive_skips: int = 10,
 ) -> dict[str, Any]:
     """Trains `model` on `train_dataset_cfg` for `train_steps` steps in `model_dir`.
 
@@ -99,7 +104,15 @@ def train(
     SIGTERM or SIGINT during training saves a checkpoint of the step in progress and raises
     `preemption.Preempted` (the command line exits with status 75); on several processes they
     agree on the step every `preemption_check_every` steps.
+
+    `divergence_policy`: 'stop' (a non-finite loss ends the run with an error) or 'skip' (an
+    update whose loss or gradient is not finite is dropped and counted; the run stops after
+    `max_consecutive_skips` in a row). Either way a checkpoint with non-finite parameters is
+    never written.
     """
+    if divergence_policy not in ("stop", "skip"):
+        raise ValueError(f"divergence_policy must be 'stop' or 'skip', got "
+                         f"{divergence_policy!r}.")
     if train_steps <= 0:
         raise ValueError(f"TRAIN_STEPS must be positive, got {train_steps}.")
     for cfg in (train_dataset_cfg, eval_dataset_cfg):
@@ -112,7 +125,8 @@ def train(
     try:
         watcher = preemption.PreemptionWatcher(preemption_check_every)
         trainer = build_trainer(model, train_dataset_cfg, mesh_fn, rules_fn, optimizer_factory,
-                                num_microbatches, seed, ema_decay, ema_model_state)
+                                num_microbatches, seed, ema_decay, ema_model_state,
+                                skip_nonfinite_updates=divergence_policy == "skip")
         ckpt = checkpoints.Checkpointer(model_dir, save_every, keep_checkpoints)
         latest = ckpt.latest_intact_step()
         if latest is not None:
@@ -152,6 +166,11 @@ def train(
             lock.heartbeat()
             stop = watcher.should_stop(step)
             if stop or ckpt.should_save(step) or step == train_steps:
+                if not bool(jax.device_get(all_finite(st.params))):
+                    raise FloatingPointError(
+                        f"The parameters are not finite at step {step}; no checkpoint written "
+                        f"(the last one is intact). Lower the learning rate, or set "
+                        f"train.divergence_policy = 'skip'.")
                 ckpt.save(step, st, batches.get_state())
             if stop:
                 raise preemption.Preempted(step, watcher.signal_name)
@@ -163,7 +182,7 @@ def train(
             with watcher:
                 state = trainer_lib.run_training_loop(
                     trainer, state, batches, train_steps, writer, log_every, on_step_end,
-                    count_per_batch, flops_per_step, peak)
+                    count_per_batch, flops_per_step, peak, max_consecutive_skips)
         except preemption.Preempted as e:
             writer.close()
             eval_writer.close()
@@ -181,6 +200,14 @@ def train(
         return results
     finally:
         lock.release()
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """Whether every floating-point leaf of `tree` is finite (one boolean)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def check_data(model, cfg: data.DatasetConfig) -> None:

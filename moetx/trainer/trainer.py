@@ -34,7 +34,7 @@ from moetx.trainer import model as model_lib
 Array = jax.Array
 
 # Scalars the train step adds to the model's metric sums.
-TRAINER_METRICS = ("learning_rate", "grad_norm")
+TRAINER_METRICS = ("learning_rate", "grad_norm", "skipped_update")
 
 
 @flax.struct.dataclass
@@ -69,7 +69,8 @@ class Trainer:
     def __init__(self, model, optimizer_factory: Callable[..., optimizers.Optimizer],
                  mesh: Mesh, rules, input_shapes: Mapping[str, tuple[int, ...]],
                  num_microbatches: int = 1, seed: int = 0, ema_decay: float | None = None,
-                 ema_model_state: bool = True, ema_warmup: bool = True):
+                 ema_model_state: bool = True, ema_warmup: bool = True,
+                 skip_nonfinite_updates: bool = False):
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (or None to disable), got {ema_decay}.")
         model_lib.check_model(model)
@@ -78,6 +79,9 @@ class Trainer:
         self.ema_decay = ema_decay
         self.ema_model_state = ema_model_state
         self.ema_warmup = ema_warmup
+        # Drop an update whose loss or gradient is not finite (the step still counts and its
+        # batch is consumed); the step's `skipped_update` metric is 1 then.
+        self.skip_nonfinite_updates = skip_nonfinite_updates
         self.mesh = mesh
         self.rules = tuple(rules)
         self.input_shapes = dict(input_shapes)
@@ -222,6 +226,18 @@ class Trainer:
                 ema = ema_update(ema, {"params": params, "model_state": model_state
                                        if self.ema_model_state else {}},
                                  self.ema_decay_at(state.step))
+            if self.skip_nonfinite_updates:
+                finite = jnp.isfinite(sums["grad_norm"])
+                for leaf in jax.tree_util.tree_leaves(sums):
+                    if jnp.issubdtype(leaf.dtype, jnp.floating):
+                        finite &= jnp.all(jnp.isfinite(leaf))
+
+                def keep(new, old):
+                    return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+                params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+                model_state, ema = keep(model_state, state.model_state), keep(ema, state.ema)
+                sums["skipped_update"] = 1.0 - finite.astype(jnp.float32)
             return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                               model_state=model_state, ema=ema), sums
 
@@ -304,6 +320,7 @@ def run_training_loop(
     count_per_batch: int = 0,
     flops_per_step: float = 0.0,
     peak_flops: float = 0.0,
+    max_consecutive_skips: int = 10,
 ) -> TrainState:
     """Steps from `state.step` to `train_steps`, logging every `log_every` steps (fetching
     metrics from the devices only then) and calling `on_step_end(step, state)` after each.
@@ -312,12 +329,18 @@ def run_training_loop(
     which is logged as the rate `<count_unit>_per_sec` when `count_per_batch` is given), `loss`
     (the model's `loss_metric`, which must be finite), the learning rate, the gradient norm,
     steps per second and, with `flops_per_step` and `peak_flops`, the MFU.
+
+    With `trainer.skip_nonfinite_updates`, a non-finite loss does not stop the run: updates
+    with a non-finite loss or gradient are dropped and counted (`skipped_updates`, the total so
+    far), and the run stops after `max_consecutive_skips` of them in a row.
     """
     model = trainer.model
     start = int(jax.device_get(state.step))
     t_window, s_window = time.perf_counter(), start
     t_start = t_window
     previous_sums = None
+    skipping = getattr(trainer, "skip_nonfinite_updates", False)
+    skipped_total = skipped_in_a_row = 0
     for step in range(start + 1, train_steps + 1):
         try:
             batch = next(batches)
@@ -331,13 +354,27 @@ def run_training_loop(
         # starve the runtime's thread pool (seen as an all-reduce rendezvous timeout abort).
         if previous_sums is not None:
             jax.block_until_ready(previous_sums)
+            if skipping:
+                if float(jax.device_get(previous_sums["skipped_update"])):
+                    skipped_total += 1
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row >= max_consecutive_skips:
+                        raise FloatingPointError(
+                            f"{skipped_in_a_row} updates in a row (to step {step - 1}) had a "
+                            f"non-finite loss or gradient and were skipped; lower the learning "
+                            f"rate or check the data.")
+                else:
+                    skipped_in_a_row = 0
         previous_sums = sums
         if step % log_every == 0 or step == train_steps:
             sums = dict(jax.device_get(sums))
             now = time.perf_counter()
             dt = now - t_window
             steps = step - s_window
-            own = {k: float(sums.pop(k)) for k in TRAINER_METRICS}
+            own = {k: float(sums.pop(k)) for k in TRAINER_METRICS if k in sums}
+            if skipping:
+                own.pop("skipped_update", None)
+                own["skipped_updates"] = float(skipped_total)
             scalars = model.summarize_metrics(
                 model_lib.reduce_metrics(model, sums, trainer.num_microbatches))
             scalars.pop(model.count_unit, None)  # logged as a rate below
@@ -345,7 +382,8 @@ def run_training_loop(
                 raise ValueError(f"{type(model).__name__}.summarize_metrics returned "
                                  f"{sorted(scalars)}, without its loss_metric "
                                  f"{model.loss_metric!r}.")
-            check_finite(step, scalars[model.loss_metric])
+            if not skipping:
+                check_finite(step, scalars[model.loss_metric])
             scalars["loss"] = scalars[model.loss_metric]
             scalars.update(own)
             scalars["steps_per_sec"] = steps / dt

@@ -208,3 +208,49 @@ def test_the_training_loop_keeps_at_most_two_steps_in_flight(monkeypatch):
             FakeTrainer(), types.SimpleNamespace(step=0), iter(lambda: {}, None), 100,
             writer=None, log_every=1000, on_step_end=on_step_end)
     assert checked == [1, 2, 3, 4, 5]
+
+
+def _poisoned(batch):
+    bad = dict(batch)
+    bad["decoder_loss_weights"] = batch["decoder_loss_weights"].copy()
+    bad["decoder_loss_weights"][0, 0] = np.nan
+    return bad
+
+
+def test_the_skip_policy_drops_a_non_finite_update_and_counts_it():
+    trainer = make_trainer(tiny_model(), skip_nonfinite_updates=True)
+    state = trainer.init_state()
+    before = jax.device_get(state.params)
+    good = packed_batch(8, 32)
+    state, sums = trainer.train_step(state, trainer.to_global(_poisoned(good)))
+    assert float(sums["skipped_update"]) == 1.0 and int(state.step) == 1
+    same = jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), before,
+                                  jax.device_get(state.params))
+    assert all(jax.tree_util.tree_leaves(same))
+    state, sums = trainer.train_step(state, trainer.to_global(good))
+    assert float(sums["skipped_update"]) == 0.0 and np.isfinite(float(sums["grad_norm"]))
+    moved = jax.tree_util.tree_map(lambda a, b: bool((a != b).any()), before,
+                                   jax.device_get(state.params))
+    assert any(jax.tree_util.tree_leaves(moved))
+
+
+def test_the_skip_policy_stops_after_too_many_skips_in_a_row():
+    from moetx.trainer import metrics as metrics_lib
+
+    trainer = make_trainer(tiny_model(), skip_nonfinite_updates=True)
+    bad = _poisoned(packed_batch(8, 32))
+    with pytest.raises(FloatingPointError, match="3 updates in a row"):
+        trainer_lib.run_training_loop(trainer, trainer.init_state(), iter([bad] * 10), 10,
+                                      metrics_lib.MetricWriter(None, 10), log_every=100,
+                                      max_consecutive_skips=3)
+
+
+def test_all_finite_guards_checkpoint_writes():
+    """train() saves only when this is True for the parameters."""
+    import jax.numpy as jnp
+
+    from moetx.trainer import train as train_lib
+
+    assert bool(train_lib.all_finite({"a": jnp.ones(3), "n": jnp.arange(3)}))
+    assert not bool(train_lib.all_finite({"a": jnp.ones(3), "b": jnp.array([1.0, jnp.inf])}))
+    assert not bool(train_lib.all_finite({"a": jnp.array([jnp.nan], jnp.bfloat16)}))
