@@ -252,7 +252,7 @@ def _tiny_search(search_dir: str, cache_from: str | None = None) -> list[dict]:
     return evolution.trials(search_dir)
 
 
-def test_a_search_of_training_runs_runs_end_to_end_and_is_deterministic(tmp_path):
+def test_a_search_of_training_runs_runs_end_to_end_is_deterministic_and_resumes(tmp_path):
     first = _tiny_search(str(tmp_path / "a"))
     assert [r["id"] for r in first] == [0, 1, 2]
     assert first[0]["text"] == "dense=mul(g, one); conv=mul(g, one)"
@@ -273,3 +273,13 @@ def test_a_search_of_training_runs_runs_end_to_end_and_is_deterministic(tmp_path
     second = _tiny_search(str(tmp_path / "b"), cache_from=str(tmp_path / "a"))
     keys = ("dna", "text", "status", "reward", "hurdle_reward", "fingerprint", "reason")
     assert [{k: r[k] for k in keys} for r in first] == [{k: r[k] for k in keys} for r in second]
+    # Killed during its last trial (the log cut after two trials, with a torn line), then the
+    # same command again: only the last trial runs, and the search is the same.
+    log = os.path.join(tmp_path, "b", evolution.TRIAL_LOG)
+    lines = open(log).read().splitlines(keepends=True)
+    with open(log, "w") as f:
+        f.writelines(lines[:2])
+        f.write('{"id": 2, "dna": [')
+    resumed = _tiny_search(str(tmp_path / "b"))
+    assert [{k: r[k] for k in keys} for r in resumed] == [{k: r[k] for k in keys} for r in first]
+    assert [r["time"] for r in resumed[:2]] == [r["time"] for r in second[:2]]
