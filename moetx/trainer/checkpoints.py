@@ -205,8 +205,7 @@ def verify(directory: str, step: int, checksums: bool = True) -> str | None:
     ckpt_dir = os.path.join(os.path.abspath(directory), f"checkpoint_{step}")
     path = os.path.join(ckpt_dir, MANIFEST)
     if not os.path.exists(path):
-        if not os.path.isdir(os.path.join(ckpt_dir, "state")) or not os.listdir(
-                os.path.join(ckpt_dir, "state")):
+        if not os.path.isdir(os.path.join(ckpt_dir, "state")):
             return "no manifest and no train state"
         return None
     try:
