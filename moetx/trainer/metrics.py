@@ -98,6 +98,8 @@ class MetricWriter:
         for key, fmt in (("mfu", "MFU {:.1%}"), ("learning_rate", "lr {:.2e}")):
             if key in scalars:
                 parts.append(fmt.format(scalars[key]))
+        if scalars.get("skipped_updates"):
+            parts.append(f"skipped {scalars['skipped_updates']:,.0f}")
         parts.append(f"ETA {format_duration(eta_seconds)}")
         print(" | ".join(parts), file=sys.stderr, flush=True)
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from moetx.trainer import (
     checkpoints,
     data,
+    divergence,
     metrics as metrics_lib,
     optimizers,
     partitioning,
@@ -86,6 +87,10 @@ def train(
     preemption_check_every: int = 10,
     divergence_policy: str = "stop",
     max_consecutive_skips: int = 10,
+    spike_factor: float | None = None,
+    spike_window: int = 100,
+    rewind_skip_batches: int = 200,
+    max_rewinds: int = 3,
 ) -> dict[str, Any]:
     """Trains `model` on `train_dataset_cfg` for `train_steps` steps in `model_dir`.
 
@@ -105,14 +110,17 @@ def train(
     `preemption.Preempted` (the command line exits with status 75); on several processes they
     agree on the step every `preemption_check_every` steps.
 
-    `divergence_policy`: 'stop' (a non-finite loss ends the run with an error) or 'skip' (an
-    update whose loss or gradient is not finite is dropped and counted; the run stops after
-    `max_consecutive_skips` in a row). Either way a checkpoint with non-finite parameters is
-    never written.
+    `divergence_policy` (see `moetx.trainer.divergence`): 'stop' (a non-finite loss ends the
+    run with an error), 'skip' (an update whose loss or gradient is not finite is dropped and
+    counted; the run stops after `max_consecutive_skips` in a row) or 'rewind' (a non-finite
+    loss or gradient sends the run back to the newest intact checkpoint before it, and the run
+    goes on with the data after the bad step, skipping `rewind_skip_batches` more batches; at
+    most `max_rewinds` times). With `spike_factor`, a loss above `spike_factor` times the mean
+    of the last `spike_window` losses counts as divergence too ('stop' or 'rewind' only). A
+    checkpoint with non-finite parameters is never written.
     """
-    if divergence_policy not in ("stop", "skip"):
-        raise ValueError(f"divergence_policy must be 'stop' or 'skip', got "
-                         f"{divergence_policy!r}.")
+    divergence.check_policy(divergence_policy, spike_factor, spike_window, rewind_skip_batches,
+                            max_rewinds)
     if train_steps <= 0:
         raise ValueError(f"TRAIN_STEPS must be positive, got {train_steps}.")
     for cfg in (train_dataset_cfg, eval_dataset_cfg):
@@ -167,6 +175,8 @@ def train(
             stop = watcher.should_stop(step)
             if stop or ckpt.should_save(step) or step == train_steps:
                 if not bool(jax.device_get(all_finite(st.params))):
+                    if divergence_policy == "rewind":
+                        raise divergence.Diverged(step, "the parameters are not finite")
                     raise FloatingPointError(
                         f"The parameters are not finite at step {step}; no checkpoint written "
                         f"(the last one is intact). Lower the learning rate, or set "
@@ -178,11 +188,32 @@ def train(
                     and step != train_steps:
                 run_eval(step, st, "")
 
+        monitor = None
+        if divergence_policy == "rewind" or spike_factor is not None:
+            monitor = divergence.Monitor(spike_factor, spike_window)
+        rewinds = 0
         try:
-            with watcher:
-                state = trainer_lib.run_training_loop(
-                    trainer, state, batches, train_steps, writer, log_every, on_step_end,
-                    count_per_batch, flops_per_step, peak, max_consecutive_skips)
+            while True:
+                try:
+                    with watcher:
+                        state = trainer_lib.run_training_loop(
+                            trainer, state, batches, train_steps, writer, log_every,
+                            on_step_end, count_per_batch, flops_per_step, peak,
+                            max_consecutive_skips, monitor and monitor.observe)
+                    break
+                except divergence.Diverged as e:
+                    if divergence_policy != "rewind":
+                        raise FloatingPointError(
+                            f"The run diverged at {e}. Lower the learning rate, check the data, "
+                            f"or set train.divergence_policy = 'rewind'.") from None
+                    if rewinds == max_rewinds:
+                        raise FloatingPointError(
+                            f"The run diverged at {e}, after {rewinds} rewinds already "
+                            f"(train.max_rewinds); lower the learning rate or check the data."
+                            ) from None
+                    rewinds += 1
+                    state = rewind(trainer, ckpt, batches, e, rewind_skip_batches, writer)
+                    monitor.forget_after(int(jax.device_get(state.step)))
         except preemption.Preempted as e:
             writer.close()
             eval_writer.close()
@@ -197,9 +228,31 @@ def train(
         results["step"] = train_steps
         results["params"] = n_params
         results["flops_per_step"] = flops_per_step
+        results["rewinds"] = rewinds
         return results
     finally:
         lock.release()
+
+
+def rewind(trainer: trainer_lib.Trainer, ckpt: checkpoints.Checkpointer,
+           batches: data.DataIterator, diverged: divergence.Diverged, skip_batches: int,
+           writer: metrics_lib.MetricWriter) -> trainer_lib.TrainState:
+    """The state of the newest intact checkpoint before `diverged.step` (later ones are moved
+    aside), with `skip_batches` batches of `batches` dropped; the data position stays where the
+    diverged run had taken it, so the batches since that checkpoint are not replayed."""
+    target = ckpt.latest_intact_step_before(diverged.step)
+    if target is None:
+        raise FloatingPointError(
+            f"The run diverged at {diverged} and there is no checkpoint before it to rewind to; "
+            f"save more often (train.save_every) or lower the learning rate.")
+    state, _ = ckpt.restore(target, trainer.abstract_state_with_shardings())
+    for _ in range(skip_batches):
+        next(batches)
+    log(f"moetx: warning: diverged at {diverged}; rewound to checkpoint_{target} and skipped "
+        f"the {skip_batches} batches after the ones already read (now at batch "
+        f"{batches.get_state()['batches_consumed']}).")
+    writer.write_scalars(target, {"rewound_from_step": float(diverged.step)})
+    return state
 
 
 @jax.jit

@@ -321,6 +321,7 @@ def run_training_loop(
     flops_per_step: float = 0.0,
     peak_flops: float = 0.0,
     max_consecutive_skips: int = 10,
+    observe: Callable[[int, float, float], None] | None = None,
 ) -> TrainState:
     """Steps from `state.step` to `train_steps`, logging every `log_every` steps (fetching
     metrics from the devices only then) and calling `on_step_end(step, state)` after each.
@@ -333,6 +334,10 @@ def run_training_loop(
     With `trainer.skip_nonfinite_updates`, a non-finite loss does not stop the run: updates
     with a non-finite loss or gradient are dropped and counted (`skipped_updates`, the total so
     far), and the run stops after `max_consecutive_skips` of them in a row.
+
+    `observe(step, loss, grad_norm)`, when given, sees every step's loss and gradient norm in
+    order (a step's values are fetched while the next step runs, and the last one at the end);
+    it may raise to end the loop (see `moetx.trainer.divergence`).
     """
     model = trainer.model
     start = int(jax.device_get(state.step))
@@ -341,6 +346,7 @@ def run_training_loop(
     previous_sums = None
     skipping = getattr(trainer, "skip_nonfinite_updates", False)
     skipped_total = skipped_in_a_row = 0
+    observed = start  # the last step `observe` has seen
     for step in range(start + 1, train_steps + 1):
         try:
             batch = next(batches)
@@ -354,6 +360,9 @@ def run_training_loop(
         # starve the runtime's thread pool (seen as an all-reduce rendezvous timeout abort).
         if previous_sums is not None:
             jax.block_until_ready(previous_sums)
+            if observe is not None and observed < step - 1:
+                observe(step - 1, *_loss_and_grad_norm(trainer, previous_sums))
+                observed = step - 1
             if skipping:
                 if float(jax.device_get(previous_sums["skipped_update"])):
                     skipped_total += 1
@@ -367,6 +376,9 @@ def run_training_loop(
                     skipped_in_a_row = 0
         previous_sums = sums
         if step % log_every == 0 or step == train_steps:
+            if observe is not None:
+                observe(step, *_loss_and_grad_norm(trainer, sums))
+                observed = step
             sums = dict(jax.device_get(sums))
             now = time.perf_counter()
             dt = now - t_window
@@ -382,7 +394,7 @@ def run_training_loop(
                 raise ValueError(f"{type(model).__name__}.summarize_metrics returned "
                                  f"{sorted(scalars)}, without its loss_metric "
                                  f"{model.loss_metric!r}.")
-            if not skipping:
+            if not skipping and observe is None:
                 check_finite(step, scalars[model.loss_metric])
             scalars["loss"] = scalars[model.loss_metric]
             scalars.update(own)
@@ -397,4 +409,18 @@ def run_training_loop(
             t_window, s_window = now, step
         if on_step_end is not None:
             on_step_end(step, state)
+    if observe is not None and previous_sums is not None and observed < train_steps:
+        observe(train_steps, *_loss_and_grad_norm(trainer, previous_sums))
     return state
+
+
+def _loss_and_grad_norm(trainer: Trainer, sums: Mapping[str, Array]) -> tuple[float, float]:
+    """One step's loss (the model's `loss_metric`) and gradient norm, on the host."""
+    model = trainer.model
+    sums = dict(jax.device_get(sums))
+    grad_norm = float(sums.get("grad_norm", 0.0))
+    for k in TRAINER_METRICS:
+        sums.pop(k, None)
+    scalars = model.summarize_metrics(
+        model_lib.reduce_metrics(model, sums, trainer.num_microbatches))
+    return float(scalars[model.loss_metric]), grad_norm
