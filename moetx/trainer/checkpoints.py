@@ -17,6 +17,12 @@ before manifests, or by another tool) is accepted as unverified when it has its 
 `resolve_checkpoint` (which evaluation, inference, conversion and the restore hook go through)
 refuses a checkpoint that fails its manifest's size check with one line.
 
+Resources: a save that fails because the disk is full or the directory cannot be written
+removes its partial (temporary) directory and raises `CheckpointWriteError`, one line, with the
+earlier checkpoints untouched; before each save, a disk with less free space than twice the last
+checkpoint's size gets a one-time warning. A run that rewinds (`moetx.trainer.divergence`)
+moves the checkpoints after its target aside as `checkpoint_<step>.rewound-<time>`.
+
 `resolve_checkpoint` and `state_dir` are the one place that knows how checkpoints sit in a model
 directory. `restore_for_model` is the one way to load a checkpoint for evaluation or prediction:
 "restore these parameters (and model state) for this model on this mesh", with no optimizer and
@@ -25,9 +31,13 @@ no Trainer.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -45,6 +55,50 @@ from moetx.trainer import model as model_lib, partitioning
 
 class CheckpointDirError(ValueError):
     """The model directory cannot hold checkpoints."""
+
+
+class CheckpointWriteError(ValueError):
+    """A checkpoint could not be written (disk full, directory not writable)."""
+
+
+# What a failed write says, in TensorStore's and the OS's words, and how moetx says it.
+_WRITE_FAILURES = (
+    (errno.ENOSPC, "No space left on device", "the disk is full"),
+    (errno.EDQUOT, "Disk quota exceeded", "the disk quota is exceeded"),
+    (errno.EROFS, "Read-only file system", "the file system is read-only"),
+    (errno.EACCES, "Permission denied", "permission denied"),
+)
+
+
+def write_failure(e: BaseException) -> str | None:
+    """What stopped a checkpoint write, when `e` is a disk-full or permission error (as an
+    OSError or as the text of the error Orbax/TensorStore raise), else None."""
+    for code, text, why in _WRITE_FAILURES:
+        if (isinstance(e, OSError) and e.errno == code) or text in str(e) \
+                or f"os_error_code='{code}'" in str(e):
+            return why
+    return None
+
+
+def remove_partial(directory: str, step: int) -> bool:
+    """Removes what an interrupted save of `step` left (Orbax's temporary directory); returns
+    whether there was any. A complete `checkpoint_<step>` is never touched."""
+    removed = False
+    for name in os.listdir(directory):
+        if name.startswith(f"checkpoint_{step}.orbax-checkpoint-tmp"):
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+            removed = True
+    return removed
+
+
+def checkpoint_size(directory: str, step: int) -> int:
+    """The bytes of `checkpoint_<step>` (from its manifest when it has one)."""
+    ckpt_dir = os.path.join(os.path.abspath(directory), f"checkpoint_{step}")
+    try:
+        with open(os.path.join(ckpt_dir, MANIFEST)) as f:
+            return sum(size for size, _ in json.load(f)["files"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return sum(os.path.getsize(p) for p in _checkpoint_files(ckpt_dir).values())
 
 
 def check_writable(directory: str) -> None:
@@ -78,6 +132,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=1, step_prefix="checkpoint", create=True,
             enable_async_checkpointing=False)
+        self._warned_space = False
         self._manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -121,14 +176,78 @@ class Checkpointer:
         return step % self.save_interval_steps == 0
 
     def save(self, step: int, state: Any, data_state: dict) -> None:
+        """Writes `checkpoint_<step>` (then its manifest). When the disk is full or the
+        directory cannot be written, removes the partial checkpoint and raises
+        `CheckpointWriteError` (one line); the previous checkpoints are untouched. Warns first
+        when the free space is less than twice the last checkpoint's size."""
         if step in self._manager.all_steps():
             return
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
-            dataset=ocp.args.JsonSave(data_state)))
-        self._manager.wait_until_finished()
         if jax.process_index() == 0:
-            write_manifest(self.directory, step)
+            self._warn_if_short_of_space()
+        # Orbax logs a failed write with a traceback from its writer thread before raising; the
+        # error raised here says it in one line instead.
+        try:
+            with _quiet_orbax(logging.CRITICAL):
+                self._manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+                    dataset=ocp.args.JsonSave(data_state)))
+                self._manager.wait_until_finished()
+        except Exception as e:  # Orbax and TensorStore report OS errors as several types.
+            why = write_failure(e)
+            if why is None:
+                raise
+            removed = remove_partial(self.directory, step)
+            previous = [s for s in self._manager.all_steps() if s != step]
+            kept = (f"checkpoint_{max(previous)} (the newest before it) is intact" if previous
+                    else "there is no earlier checkpoint")
+            raise CheckpointWriteError(
+                f"Could not write checkpoint_{step} in {self.directory}: {why}. "
+                f"{'The partial checkpoint was removed; ' if removed else ''}{kept}. Free space "
+                f"(or fix the directory), then run the same command again to resume.") from None
+        if jax.process_index() == 0:
+            try:
+                write_manifest(self.directory, step)
+            except OSError as e:
+                raise CheckpointWriteError(
+                    f"checkpoint_{step} in {self.directory} was written but its manifest could "
+                    f"not be: {write_failure(e) or e.strerror or e}. It will be used unverified; "
+                    f"free space, then run the same command again to resume.") from None
+
+    def _warn_if_short_of_space(self) -> None:
+        """One warning per run when the disk has less free space than two checkpoints."""
+        if self._warned_space:
+            return
+        previous = self._manager.all_steps()
+        if not previous:
+            return
+        size = checkpoint_size(self.directory, max(previous))
+        free = shutil.disk_usage(self.directory).free
+        if size and free < 2 * size:
+            self._warned_space = True
+            print(f"moetx: warning: {free / 2**20:,.1f} MiB free in {self.directory}, and the "
+                  f"last checkpoint took {size / 2**20:,.1f} MiB: the next saves may fail. Free "
+                  f"space or lower train.keep_checkpoints.", file=sys.stderr, flush=True)
+
+    def set_aside_after(self, step: int) -> list[str]:
+        """Moves the checkpoints after `step` aside (`checkpoint_<s>.rewound-<time>`), e.g.
+        when a run goes back to `step`; returns their new paths. Process 0 moves, the others
+        wait for it."""
+        moved = []
+        for s in sorted(self._manager.all_steps()):
+            if s > step and jax.process_index() == 0:
+                moved.append(move_aside(self.directory, s, "rewound"))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("moetx_checkpoint_set_aside")
+        self._manager.reload()
+        return moved
+
+    def latest_intact_step_before(self, step: int) -> int | None:
+        """The newest intact checkpoint with a step below `step` (damaged ones are moved aside,
+        as by `latest_intact_step`)."""
+        self.set_aside_after(step - 1)
+        return self.latest_intact_step()
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores `step` into the structure, dtypes and shardings of `abstract_state`
@@ -142,10 +261,16 @@ class Checkpointer:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(target), dataset=ocp.args.JsonRestore()))
         except Exception as e:  # Orbax raises several types for mismatched trees/shapes.
-            raise ValueError(
-                f"Could not restore checkpoint_{step} in {self.directory}: {e}. The checkpoint "
-                f"does not match the configured model/optimizer; use another MODEL_DIR or the "
-                f"same gin config it was written with.") from e
+            saved = _saved_tree(state_dir(self.directory, step))
+            difference = describe_difference(saved, target) if saved is not None else None
+            if difference:
+                raise ValueError(
+                    f"checkpoint_{step} in {self.directory} was written by another model or "
+                    f"optimizer: {difference}. Use another MODEL_DIR, or the gin config it was "
+                    f"written with.") from e
+            first = str(e).strip().split(". ")[0].splitlines()[0] if str(e).strip() else ""
+            raise ValueError(f"Could not restore checkpoint_{step} in {self.directory} "
+                             f"({type(e).__name__}: {first}).") from e
         state = flax.serialization.from_state_dict(
             abstract_state, {**restored["state"], **{k: {} for k in absent}})
         return state, dict(restored["dataset"] or {})
@@ -192,9 +317,14 @@ def write_manifest(directory: str, step: int) -> str:
              for rel, full in sorted(_checkpoint_files(ckpt_dir).items())}
     path = os.path.join(ckpt_dir, MANIFEST)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"format": 1, "step": step, "files": files}, f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"format": 1, "step": step, "files": files}, f)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return path
 
 
@@ -224,11 +354,11 @@ def verify(directory: str, step: int, checksums: bool = True) -> str | None:
     return None
 
 
-def move_aside(directory: str, step: int) -> str:
-    """Renames `checkpoint_<step>` to `checkpoint_<step>.corrupt-<UTC time>`; returns the new
+def move_aside(directory: str, step: int, why: str = "corrupt") -> str:
+    """Renames `checkpoint_<step>` to `checkpoint_<step>.<why>-<UTC time>`; returns the new
     path."""
     src = os.path.join(os.path.abspath(directory), f"checkpoint_{step}")
-    dst = f"{src}.corrupt-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    dst = f"{src}.{why}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
     n = 1
     while os.path.exists(dst):
         dst = f"{dst.split('~')[0]}~{n}"
@@ -245,7 +375,7 @@ def check_all(directory: str, checksums: bool = True) -> list[tuple[str, str]]:
         raise FileNotFoundError(f"Model directory {directory!r} does not exist.")
     rows = []
     for name in os.listdir(directory):
-        m = re.fullmatch(r"checkpoint_(\d+)(\.corrupt-.*)?", name)
+        m = re.fullmatch(r"checkpoint_(\d+)(\.(?:corrupt|rewound)-.*)?", name)
         if not m or not os.path.isdir(os.path.join(directory, name)):
             continue
         step = int(m.group(1))
@@ -423,11 +553,52 @@ def restore_for_model(model: Any, checkpoint: str, *, mesh: Mesh,
             step)
 
 
+def describe_difference(saved: Any, target: Any) -> str | None:
+    """How the array tree `saved` (checkpoint metadata) differs from `target` (abstract
+    arrays), in a few words: the first differing leaf and the number of differences, or None
+    when their paths and shapes agree."""
+    def leaves(tree):
+        return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p):
+                tuple(getattr(x, "shape", ()) or ())
+                for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    def order(paths):  # parameters first: they name the model's difference best
+        return sorted(paths, key=lambda p: (not p.startswith("params/"), p))
+
+    have, want = leaves(saved), leaves(target)
+    problems = []
+    for path in order(want.keys() - have.keys()):
+        problems.append(f"{path} is not in the checkpoint")
+    for path in order(have.keys() - want.keys()):
+        problems.append(f"the checkpoint has {path}, the configured model does not")
+    for path in order(want.keys() & have.keys()):
+        if want[path] != have[path]:
+            problems.append(f"{path} has shape {have[path]} in the checkpoint, "
+                            f"{want[path]} in the configured model")
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
+    return problems[0] + more
+
+
 def _saved_tree(path: str) -> Mapping[str, Any] | None:
     """The saved tree structure (array metadata at the leaves) of an Orbax state directory, or
     None when it cannot be read (restore then reports the real problem)."""
     try:
-        tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+        with _quiet_orbax(logging.ERROR):  # it warns that checkpoints of managers lack a file
+            tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
     except Exception:  # Unreadable metadata.
         return None
     return tree if isinstance(tree, Mapping) else None
+
+
+@contextlib.contextmanager
+def _quiet_orbax(level: int):
+    """Raises the level of the `absl` logger (which Orbax logs through) for a block."""
+    logger = logging.getLogger("absl")
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

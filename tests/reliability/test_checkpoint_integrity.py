@@ -124,3 +124,34 @@ def test_eval_infer_and_convert_refuse_a_damaged_checkpoint(tmp_path):
     with pytest.raises(ValueError, match="is damaged"):
         checkpoints.resolve_checkpoint(os.path.join(d, "checkpoint_8"))
     assert checkpoints.resolve_checkpoint(d, 4) == (d, 4)
+
+
+def test_a_checkpoint_of_another_model_names_the_first_difference(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from moetx.trainer import checkpoints
+
+    ckpt = checkpoints.Checkpointer(str(tmp_path), 1)
+    ckpt.save(1, {"step": jnp.asarray(1), "params": {"dense": {"kernel": jnp.ones((4, 8))},
+                                                     "norm": {"scale": jnp.ones(4)}}}, {})
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def abstract(shape, extra=False):
+        params = {"dense": {"kernel": jax.ShapeDtypeStruct(shape, jnp.float32,
+                                                           sharding=sharding)},
+                  "norm": {"scale": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=sharding)}}
+        if extra:
+            params["head"] = {"kernel": jax.ShapeDtypeStruct((8,), jnp.float32,
+                                                             sharding=sharding)}
+        return {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding),
+                "params": params}
+
+    with pytest.raises(ValueError) as e:
+        ckpt.restore(1, abstract((4, 16)))
+    assert str(e.value).startswith(f"checkpoint_1 in {tmp_path} was written by another model")
+    assert "params/dense/kernel has shape (4, 8) in the checkpoint, (4, 16) in the configured " \
+           "model." in str(e.value)
+    assert "strict" not in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="params/head/kernel is not in the checkpoint"):
+        ckpt.restore(1, abstract((4, 8), extra=True))
