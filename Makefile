@@ -7,7 +7,7 @@ MODEL_DIR ?= runs/demo$(if $(filter moe,$(MODEL)),,_$(MODEL))
 DEMO_STEPS ?= 400
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: install data demo demo-vision test bench clean
+.PHONY: install data demo demo-vision test test-all bench clean
 
 install: $(STAMP)
 
@@ -65,8 +65,13 @@ demo-vision: data
 	$(PY) -m moetx.cli.train --gin_file=vision/fashion_mnist.gin \
 	  --gin.MODEL_DIR="'$(VISION_DIR)'" --gin.TRAIN_STEPS=$(VISION_STEPS) --gin.LOG_EVERY=100
 
+# `make test` skips the few tests marked slow (learning curves, repeated fault injection);
+# `make test-all` runs them too. The 25 slowest tests are listed at the end.
 test: data
-	$(PY) -m pytest -q -p no:warnings
+	$(PY) -m pytest -q -p no:warnings -m "not slow" --durations=25
+
+test-all: data
+	$(PY) -m pytest -q -p no:warnings --durations=25
 
 bench: install
 	$(PY) benchmarks/train_throughput.py
