@@ -53,6 +53,14 @@ def check_feature_lengths(task_feature_lengths: Mapping[str, Any]) -> None:
                 f"token and EOS). Increase TASK_FEATURE_LENGTHS['{k}'].")
 
 
+def _vocab_size(feature: Any) -> int | None:
+    """The number of ids of a token feature's vocabulary (None for pass-through features)."""
+    vocab = getattr(feature, "vocabulary", None)
+    if vocab is None or isinstance(vocab, seqio.PassThroughVocabulary):
+        return None
+    return int(vocab.vocab_size)
+
+
 @dataclasses.dataclass
 class BaseTransformerModel(BaseModel):
     """Loss, metrics and scoring shared by the decoder-only and encoder-decoder wrappers.
@@ -74,6 +82,16 @@ class BaseTransformerModel(BaseModel):
     loss_metric = "cross_ent_loss"
 
     def __post_init__(self):
+        name = type(self).__name__
+        if isinstance(self.z_loss, bool) or not isinstance(self.z_loss, (int, float)) \
+                or not 0.0 <= self.z_loss < math.inf:
+            raise ValueError(f"{name}.z_loss must be a number >= 0 (T5X: 1e-4), got "
+                             f"{self.z_loss!r}.")
+        if isinstance(self.label_smoothing, bool) \
+                or not isinstance(self.label_smoothing, (int, float)) \
+                or not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"{name}.label_smoothing must be in [0, 1), got "
+                             f"{self.label_smoothing!r}.")
         self.loss_normalization = losses.parse_loss_normalizing_factor(
             self.loss_normalizing_factor)
 
@@ -129,8 +147,9 @@ class BaseTransformerModel(BaseModel):
 
     def check_task(self, task: Any, task_feature_lengths: Mapping[str, Any] | None = None
                    ) -> None:
-        """The task's target vocabulary must fit the embedding; with `task_feature_lengths`,
-        every text feature of the task needs a length of at least 2."""
+        """Every vocabulary of the task (targets, and inputs for prefix LMs and encoders) must
+        fit the embedding; with `task_feature_lengths`, every text feature of the task needs a
+        length of at least 2."""
         features = getattr(task, "output_features", {})
         if task_feature_lengths is not None:
             check_feature_lengths(task_feature_lengths)
@@ -140,13 +159,14 @@ class BaseTransformerModel(BaseModel):
                 raise ValueError(
                     f"Task {getattr(task, 'name', task)!r} has features {sorted(features)} but "
                     f"task_feature_lengths is missing {sorted(missing)}.")
-        if "targets" not in features:
-            return
-        vocab = features["targets"].vocabulary
-        if vocab.vocab_size > self.config.vocab_size:
-            raise ValueError(
-                f"The task's vocabulary has {vocab.vocab_size} ids but the model's embedding only "
-                f"{self.config.vocab_size}; raise TransformerConfig.vocab_size.")
+        for key, feature in features.items():
+            size = _vocab_size(feature)
+            if size is not None and size > self.config.vocab_size:
+                raise ValueError(
+                    f"Task {getattr(task, 'name', task)!r}: its {key!r} vocabulary has {size} "
+                    f"ids but the model's embedding only {self.config.vocab_size}; raise "
+                    f"TransformerConfig.vocab_size to at least {size}, or give the task the "
+                    f"model's vocabulary.")
 
     def _apply(self, variables, batch: Batch, enable_dropout: bool, rngs, mutable):
         """The module's teacher-forced forward pass (subclasses)."""

@@ -26,6 +26,7 @@ block program (the language of the Primer-style search); its parameters are name
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Sequence
 
 import flax.linen as nn
@@ -112,6 +113,12 @@ class TransformerConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
+                     "num_encoder_layers", "num_decoder_layers",
+                     "relative_attention_num_buckets", "relative_attention_max_distance"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ValueError(f"TransformerConfig.{name} must be an int, got {value!r}.")
+        for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
                      "num_decoder_layers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TransformerConfig.{name} must be positive, got "
@@ -127,8 +134,13 @@ class TransformerConfig:
             raise ValueError(f"norm_type must be 'rms' or 'primer', got {self.norm_type!r}.")
         if self.position_embedding == "rope" and self.head_dim % 2:
             raise ValueError(f"Rotary embeddings need an even head_dim, got {self.head_dim}.")
+        if isinstance(self.mlp_activations, str):
+            raise ValueError(f"TransformerConfig.mlp_activations must be a tuple of activation "
+                             f"names, e.g. ('{self.mlp_activations}',) (note the comma), got the "
+                             f"string {self.mlp_activations!r}.")
         for act in self.mlp_activations:
             layers.get_activation(act)
+        _check_dtype(self.dtype)
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
         if self.decoder_program is not None:
             programs.check_config(self)
@@ -140,6 +152,28 @@ class TransformerConfig:
     @property
     def rope(self) -> float:
         return self.rope_theta if self.position_embedding == "rope" else 0.0
+
+
+def _is_int(value) -> bool:
+    """An int (Python's or NumPy's), not a bool or a float."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_dtype(dtype: str) -> None:
+    """The activation dtype must name a floating-point dtype ('float32', 'bfloat16', ...)."""
+    try:
+        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"TransformerConfig.dtype (ACTIVATION_DTYPE) must be a floating-point "
+                         f"dtype such as 'float32' or 'bfloat16', got {dtype!r}.")
 
 
 def _attention(cfg: TransformerConfig, name: str, causal: bool, is_cross: bool = False):

@@ -21,6 +21,9 @@ both.
 Your own text files (one example per line) become a task with `register_text_files_task`, or
 from gin with `MIXTURE_OR_TASK_NAME = @moetx.tasks.text_files_task()` and bindings such as
 `moetx.tasks.text_files_task.name = 'my_lm'` and `...train_files = ['/data/train.txt']`.
+Each line is read up to `max_line_bytes` (1 MiB; the rest of a longer line is skipped) and bytes
+that are not UTF-8 become U+FFFD; registration says so once, with the counts, in a
+`moetx: warning:` line, and refuses files with no UTF-8 line at all.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ if "tensorflow" not in sys.modules:
 
 import gin  # noqa: E402
 import seqio  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
-from moetx.datasets import corpora, paths, vocab  # noqa: E402
+from moetx.datasets import corpora, paths, textfiles, vocab  # noqa: E402
 # Gin knows the vocabulary as `moetx.tasks.get_vocabulary`; Python finds it under that name too.
 from moetx.datasets.vocab import VocabularyError, get_vocabulary  # noqa: E402
 from moetx.tasks import pretraining  # noqa: E402
@@ -50,6 +54,7 @@ __all__ = [
     "C4_TFDS_NAME",
     "OBJECTIVES",
     "BundledCorpusSource",
+    "TextFilesSource",
     "VocabularyError",
     "get_vocabulary",
     "register_all",
@@ -162,6 +167,61 @@ def _has_text(path: str, block: int = 1 << 16) -> bool:
     return False
 
 
+class TextFilesSource(seqio.FileDataSource):
+    """Users' text files, one example per line, each line read with a bound: at most
+    `max_line_bytes` of it (the rest of a longer line is skipped), bytes that are not UTF-8
+    replaced by U+FFFD (see `moetx.datasets.textfiles`). Files shard and shuffle as with
+    `seqio.TextLineDataSource`."""
+
+    def __init__(self, split_to_files: dict[str, list[str]],
+                 max_line_bytes: int = textfiles.MAX_LINE_BYTES):
+        textfiles.check_max_line_bytes(max_line_bytes)
+        self.max_line_bytes = max_line_bytes
+
+        def read_file_fn(path: tf.Tensor) -> tf.data.Dataset:
+            return tf.data.Dataset.from_generator(
+                lambda p: textfiles.read_lines(p.decode(), max_line_bytes), args=(path,),
+                output_signature=tf.TensorSpec([], tf.string))
+
+        super().__init__(read_file_fn=read_file_fn, split_to_filepattern=split_to_files)
+
+    def list_shards(self, split: str) -> Sequence[str]:
+        if split not in self.splits:
+            raise ValueError(
+                f"These text files have splits {list(self.splits)}, not {split!r}. Fix: ask "
+                f"for one of those (e.g. EVAL_SPLIT), or pass validation_files.")
+        return super().list_shards(split)
+
+
+# Text files already reported (path, size, mtime, max_line_bytes): gin builds a task once per
+# reference, and the warning is said once.
+_REPORTED: set[tuple] = set()
+
+
+def _check_text_content(name: str, files: Sequence[str], max_line_bytes: int) -> None:
+    """Warns once (one `moetx: warning:` line with the counts) about lines that are not UTF-8
+    or longer than `max_line_bytes` in `files`; raises ValueError when no line is text."""
+    key = tuple((f, os.path.getsize(f), os.path.getmtime(f), max_line_bytes) for f in files)
+    if key in _REPORTED:
+        return
+    stats = textfiles.scan_files(files, max_line_bytes)
+    if stats.bad_lines and not stats.text_lines and stats.scanned_all:
+        raise ValueError(
+            f"Task {name!r}: no line of {_file_list(files)} is valid UTF-8 text "
+            f"({stats.bad_lines:,} lines, {stats.bytes:,} bytes); is it a binary file? Fix: "
+            f"point the task at UTF-8 text with one example per line.")
+    _REPORTED.add(key)
+    problem = textfiles.describe(stats, max_line_bytes)
+    if problem:
+        print(f"moetx: warning: task {name!r} ({_file_list(files)}): {problem}.",
+              file=sys.stderr, flush=True)
+
+
+def _file_list(files: Sequence[str]) -> str:
+    shown = ", ".join(files[:3])
+    return shown + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
+
+
 @gin.configurable(module="moetx.tasks")
 def register_text_files_task(
     name: str,
@@ -169,8 +229,13 @@ def register_text_files_task(
     validation_files: str | Sequence[str] | None = None,
     vocabulary_path: str | None = None,
     objective: str = "causal_lm",
+    max_line_bytes: int = textfiles.MAX_LINE_BYTES,
 ) -> seqio.Task:
     """Registers an LM task over your own text files (one example per line); returns it.
+
+    The files are scanned first: lines that are not UTF-8 (read with U+FFFD replacements) and
+    lines longer than `max_line_bytes` (cut to it) are reported in one `moetx: warning:` line
+    with their counts.
 
     Args:
       name: task name (an existing task of that name is replaced).
@@ -178,25 +243,29 @@ def register_text_files_task(
       validation_files: optional path or paths of the 'validation' split.
       vocabulary_path: a SentencePiece `.model` (pad=0, eos=1); None for the default vocabulary.
       objective: 'causal_lm' or 'prefix_lm' (see `moetx.tasks.pretraining`).
+      max_line_bytes: at most this many bytes of a line are read (default 1 MiB), which bounds
+        the memory and tokenisation time of a line.
 
     Raises:
-      FileNotFoundError: a file does not exist. ValueError: a file is empty or the objective is
-      unknown. VocabularyError: the vocabulary file is unusable.
+      FileNotFoundError: a file does not exist. ValueError: a file is empty or holds no UTF-8
+      text, or the objective is unknown. VocabularyError: the vocabulary file is unusable.
     """
     if objective not in OBJECTIVES:
         raise ValueError(
             f"Unknown objective {objective!r} for task {name!r}; expected one of "
             f"{list(OBJECTIVES)}. Fix: pass objective='causal_lm' or 'prefix_lm'."
         )
+    textfiles.check_max_line_bytes(max_line_bytes)
     splits = {"train": _check_text_files(train_files, "train_files")}
     if validation_files:
         splits["validation"] = _check_text_files(validation_files, "validation_files")
+    _check_text_content(name, [f for files in splits.values() for f in files], max_line_bytes)
     vocabulary = (
         vocab.lazy_default_vocabulary()
         if vocabulary_path is None
         else vocab.get_vocabulary(vocabulary_path)
     )
-    source = seqio.TextLineDataSource(splits)
+    source = TextFilesSource(splits, max_line_bytes)
     return pretraining.add_lm_task(name, source, vocabulary, objective)
 
 
@@ -207,9 +276,11 @@ def text_files_task(
     validation_files: str | Sequence[str] | None = None,
     vocabulary_path: str | None = None,
     objective: str = "causal_lm",
+    max_line_bytes: int = textfiles.MAX_LINE_BYTES,
 ) -> str:
     """`register_text_files_task` that returns the task name, for gin: `@text_files_task()`."""
-    register_text_files_task(name, train_files, validation_files, vocabulary_path, objective)
+    register_text_files_task(name, train_files, validation_files, vocabulary_path, objective,
+                             max_line_bytes)
     return name
 
 

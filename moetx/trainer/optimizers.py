@@ -42,6 +42,7 @@ FACTOR_RULES: dict[str, str] = {
 @gin.configurable
 def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10000) -> Schedule:
     """T5X `constant * rsqrt_decay`: lr = base / sqrt(max(step, warmup_steps))."""
+    _check_learning_rate("rsqrt_schedule.base_learning_rate", base_learning_rate)
     if warmup_steps <= 0:
         raise ValueError(f"warmup_steps must be positive, got {warmup_steps}.")
 
@@ -55,6 +56,13 @@ def rsqrt_schedule(base_learning_rate: float = 1.0, warmup_steps: int = 10000) -
 def warmup_cosine_schedule(peak_learning_rate: float = 1e-3, warmup_steps: int = 1000,
                            decay_steps: int = 100000, end_fraction: float = 0.1) -> Schedule:
     """Linear warmup from 0 to the peak, then cosine decay to `end_fraction` of it."""
+    _check_learning_rate("warmup_cosine_schedule.peak_learning_rate", peak_learning_rate)
+    if not 0.0 <= end_fraction <= 1.0:
+        raise ValueError(f"warmup_cosine_schedule.end_fraction must be in [0, 1], got "
+                         f"{end_fraction!r}.")
+    if warmup_steps < 0 or decay_steps <= 0:
+        raise ValueError(f"warmup_cosine_schedule needs warmup_steps >= 0 and decay_steps > 0, "
+                         f"got {warmup_steps} and {decay_steps}.")
     return optax.warmup_cosine_decay_schedule(
         0.0, peak_learning_rate, warmup_steps, max(decay_steps, warmup_steps + 1),
         peak_learning_rate * end_fraction)
@@ -62,7 +70,25 @@ def warmup_cosine_schedule(peak_learning_rate: float = 1e-3, warmup_steps: int =
 
 @gin.configurable
 def constant_schedule(learning_rate: float = 1e-3) -> Schedule:
+    """lr = `learning_rate` at every step (0 freezes the parameters)."""
+    _check_learning_rate("constant_schedule.learning_rate", learning_rate, allow_zero=True)
     return lambda step: jnp.asarray(learning_rate, jnp.float32)
+
+
+def as_schedule(schedule, name: str) -> Schedule:
+    """`schedule`, or for a number a constant schedule of it (checked as a learning rate)."""
+    if callable(schedule):
+        return schedule
+    _check_learning_rate(name, schedule)
+    return constant_schedule(schedule)
+
+
+def _check_learning_rate(name: str, value, allow_zero: bool = False) -> None:
+    """A learning rate is a finite number > 0 (>= 0 with `allow_zero`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+            or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}.")
 
 
 # ----------------------------------------------------------------------------- optimizer API
@@ -138,7 +164,9 @@ def adafactor(
     weight_decay_rate: float | None = None,
 ) -> Optimizer:
     """T5X-default Adafactor. `param_axes` (a tree of logical `PartitionSpec`s like the params)
-    chooses the factored axes; the trainer fills it in."""
+    chooses the factored axes; the trainer fills it in. `schedule` may be a number (a constant
+    learning rate)."""
+    schedule = as_schedule(schedule, "adafactor.schedule")
 
     def specs_for(params):
         flat_axes = None
@@ -262,8 +290,16 @@ def like_params_state_axes(tx: optax.GradientTransformation) -> Callable[[Any, A
 def adamw(schedule: Schedule = gin.REQUIRED, param_axes: Any = None, b1: float = 0.9,
           b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1,
           grad_clip_norm: float | None = 1.0) -> Optimizer:
-    """AdamW (MaxText defaults) with optional global-norm clipping; moments shard like params."""
+    """AdamW (MaxText defaults) with optional global-norm clipping; moments shard like params.
+    `schedule` may be a number (a constant learning rate)."""
     del param_axes
+    schedule = as_schedule(schedule, "adamw.schedule")
+    for name, value in (("b1", b1), ("b2", b2)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"adamw.{name} must be in [0, 1), got {value!r}.")
+    if not eps > 0 or weight_decay < 0:
+        raise ValueError(f"adamw needs eps > 0 and weight_decay >= 0, got {eps!r} and "
+                         f"{weight_decay!r}.")
     parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
     parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     tx = optax.chain(*parts)
@@ -291,6 +327,7 @@ def sgd_momentum(schedule: Schedule = gin.REQUIRED, param_axes: Any = None,
     buffer and follows the learning-rate schedule, as AdamW's does.
     `decay_kernels_only` skips biases and normalisation scales."""
     del param_axes
+    schedule = as_schedule(schedule, "sgd_momentum.schedule")
     parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
     if weight_decay:
@@ -407,6 +444,7 @@ def scale_by_sign_agreement(rule: str, beta: float = 0.9, base: float = math.e,
 
 def _sign_optimizer(rule: str, schedule: Schedule, beta: float, base: float, alpha: float,
                     sign_decay: SignDecay | None, grad_clip_norm: float | None) -> Optimizer:
+    schedule = as_schedule(schedule, f"{rule}.schedule")
     parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
     parts.append(scale_by_sign_agreement(rule, beta, base, alpha, sign_decay))
     parts.append(optax.scale_by_learning_rate(schedule))
@@ -437,7 +475,8 @@ def addsign(schedule: Schedule = gin.REQUIRED, param_axes: Any = None, beta: flo
 @gin.configurable
 def make_optimizer(optimizer_fn: Callable[..., Optimizer] = adafactor,
                    schedule: Schedule | None = None, param_axes: Any = None) -> Optimizer:
-    """Builds the configured optimizer (default: T5X Adafactor with the rsqrt schedule)."""
-    if schedule is None:
-        schedule = rsqrt_schedule()
+    """Builds the configured optimizer (default: T5X Adafactor with the rsqrt schedule).
+    `schedule` may be a number: a constant learning rate."""
+    schedule = rsqrt_schedule() if schedule is None else as_schedule(
+        schedule, "make_optimizer.schedule")
     return optimizer_fn(schedule=schedule, param_axes=param_axes)
