@@ -45,18 +45,45 @@ class DatasetConfig:
     use_cached: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.mixture_or_task_name, str) or not self.mixture_or_task_name:
+            raise ValueError(f"mixture_or_task_name must be a task or mixture name, got "
+                             f"{self.mixture_or_task_name!r}.")
+        if not isinstance(self.split, str) or not self.split:
+            raise ValueError(f"split must be a split name such as 'train', got {self.split!r}.")
+        if not _is_int(self.batch_size):
+            raise ValueError(f"batch_size (BATCH_SIZE) must be an int, got {self.batch_size!r}.")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}.")
+        if not isinstance(self.task_feature_lengths, Mapping):
+            raise ValueError(
+                f"task_feature_lengths (TASK_FEATURE_LENGTHS) must be a dict of feature name to "
+                f"length, e.g. {{'targets': 256}}, got {self.task_feature_lengths!r}.")
         if not self.task_feature_lengths:
             raise ValueError("task_feature_lengths is empty; set e.g. {'targets': 256}.")
         for k, v in dict(self.task_feature_lengths).items():
-            if isinstance(v, (tuple, list)):
-                if not v or any(int(d) < 1 for d in v):
-                    raise ValueError(f"Feature shape {k}={tuple(v)} must have positive sizes.")
-                continue
-            if int(v) < 1:
-                raise ValueError(f"Feature length {k}={v} must be positive; set "
-                                 f"TASK_FEATURE_LENGTHS['{k}'] (the model may need more).")
+            _check_feature_length(k, v)
+
+
+def _is_int(value) -> bool:
+    """An int, and not a bool (True is an int to Python, not a length)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_feature_length(name: str, value) -> None:
+    """A feature length is a positive int, or for a multi-dimensional feature a non-empty tuple
+    (or list) of positive ints."""
+    where = f"TASK_FEATURE_LENGTHS['{name}']"
+    if isinstance(value, (tuple, list)):
+        if not value or not all(_is_int(d) for d in value):
+            raise ValueError(f"Feature shape {where} = {value!r} must be a tuple of ints.")
+        if any(d < 1 for d in value):
+            raise ValueError(f"Feature shape {name}={tuple(value)} must have positive sizes.")
+        return
+    if not _is_int(value):
+        raise ValueError(f"Feature length {where} must be an int, got {value!r}.")
+    if value < 1:
+        raise ValueError(f"Feature length {name}={value} must be positive; set {where} (the "
+                         f"model may need more).")
 
 
 def get_task(name: str):
@@ -78,6 +105,53 @@ def get_task(name: str):
             "`moetx.tasks.register_text_files_task`."
         )
     return seqio.get_mixture_or_task(name)
+
+
+def check_not_empty(cfg: DatasetConfig, preprocessed: bool = True) -> None:
+    """Raises ValueError, before training starts, when `cfg`'s split has no example: the split
+    does not exist, its source is empty, or (with `preprocessed`) every example is filtered out
+    by the task's preprocessors (e.g. a text file of blank lines, texts too short for the
+    objective). Reads only up to the first example (all of the source when everything is
+    filtered out). With `preprocessed` it builds the task's pipeline, about half a second to a
+    second for a tokenized task; without, only the sources are read (milliseconds)."""
+    task = get_task(cfg.mixture_or_task_name)
+    for sub in _tasks_of(task):
+        _check_split_exists(sub, cfg.split)
+    if preprocessed and _has_example(task, cfg, preprocessed=True):
+        return
+    what = f"{type(task).__name__.lower()} {task.name!r}"
+    if not any(_has_example(sub, cfg, preprocessed=False) for sub in _tasks_of(task)):
+        raise ValueError(f"The {cfg.split!r} split of {what} is empty: its source has no "
+                         f"example. Fix: point the task at data, or choose another split.")
+    if preprocessed:
+        raise ValueError(f"Every example of the {cfg.split!r} split of {what} is filtered out "
+                         f"by its preprocessors (e.g. only blank lines, or texts too short for "
+                         f"the objective), so there is nothing to train or evaluate on. Fix: "
+                         f"check the data.")
+
+
+def _tasks_of(task_or_mixture) -> list:
+    """The tasks of a mixture, or [task]."""
+    return list(getattr(task_or_mixture, "tasks", None) or [task_or_mixture])
+
+
+def _check_split_exists(task, split: str) -> None:
+    splits = list(getattr(task, "splits", ()) or ())
+    if splits and split not in splits:
+        raise ValueError(f"Task {task.name!r} has no split {split!r}; it has {splits}. Fix: "
+                         f"ask for one of those (e.g. EVAL_SPLIT).")
+
+
+def _has_example(task, cfg: DatasetConfig, preprocessed: bool) -> bool:
+    """Whether the task's split yields an example, after the preprocessors or straight from
+    its source."""
+    if preprocessed:
+        ds = task.get_dataset(dict(cfg.task_feature_lengths), split=cfg.split,
+                              use_cached=cfg.use_cached, shuffle=False, num_epochs=1,
+                              trim_output_features=False)
+    else:
+        ds = task.source.get_dataset(split=cfg.split, shuffle=False)
+    return any(True for _ in ds.take(1).as_numpy_iterator())
 
 
 def get_dataset(cfg: DatasetConfig, feature_converter, shard_index: int, num_shards: int,
@@ -108,14 +182,24 @@ class DataIterator:
         self._dataset = dataset
         self.batches_consumed = int(batches_consumed)
         self._it = iter(dataset.skip(self.batches_consumed).as_numpy_iterator())
+        self._ahead: list[dict[str, np.ndarray]] = []
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = next(self._it)
+        batch = self._ahead.pop() if self._ahead else next(self._it)
         self.batches_consumed += 1
         return batch
+
+    def has_next(self) -> bool:
+        """Whether another batch comes (read ahead and kept for `__next__`)."""
+        if not self._ahead:
+            try:
+                self._ahead.append(next(self._it))
+            except StopIteration:
+                return False
+        return True
 
     def get_state(self) -> dict:
         return {"batches_consumed": self.batches_consumed}

@@ -121,20 +121,25 @@ def train(
     """
     divergence.check_policy(divergence_policy, spike_factor, spike_window, rewind_skip_batches,
                             max_rewinds)
-    if train_steps <= 0:
-        raise ValueError(f"TRAIN_STEPS must be positive, got {train_steps}.")
+    check_settings(train_steps=train_steps, save_every=save_every, log_every=log_every,
+                   keep_checkpoints=keep_checkpoints, eval_every=eval_every,
+                   eval_steps=eval_steps, num_microbatches=num_microbatches,
+                   preemption_check_every=preemption_check_every,
+                   max_consecutive_skips=max_consecutive_skips)
     for cfg in (train_dataset_cfg, eval_dataset_cfg):
         if cfg is not None:
             check_data(model, cfg)
+    # Built before anything is written: a mesh, batch size or optimizer that does not fit
+    # fails here with MODEL_DIR untouched.
+    watcher = preemption.PreemptionWatcher(preemption_check_every)
+    trainer = build_trainer(model, train_dataset_cfg, mesh_fn, rules_fn, optimizer_factory,
+                            num_microbatches, seed, ema_decay, ema_model_state,
+                            skip_nonfinite_updates=divergence_policy == "skip")
     checkpoints.check_writable(model_dir)
     # One writer per MODEL_DIR: a second trainer on it stops here (see `run_lock`).
     lock = run_lock.RunLock(model_dir, enabled=jax.process_index() == 0)
     lock.acquire()
     try:
-        watcher = preemption.PreemptionWatcher(preemption_check_every)
-        trainer = build_trainer(model, train_dataset_cfg, mesh_fn, rules_fn, optimizer_factory,
-                                num_microbatches, seed, ema_decay, ema_model_state,
-                                skip_nonfinite_updates=divergence_policy == "skip")
         ckpt = checkpoints.Checkpointer(model_dir, save_every, keep_checkpoints)
         latest = ckpt.latest_intact_step()
         if latest is not None:
@@ -150,6 +155,10 @@ def train(
 
         batches, _ = make_batches(trainer, train_dataset_cfg,
                                   data_state.get("batches_consumed", 0), num_epochs=None)
+        if not batches.has_next():  # say why, before the first step
+            data.check_not_empty(train_dataset_cfg, preprocessed=True)
+            raise ValueError(f"The {train_dataset_cfg.split!r} split of "
+                             f"{train_dataset_cfg.mixture_or_task_name!r} gives no batch.")
         count_per_batch = model.count_per_batch(trainer.input_shapes)
         flops_per_step = model.flops_per_step(state.params, trainer.input_shapes)
         peak = metrics_lib.measured_peak_flops_per_device() * jax.device_count()
@@ -160,8 +169,12 @@ def train(
 
         def run_eval(step: int, st, label: str) -> dict[str, float]:
             params, model_state = trainer.eval_variables(st, eval_with_ema)
-            m = trainer.evaluate(params, evaluation_batches(trainer, eval_dataset_cfg), eval_steps,
-                                 model_state=model_state)
+            try:
+                m = trainer.evaluate(params, evaluation_batches(trainer, eval_dataset_cfg),
+                                     eval_steps, model_state=model_state)
+            except trainer_lib.NoEvaluationBatches:
+                data.check_not_empty(eval_dataset_cfg, preprocessed=True)  # says why
+                raise
             eval_writer.write_scalars(step, m)
             log(f"[eval] {label} step {step}: {model.headline(m)}")
             return m
@@ -265,10 +278,38 @@ def all_finite(tree) -> jax.Array:
 
 def check_data(model, cfg: data.DatasetConfig) -> None:
     """Raises ValueError, before anything is written, when `cfg`'s task cannot feed `model`
-    (`model.check_task`) or its feature lengths do not suit it (`model.input_shapes`)."""
+    (`model.check_task`), its feature lengths do not suit it (`model.input_shapes`), or its
+    split does not exist or has no example (`data.check_not_empty`, on the sources only: a
+    split whose examples are all filtered out is reported at the first batch)."""
     lengths = dict(cfg.task_feature_lengths)
     model.check_task(data.get_task(cfg.mixture_or_task_name), lengths)
     model.input_shapes(cfg.batch_size, lengths)
+    data.check_not_empty(cfg, preprocessed=False)
+
+
+# train()'s settings that must be at least 1 (or 0), with the macro the run files bind them to.
+_AT_LEAST = {
+    "train_steps": (1, "TRAIN_STEPS"), "save_every": (1, "SAVE_EVERY"),
+    "log_every": (1, "LOG_EVERY"), "keep_checkpoints": (1, "KEEP_CHECKPOINTS"),
+    "eval_every": (0, "EVAL_EVERY"), "eval_steps": (1, "EVAL_STEPS"),
+    "num_microbatches": (1, "NUM_MICROBATCHES"), "preemption_check_every": (1, None),
+    "max_consecutive_skips": (1, None),
+}
+
+
+def check_settings(**settings) -> None:
+    """Raises ValueError naming the setting (and its macro) when one of train()'s counts is
+    not an int or is below its minimum; `keep_checkpoints` and `eval_steps` may be None (keep
+    all, evaluate the whole split)."""
+    for name, value in settings.items():
+        least, macro = _AT_LEAST[name]
+        if value is None and name in ("keep_checkpoints", "eval_steps"):
+            continue
+        where = f"train.{name}" + (f" ({macro})" if macro else "")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an int, got {value!r}.")
+        if value < least:
+            raise ValueError(f"{where} must be at least {least}, got {value}.")
 
 
 def log(msg: str) -> None:

@@ -292,8 +292,12 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + float(v)
             n += 1
         if not n:
-            raise ValueError("The evaluation split produced no batches; is it empty?")
+            raise NoEvaluationBatches("The evaluation split produced no batches; is it empty?")
         return self.model.summarize_metrics(model_lib.reduce_metrics(self.model, totals, n))
+
+
+class NoEvaluationBatches(ValueError):
+    """`Trainer.evaluate` was given no batch."""
 
 
 def ema_update(ema: Any, new: Any, decay: Array) -> Any:
