@@ -7,14 +7,29 @@
 
 Resumes from the latest checkpoint in MODEL_DIR when there is one. The library function is
 `moetx.trainer.train.train` (gin name `train`).
+
+Exit status: 0 when done, 2 for a configuration or input error (one `moetx: error:` line), 75
+after a SIGTERM or SIGINT (a checkpoint of the step in progress is saved; run the same command
+again to resume), 69 when another process of a multi-process run was lost (restart all of
+them to resume from the last checkpoint). On several processes, start one per host with
+--coordinator_address=H:P --process_count=N --process_index=I, or with --multiprocess alone on
+a cluster JAX detects (SLURM, Open MPI, Cloud TPU, GKE); see `moetx.trainer.preemption` for
+how the processes stop together and what happens when one dies.
 """
 
 import sys
+from typing import Sequence
 
 from moetx.cli import flags
-from moetx.trainer import train
+from moetx.trainer import preemption, train
 
-main = flags.gin_command(train.train)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses the gin flags in `argv` and runs `moetx.trainer.train.train`; returns the exit
+    status (a failed process of a multi-process run ends at once instead, see
+    `preemption.run_command`)."""
+    return preemption.run_command(lambda: flags.run(
+        lambda args: preemption.raising_peer_lost(train.train), argv))
 
 
 if __name__ == "__main__":
