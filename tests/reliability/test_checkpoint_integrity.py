@@ -155,3 +155,20 @@ def test_a_checkpoint_of_another_model_names_the_first_difference(tmp_path):
     assert "strict" not in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ValueError, match="params/head/kernel is not in the checkpoint"):
         ckpt.restore(1, abstract((4, 8), extra=True))
+
+
+def test_a_checkpoint_without_its_manifest_is_used_unverified(tmp_path):
+    """Written before manifests (or by another tool): used when its train state is there,
+    reported as unverified; without the state, it is damaged."""
+    d = _run_dir(tmp_path)
+    os.remove(os.path.join(d, "checkpoint_8", checkpoints.MANIFEST))
+    ckpt = checkpoints.Checkpointer(d, save_interval_steps=4, keep=None)
+    assert ckpt.latest_intact_step() == 8
+    assert checkpoints.check_all(d)[0] == ("checkpoint_8", "unverified (no manifest)")
+    state, _ = ckpt.restore(8, _abstract())
+    assert float(state["w"][0]) == 8.0
+    import shutil
+
+    shutil.rmtree(os.path.join(d, "checkpoint_8", "state"))
+    assert checkpoints.verify(d, 8) == "no manifest and no train state"
+    ckpt.close()
