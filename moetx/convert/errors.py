@@ -4,7 +4,8 @@ listings.
 A conversion is strict: a source that does not hold exactly the target's keys and shapes fails
 with a `ConversionError` that lists the unexpected, missing and wrong-shape keys (at most
 `MAX_LISTED` of each spelled out), with hints and the fix. `check_keys` compares two
-`{key: shape}` dicts and raises it.
+`{key: shape}` dicts and raises it. A Hugging Face conversion without transformers or safetensors
+raises `MissingDependencyError`, one line naming `pip install 'moetx[hf]'`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,20 @@ class ConversionError(ValueError):
         super().__init__("\n".join(lines))
 
 
+class MissingDependencyError(ValueError):
+    """A Hugging Face conversion without the `hf` extra installed (one line naming the fix)."""
+
+
+HF_EXTRA_FIX = "pip install 'moetx[hf]'"
+
+
+def missing_hf_extra(module: str, error: ImportError) -> MissingDependencyError:
+    """The one-line error for a Hugging Face conversion whose `module` did not import."""
+    return MissingDependencyError(
+        f"Hugging Face conversion needs {module} (the `hf` extra: transformers and "
+        f"safetensors), which did not import ({error}); install it with: {HF_EXTRA_FIX}")
+
+
 def hints(keys: Iterable[str], table: HintTable) -> list[str]:
     """The hints of `table` whose regex matches (`re.search`) one of `keys`, in table order."""
     keys = list(keys)
@@ -99,5 +114,5 @@ def listing(title: str, items: Mapping[str, str]) -> list[str]:
     return out
 
 
-__all__ = ["MAX_LISTED", "ConversionError", "HintTable", "check_keys", "hints", "listing",
-           "shape_str"]
+__all__ = ["HF_EXTRA_FIX", "MAX_LISTED", "ConversionError", "HintTable", "MissingDependencyError",
+           "check_keys", "hints", "listing", "missing_hf_extra", "shape_str"]

@@ -31,10 +31,21 @@ an existing DST is never touched.
 Optimizer state: T5X's Adafactor slots (`v_row`, `v_col`, `v`; `m` only as the [1] placeholder
 T5X keeps when momentum is off) and moetx's Adafactor state (`count`, `v_row`, `v_col`, `v` trees)
 carry over both ways, checked against the shapes moetx's Adafactor gives the target model.
-Hugging Face checkpoints hold none: converting a source that has optimizer state to `hf`, or one
-whose state moetx's optimizer cannot hold (momentum, other factoring), needs
-`--drop_optimizer_state`. A moetx checkpoint always holds a complete train state, so one without a
-carried optimizer state gets the configured optimizer's fresh state (`optimizer.init(params)`).
+Hugging Face checkpoints hold weights only: converting to `hf` never reads the source's optimizer
+state and prints one line saying it was not exported (`--drop_optimizer_state` is not needed).
+Converting a source whose state moetx's optimizer cannot hold (momentum, other factoring) to
+`moetx` or `t5x` needs `--drop_optimizer_state`. A moetx checkpoint always holds a complete train
+state, so one without a carried optimizer state gets the configured optimizer's fresh state
+(`optimizer.init(params)`).
+
+Hugging Face exports are usable as they are: config.json (with the weights' `dtype`),
+generation_config.json, the weights, and the tokenizer of the task's SentencePiece vocabulary
+(spiece.model, tokenizer.json, tokenizer_config.json; `moetx.convert.hf.tokenizer`), so that
+`AutoTokenizer` and `AutoModelForSeq2SeqLM` / `AutoModelForCausalLM` encode, generate and decode
+the ids SeqIO does. The vocabulary is `--vocabulary` (a SentencePiece `.model`, default moetx's
+default vocabulary) with `--extra_ids` sentinels (default 100, as T5 and moetx's span-corruption
+and FLAN tasks), or the vocabulary of a registered task (`--task`); `--vocabulary=none` writes no
+tokenizer. Exporting needs the `hf` extra (`pip install 'moetx[hf]'`: transformers, safetensors).
 
 `--dtype` casts the parameters (not the optimizer state). `--upcycle` reads SRC as the dense model
 (`--dense_model`, by default `--model`'s config without MoE), tiles each sparse layer's experts from
@@ -48,6 +59,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -60,6 +72,8 @@ from moetx.convert.errors import ConversionError, check_keys
 FORMATS = ("t5x", "moetx", "hf")
 ADAFACTOR_SLOTS = ("v_row", "v_col", "v")
 DTYPES = {"float32": np.float32, "bfloat16": "bfloat16"}
+# `vocabulary=` value meaning moetx's default vocabulary (with DEFAULT_EXTRA_IDS sentinels).
+DEFAULT_VOCABULARY = "default"
 
 
 # ------------------------------------------------------------------------------------- model
@@ -105,9 +119,9 @@ def hf_config_to_moetx(hf_cfg):
 
 def load_hf_config(path: str):
     """A transformers config from a directory holding config.json, or from the json file."""
-    torch_env.block_triton_after_tensorflow()
-    import transformers
+    from moetx.convert.hf import common
 
+    transformers = common.import_transformers()
     if os.path.isfile(path):
         with open(path) as f:
             fields = json.load(f)
@@ -427,21 +441,61 @@ def write_t5x(dst: str, ckpt: Checkpoint, use_tensorstore: bool = True) -> str:
                                        use_tensorstore=use_tensorstore)
 
 
-def write_hf(dst: str, ckpt: Checkpoint, spec: ModelSpec) -> str:
-    """Writes config.json + safetensors for the HF family of `spec`'s config
-    (`families.for_config`), atomically. The HF config is `spec.hf_config` when it is of that
-    family (keeps its other fields), else derived from the moetx config."""
-    from moetx.convert.hf import families, files
+def hf_vocabulary(vocabulary: Any):
+    """`vocabulary` as a `moetx.convert.hf.tokenizer.Vocabulary`: DEFAULT_VOCABULARY is moetx's
+    default one, a str a SentencePiece `.model` path (with the default extra ids), None none."""
+    from moetx.convert.hf import tokenizer
 
-    torch_env.block_triton_after_tensorflow()
+    if vocabulary is None or isinstance(vocabulary, tokenizer.Vocabulary):
+        return vocabulary
+    if vocabulary == DEFAULT_VOCABULARY:
+        return tokenizer.default_vocabulary()
+    if isinstance(vocabulary, (str, os.PathLike)):
+        return tokenizer.Vocabulary(os.fspath(vocabulary))
+    raise TypeError(f"vocabulary={vocabulary!r}: expected {DEFAULT_VOCABULARY!r}, a path, a "
+                    "moetx.convert.hf.tokenizer.Vocabulary or None.")
+
+
+def check_hf_target(spec: ModelSpec, vocabulary: Any = DEFAULT_VOCABULARY):
+    """What an HF export can check before reading the source: the `hf` extra is installed, the
+    model has an HF family that expresses it (ValueError naming why not, e.g. a
+    `decoder_program`), and the vocabulary is a valid SentencePiece model that fits the model's
+    embedding. Returns (family, HF config, `Vocabulary` or None)."""
+    from moetx.convert.hf import common, families, tokenizer
+
+    common.require_hf_libraries()
     cfg = spec.config
     family = families.for_config(cfg)
     hf_cfg = spec.hf_config
     if hf_cfg is None or hf_cfg.model_type != family.model_type:
         hf_cfg = family.config_to_hf(cfg)
+    vocab = hf_vocabulary(vocabulary)
+    if vocab is not None:
+        tokenizer.check_vocabulary(vocab, cfg.vocab_size)
+    return family, hf_cfg, vocab
+
+
+def write_hf(dst: str, ckpt: Checkpoint, spec: ModelSpec,
+             vocabulary: Any = DEFAULT_VOCABULARY) -> str:
+    """Writes config.json, generation_config.json, safetensors and the tokenizer for the HF
+    family of `spec`'s config (`families.for_config`), atomically. The HF config is
+    `spec.hf_config` when it is of that family (keeps its other fields), else derived from the
+    moetx config.
+
+    Args:
+      vocabulary: the tokenizer's vocabulary (see `hf_vocabulary`); None writes no tokenizer.
+    """
+    from moetx.convert.hf import files, tokenizer
+
+    torch_env.block_triton_after_tensorflow()
+    cfg = spec.config
+    family, hf_cfg, vocab = check_hf_target(spec, vocabulary)
     state_dict = family.to_hf(ckpt.params, cfg)
     with _atomic_dir(dst) as tmp:
         files.save_hf(state_dict, hf_cfg, tmp)
+        if vocab is not None:
+            tokenizer.save_tokenizer(tmp, vocab, encoder_decoder=bool(cfg.num_encoder_layers),
+                                     model_vocab_size=cfg.vocab_size)
     return os.path.abspath(dst)
 
 
@@ -451,17 +505,21 @@ def write_hf(dst: str, ckpt: Checkpoint, spec: ModelSpec) -> str:
 def convert(src_format: str, dst_format: str, src: str, dst: str, spec: ModelSpec, *,
             dtype: Any = None, drop_optimizer_state: bool = False, upcycle: bool = False,
             dense_spec: ModelSpec | None = None, seed: int = 0, step: int | None = None,
-            use_tensorstore: bool = True) -> str:
+            use_tensorstore: bool = True, vocabulary: Any = DEFAULT_VOCABULARY) -> str:
     """Converts SRC (in `src_format`) to DST (in `dst_format`) for the model `spec`.
 
     Args:
       spec: the (target) model. With `upcycle`, the MoE model; SRC holds `dense_spec`'s model
         (default: `spec`'s config with moe=None).
       dtype: None, 'float32' or 'bfloat16': cast of the parameters.
-      drop_optimizer_state: write parameters only (moetx gets a fresh optimizer state).
+      drop_optimizer_state: write parameters only (moetx gets a fresh optimizer state). An
+        `hf` target never carries optimizer state: without this flag one line on stderr says
+        the source's slots were not exported.
       seed: router initialisation seed for `upcycle`.
       step: which moetx checkpoint_<step> to read (default latest).
       use_tensorstore: T5X output with zarr arrays (else all inline in msgpack).
+      vocabulary: `hf` target only: the tokenizer's vocabulary (DEFAULT_VOCABULARY, a
+        SentencePiece `.model` path, a `hf.tokenizer.Vocabulary`), or None for no tokenizer.
     Returns:
       The absolute path written.
     Raises:
@@ -482,6 +540,14 @@ def convert(src_format: str, dst_format: str, src: str, dst: str, spec: ModelSpe
         source_spec = dense_spec or ModelSpec(model_from_config(dataclasses.replace(
             spec.config, moe=None, encoder_moe=None)))
         drop_optimizer_state = True  # the upcycled model starts with a fresh optimizer
+    if dst_format == "hf":
+        # Fails before anything is read: no `hf` extra, a model HF cannot express, a bad or
+        # too large vocabulary.
+        check_hf_target(spec, vocabulary)
+        if src_format != "hf" and not drop_optimizer_state:
+            print(f"moetx-convert: note: the optimizer slots of {src} were not exported "
+                  "(Hugging Face checkpoints hold weights only).", file=sys.stderr)
+        drop_optimizer_state = True
     load_opt = not drop_optimizer_state
     if src_format == "t5x":
         ckpt = read_t5x(src, load_optimizer=load_opt)
@@ -496,19 +562,17 @@ def convert(src_format: str, dst_format: str, src: str, dst: str, spec: ModelSpe
 
         ckpt = Checkpoint(params=upcycle_params(ckpt.params, init_params(spec.model, seed)),
                           step=ckpt.step)
-    if ckpt.has_optimizer_state and dst_format == "hf":
-        raise ConversionError(f"{_what(src_format, src)} holds optimizer state and Hugging Face "
-                              "checkpoints cannot.", fix="pass --drop_optimizer_state.")
     ckpt.params = _cast_params(ckpt.params, DTYPES.get(dtype))
     if dst_format == "moetx":
         return write_moetx(dst, ckpt, abstract_source if source_spec is spec
                            else abstract_model(spec.model))
     if dst_format == "t5x":
         return write_t5x(dst, ckpt, use_tensorstore)
-    return write_hf(dst, ckpt, spec)
+    return write_hf(dst, ckpt, spec, vocabulary)
 
 
-__all__ = ["ADAFACTOR_SLOTS", "DTYPES", "FORMATS", "AbstractModel", "Checkpoint", "ModelSpec",
-           "abstract_model", "check_params", "configured_model", "convert", "hf_config_to_moetx",
-           "init_params", "load_hf_config", "load_model", "model_from_config", "moetx_state_dir",
-           "read_hf", "read_moetx", "read_t5x", "write_hf", "write_moetx", "write_t5x"]
+__all__ = ["ADAFACTOR_SLOTS", "DEFAULT_VOCABULARY", "DTYPES", "FORMATS", "AbstractModel",
+           "Checkpoint", "ModelSpec", "abstract_model", "check_hf_target", "check_params",
+           "configured_model", "convert", "hf_config_to_moetx", "hf_vocabulary", "init_params",
+           "load_hf_config", "load_model", "model_from_config", "moetx_state_dir", "read_hf",
+           "read_moetx", "read_t5x", "write_hf", "write_moetx", "write_t5x"]

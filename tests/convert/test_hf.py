@@ -132,7 +132,8 @@ def test_moetx_init_exported_with_save_hf_loads_offline_with_the_same_logits(
         sd, hf_cfg = hf.moetx_to_hf_t5(params := _moetx_init(cfg)), hf.t5_config_to_hf(cfg)
         auto = transformers.AutoModelForSeq2SeqLM
     hf.save_hf(sd, hf_cfg, str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json",
+                                            "model.safetensors"]
 
     model, info = auto.from_pretrained(str(tmp_path), local_files_only=True,
                                        output_loading_info=True)
@@ -178,7 +179,8 @@ def test_save_hf_shards_large_checkpoints_and_refuses_to_mix_with_old_files(tmp_
     with pytest.raises(FileExistsError, match="overwrite=True"):
         hf.save_hf(sd, hf.llama_config_to_hf(cfg), out)
     hf.save_hf(sd, hf.llama_config_to_hf(cfg), out, overwrite=True)
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json",
+                                       "model.safetensors"]
 
 
 def test_bfloat16_torch_tensors_convert_bit_exactly():

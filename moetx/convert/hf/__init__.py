@@ -33,6 +33,8 @@ Typical use:
 
     # moetx -> HF (loadable offline by AutoModelForSeq2SeqLM.from_pretrained('out'))
     hf.save_hf(hf.moetx_to_hf_t5(params, cfg), hf.t5_config_to_hf(cfg), 'out')
+    hf.save_tokenizer('out', hf.default_vocabulary(), encoder_decoder=True,
+                      model_vocab_size=cfg.vocab_size)   # ... and by AutoTokenizer
     # HF -> moetx
     state_dict, hf_cfg = hf.load_hf('t5-v1_1-small')
     cfg = hf.hf_t5_config_to_moetx(hf_cfg)
@@ -59,14 +61,22 @@ and use it. Loading such a checkpoint (or one from `save_hf`) with `from_pretrai
 transformers' "both are present ... will NOT tie them" warning; that is the untied head being
 kept, as intended.
 
+An export a Hugging Face user can use as is also holds generation_config.json (written by
+`save_hf`, with config.json's `dtype` the weights') and the tokenizer of the model's SeqIO
+vocabulary (`save_tokenizer`, module `tokenizer`): `AutoTokenizer` then encodes, and decodes, the
+ids SeqIO does. transformers and safetensors are the `hf` extra (`pip install 'moetx[hf]'`);
+without them every helper here raises `MissingDependencyError`, one line naming that command.
+
 Modules: `t5`, `llama`, `switch` (SwitchTransformers) and `mixtral`, one per family, each ending
 in its `FAMILY` record (a `common.Family` of its config and weight converters); `families`, the
 registry of those records (by HF `model_type`, and which family a moetx config is written as);
-`files` (`save_hf` / `load_hf`); `common`, the toolkit the family modules are built from. The
+`files` (`save_hf` / `load_hf`); `tokenizer` (`save_tokenizer`); `common`, the toolkit the family
+modules are built from. The
 converters and file helpers are re-exported here, so `from moetx.convert import hf;
 hf.moetx_to_hf_t5(...)` is the way to use them.
 """
 
+from moetx.convert.errors import MissingDependencyError
 from moetx.convert.hf.common import ConversionError, Family, Params, StateDict
 from moetx.convert.hf.families import FAMILIES
 from moetx.convert.hf.files import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, load_hf, save_hf
@@ -94,12 +104,15 @@ from moetx.convert.hf.t5 import (
     moetx_to_hf_t5,
     t5_config_to_hf,
 )
+from moetx.convert.hf.tokenizer import Vocabulary, default_vocabulary, save_tokenizer
 
 __all__ = [
     "FAMILIES", "SAFE_WEIGHTS_INDEX_NAME", "SAFE_WEIGHTS_NAME", "ConversionError", "Family",
-    "Params", "StateDict", "hf_llama_config_to_moetx", "hf_llama_to_moetx",
+    "MissingDependencyError", "Params", "StateDict", "Vocabulary", "default_vocabulary",
+    "hf_llama_config_to_moetx", "hf_llama_to_moetx",
     "hf_mixtral_config_to_moetx", "hf_mixtral_to_moetx", "hf_switch_config_to_moetx",
     "hf_switch_to_moetx", "hf_t5_config_to_moetx", "hf_t5_to_moetx", "llama_config_to_hf",
     "load_hf", "mixtral_config_to_hf", "moetx_to_hf_llama", "moetx_to_hf_mixtral",
-    "moetx_to_hf_switch", "moetx_to_hf_t5", "save_hf", "switch_config_to_hf", "t5_config_to_hf",
+    "moetx_to_hf_switch", "moetx_to_hf_t5", "save_hf", "save_tokenizer", "switch_config_to_hf",
+    "t5_config_to_hf",
 ]

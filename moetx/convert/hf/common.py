@@ -16,7 +16,7 @@ import numpy as np
 
 from moetx.util import torch_env, trees
 from moetx.lm.transformer import TransformerConfig
-from moetx.convert.errors import ConversionError, check_keys, hints
+from moetx.convert.errors import ConversionError, check_keys, hints, missing_hf_extra
 
 StateDict = dict[str, np.ndarray]
 Params = dict[str, Any]
@@ -45,6 +45,34 @@ class Family:
     to_moetx: Callable[[Mapping[str, Any], TransformerConfig], Params]
     to_hf: Callable[[Mapping[str, Any], TransformerConfig], StateDict]
     accepts: Callable[[TransformerConfig], bool]
+
+
+# ------------------------------------------------------------------------- optional imports
+
+
+def import_transformers():
+    """`import transformers` (after torch_env's triton guard); MissingDependencyError, one line
+    naming `pip install 'moetx[hf]'`, when it is not installed."""
+    try:
+        return torch_env.import_transformers()
+    except ImportError as e:
+        raise missing_hf_extra("transformers", e) from None
+
+
+def import_safetensors_numpy():
+    """`safetensors.numpy`; MissingDependencyError naming the `hf` extra when it is missing."""
+    try:
+        import safetensors.numpy
+    except ImportError as e:
+        raise missing_hf_extra("safetensors", e) from None
+    return safetensors.numpy
+
+
+def require_hf_libraries() -> None:
+    """Imports transformers and safetensors, so a conversion fails before it reads anything
+    when the `hf` extra is missing."""
+    import_transformers()
+    import_safetensors_numpy()
 
 
 # ----------------------------------------------------------------------------------- arrays
@@ -263,6 +291,24 @@ def checked_hf(state_dict: Mapping[str, Any], expected: Mapping[str, tuple], wha
     return sd
 
 
+def block_problems(cfg: TransformerConfig, family: str) -> list[str]:
+    """Options that change what a block computes without changing its parameters' names, which
+    no Hugging Face family here has: a searched block program, Primer's shared QK, its norm,
+    post-MLP normalisation. Exporting them would give a model that loads and computes something
+    else, so every family refuses them."""
+    problems = []
+    if cfg.decoder_program is not None:
+        problems.append(f"decoder_program is set (a searched block program, moetx.lm.programs); "
+                        f"HF {family}'s blocks are fixed attention + MLP and cannot express it")
+    for name, what in (("primer_share_qk", "Primer's shared QK attention"),
+                       ("ffn_post_norm", "Primer's post-MLP normalisation")):
+        if getattr(cfg, name):
+            problems.append(f"{name}=True; HF {family} has no {what}")
+    if cfg.norm_type != "rms":
+        problems.append(f"norm_type={cfg.norm_type!r}; HF {family} uses RMSNorm ('rms')")
+    return problems
+
+
 def require(problems: list[str], what: str) -> None:
     """Raises ValueError `what: problem; problem.` when there are any problems."""
     if problems:
@@ -310,8 +356,9 @@ HF_TO_MOETX_ACT = {"relu": "relu", "gelu_new": "gelu", "gelu_pytorch_tanh": "gel
 
 __all__ = [
     "ConversionError", "Dims", "Entry", "ExpertEntry", "Family", "HF_HINTS", "HF_TO_MOETX_ACT",
-    "MOETX_HINTS", "MOETX_TO_HF_ACT", "Params", "SWITCH_MOETX_HINTS", "StateDict", "cast",
-    "checked_hf", "dims_from_config", "flatten_params", "hf_to_moetx", "hf_to_moetx_experts",
-    "mlp_names", "mlp_names_in", "moetx_to_hf", "moetx_to_hf_experts", "need", "num_layers",
-    "require", "to_numpy",
+    "MOETX_HINTS", "MOETX_TO_HF_ACT", "Params", "SWITCH_MOETX_HINTS", "StateDict",
+    "block_problems", "cast", "checked_hf", "dims_from_config", "flatten_params", "hf_to_moetx",
+    "hf_to_moetx_experts", "import_safetensors_numpy", "import_transformers", "mlp_names",
+    "mlp_names_in", "moetx_to_hf", "moetx_to_hf_experts", "need", "num_layers", "require",
+    "require_hf_libraries", "to_numpy",
 ]

@@ -1,6 +1,7 @@
-"""Hugging Face checkpoint directories: `save_hf` writes config.json plus safetensors (sharded
-like `save_pretrained` above a size), `load_hf` reads them back (or a legacy `pytorch_model.bin`)
-as numpy, offline.
+"""Hugging Face checkpoint directories: `save_hf` writes config.json (with the weights' `dtype`),
+generation_config.json and safetensors (sharded like `save_pretrained` above a size), `load_hf`
+reads them back (or a legacy `pytorch_model.bin`) as numpy, offline. The tokenizer files are
+`moetx.convert.hf.tokenizer`'s.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from moetx.util import torch_env
 from moetx.convert.hf import families
+from moetx.convert.hf import common
 from moetx.convert.hf.common import StateDict, to_numpy
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -29,9 +31,19 @@ def _weight_files(directory: str) -> list[str]:
     return sorted(names)
 
 
+def weights_dtype(tensors: Mapping[str, np.ndarray]) -> str | None:
+    """The name of the one floating-point dtype of `tensors` ('float32', 'bfloat16', ...), which
+    config.json records as `dtype`; None when they mix several."""
+    names = {np.dtype(t.dtype).name for t in tensors.values()
+             if np.issubdtype(t.dtype, np.floating) or np.dtype(t.dtype).name == "bfloat16"}
+    return names.pop() if len(names) == 1 else None
+
+
 def save_hf(state_dict: Mapping[str, Any], hf_config, out_dir: str,
             max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> list[str]:
-    """Writes a checkpoint `from_pretrained(out_dir)` loads: config.json plus safetensors.
+    """Writes a checkpoint `from_pretrained(out_dir)` loads: config.json (its `dtype` the
+    weights'), generation_config.json (the config's pad / EOS / BOS / decoder-start ids) and
+    safetensors.
 
     One `model.safetensors` when the weights fit in `max_shard_bytes`, else
     `model-0000i-of-0000n.safetensors` shards with `model.safetensors.index.json`, as
@@ -48,7 +60,8 @@ def save_hf(state_dict: Mapping[str, Any], hf_config, out_dir: str,
     Returns:
       The paths written.
     """
-    from safetensors.numpy import save_file
+    save_file = common.import_safetensors_numpy().save_file
+    transformers = common.import_transformers()
 
     os.makedirs(out_dir, exist_ok=True)
     stale = _weight_files(out_dir)
@@ -61,10 +74,15 @@ def save_hf(state_dict: Mapping[str, Any], hf_config, out_dir: str,
     family = families.BY_MODEL_TYPE.get(cfg.model_type)
     if not getattr(cfg, "architectures", None) and family is not None:
         cfg.architectures = [family.architecture]
-    cfg.save_pretrained(out_dir)
-    written = [os.path.join(out_dir, "config.json")]
-
     tensors = {k: np.ascontiguousarray(to_numpy(v)) for k, v in state_dict.items()}
+    dtype = weights_dtype(tensors)
+    if dtype is not None:
+        cfg.dtype = dtype  # what `from_pretrained` loads the weights as
+    cfg.save_pretrained(out_dir)
+    transformers.GenerationConfig.from_model_config(cfg).save_pretrained(out_dir)
+    written = [os.path.join(out_dir, "config.json"),
+               os.path.join(out_dir, "generation_config.json")]
+
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for key in sorted(tensors):
@@ -99,10 +117,10 @@ def load_hf(in_dir: str) -> tuple[StateDict, Any]:
     Reads `model.safetensors`, a sharded safetensors index, or (with torch installed) a legacy
     `pytorch_model.bin`. Never touches the network.
     """
-    transformers = torch_env.import_transformers()
+    transformers = common.import_transformers()
 
     config = transformers.AutoConfig.from_pretrained(in_dir, local_files_only=True)
-    from safetensors.numpy import load_file
+    load_file = common.import_safetensors_numpy().load_file
 
     single = os.path.join(in_dir, SAFE_WEIGHTS_NAME)
     index = os.path.join(in_dir, SAFE_WEIGHTS_INDEX_NAME)
@@ -126,4 +144,4 @@ def load_hf(in_dir: str) -> tuple[StateDict, Any]:
                             f"{sorted(os.listdir(in_dir))}.")
 
 
-__all__ = ["SAFE_WEIGHTS_INDEX_NAME", "SAFE_WEIGHTS_NAME", "load_hf", "save_hf"]
+__all__ = ["SAFE_WEIGHTS_INDEX_NAME", "SAFE_WEIGHTS_NAME", "load_hf", "save_hf", "weights_dtype"]

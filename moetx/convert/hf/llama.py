@@ -10,7 +10,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from moetx.util import torch_env
 from moetx.lm.transformer import TransformerConfig
 from moetx.convert.hf import common
 from moetx.convert.hf.common import Dims, Entry, Params, StateDict
@@ -57,8 +56,9 @@ def _llama_dims_from_params(flat: Mapping[str, np.ndarray]) -> Dims:
                 common.num_layers(flat, "decoder"), "decoder/logits_dense/kernel" not in flat)
 
 
-def config_problems(cfg: TransformerConfig) -> list[str]:
-    problems = []
+def config_problems(cfg: TransformerConfig, family: str = "Llama") -> list[str]:
+    """What HF Llama (or `family`, a model built from Llama's blocks) cannot express in `cfg`."""
+    problems = common.block_problems(cfg, family)
     if cfg.num_encoder_layers > 0:
         problems.append("an encoder-decoder (num_encoder_layers > 0); Llama is decoder-only "
                         "(use t5_config_to_hf)")
@@ -100,7 +100,7 @@ def llama_config_to_hf(cfg: TransformerConfig, max_position_embeddings: int = 20
       ValueError: naming every option Llama cannot express.
     """
     common.require(config_problems(cfg), _NOT_LLAMA)
-    transformers = torch_env.import_transformers()
+    transformers = common.import_transformers()
 
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.emb_dim, intermediate_size=cfg.mlp_dim,

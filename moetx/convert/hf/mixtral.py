@@ -9,7 +9,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from moetx.util import torch_env
 from moetx.lm.transformer import TransformerConfig
 from moetx.convert.hf.common import Entry, ExpertEntry, Params, StateDict
 from moetx.convert.hf import common, llama
@@ -33,7 +32,7 @@ _MIXTRAL_FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate\.weight|experts\
 
 
 def _mixtral_problems(cfg: TransformerConfig) -> list[str]:
-    problems = llama.config_problems(cfg)
+    problems = llama.config_problems(cfg, "Mixtral")
     moe = cfg.moe
     if moe is None:
         return problems + ["moe=None (a dense model); export it with llama_config_to_hf"]
@@ -68,7 +67,7 @@ def mixtral_config_to_hf(cfg: TransformerConfig, max_position_embeddings: int = 
         un-renormalised gates, capacity-limited dispatch, ST-MoE extra MLPs, and Llama's list).
     """
     common.require(_mixtral_problems(cfg), _NOT_MIXTRAL)
-    transformers = torch_env.import_transformers()
+    transformers = common.import_transformers()
 
     moe = cfg.moe
     return transformers.MixtralConfig(

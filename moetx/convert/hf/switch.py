@@ -12,7 +12,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from moetx.util import torch_env
 from moetx.lm.transformer import TransformerConfig
 from moetx.convert.hf.common import Entry, ExpertEntry, Params, StateDict
 from moetx.convert.hf import common, t5
@@ -44,13 +43,8 @@ def _switch_num_sparse(cfg: TransformerConfig, num_layers: int) -> int:
 
 
 def _switch_problems(cfg: TransformerConfig) -> list[str]:
-    problems = [p for p in t5.config_problems(cfg) if "mlp_activations" not in p]
-    for name, what in (("primer_share_qk", "Primer's shared QK attention"),
-                       ("ffn_post_norm", "Primer's post-MLP normalisation")):
-        if getattr(cfg, name):
-            problems.append(f"{name}=True; HF SwitchTransformers has no {what}")
-    if cfg.norm_type != "rms":
-        problems.append(f"norm_type={cfg.norm_type!r}; HF SwitchTransformers uses T5's RMSNorm")
+    problems = [p for p in t5.config_problems(cfg, "SwitchTransformers")
+                if "mlp_activations" not in p]
     acts = tuple(cfg.mlp_activations)
     if len(acts) != 1 or acts[0] not in common.MOETX_TO_HF_ACT:
         problems.append(f"mlp_activations={acts}; HF SwitchTransformers' dense MLPs and experts "
@@ -105,7 +99,7 @@ def switch_config_to_hf(cfg: TransformerConfig, expert_capacity: int | None = No
         experts, extra_mlp, BPR, a sparse placement other than every 2nd layer, ...).
     """
     common.require(_switch_problems(cfg), _NOT_SWITCH)
-    transformers = torch_env.import_transformers()
+    transformers = common.import_transformers()
 
     from moetx.moe import routing
 

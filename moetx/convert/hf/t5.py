@@ -10,7 +10,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from moetx.util import torch_env
 from moetx.lm.transformer import TransformerConfig
 from moetx.convert.hf import common
 from moetx.convert.hf.common import ConversionError, Dims, Entry, Params, StateDict
@@ -93,8 +92,9 @@ def _t5_feed_forward_proj(activations: Sequence[str]) -> str:
         "('gelu', 'linear') = 'gated-gelu' (HF cannot gate the exact-erf GELU)")
 
 
-def config_problems(cfg: TransformerConfig) -> list[str]:
-    problems = []
+def config_problems(cfg: TransformerConfig, family: str = "T5") -> list[str]:
+    """What HF T5 (or `family`, a model built from T5's blocks) cannot express in `cfg`."""
+    problems = common.block_problems(cfg, family)
     if cfg.num_encoder_layers <= 0:
         problems.append("num_encoder_layers=0 is decoder-only, T5ForConditionalGeneration needs "
                         "an encoder (export decoder-only models with llama_config_to_hf)")
@@ -129,7 +129,7 @@ def t5_config_to_hf(cfg: TransformerConfig):
       ValueError: naming every option T5 cannot express (RoPE, run-time scaling, Primer, ...).
     """
     common.require(config_problems(cfg), _NOT_T5)
-    transformers = torch_env.import_transformers()
+    transformers = common.import_transformers()
 
     return transformers.T5Config(
         vocab_size=cfg.vocab_size, d_model=cfg.emb_dim, d_kv=cfg.head_dim, d_ff=cfg.mlp_dim,
