@@ -1,5 +1,7 @@
 """Two local processes with `jax.distributed` (gloo CPU collectives) train on one global mesh
-and report the same losses as one process with the same global batch."""
+and report the same losses as one process with the same global batch. (The train command as
+two processes, with a joint checkpoint, preemption and a lost process, is tested in
+tests/reliability/test_multiprocess_faults.py.)"""
 
 import json
 import os
@@ -43,28 +45,3 @@ def test_two_processes_match_one_process(tmp_path):
     assert p0["losses"] == p1["losses"]  # one global computation
     np.testing.assert_allclose(p0["losses"], ref["losses"], rtol=1e-5)
     assert p0["losses"][-1] < p0["losses"][0]
-
-
-def test_train_cli_runs_as_two_processes(tmp_path):
-    """The real entry point with --coordinator_address/--process_count/--process_index: one
-    global (data=2) mesh over both processes, each reading its shard of the task, with a
-    checkpoint written jointly."""
-    from tests.conftest import REPO_ROOT
-
-    port = _free_port()
-    md = tmp_path / "run"
-    args = ["--gin_file=models/decoder_tiny.gin", "--gin_file=runs/pretrain.gin",
-            f"--gin.MODEL_DIR='{md}'", "--gin.MIXTURE_OR_TASK_NAME='moetx_en_causal_lm'",
-            "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.TRAIN_STEPS=3",
-            "--gin.BATCH_SIZE=8", "--gin.LOG_EVERY=1", "--gin.EVAL_STEPS=1",
-            f"--coordinator_address=127.0.0.1:{port}", "--process_count=2"]
-    procs = [subprocess.Popen([sys.executable, "-m", "moetx.cli.train", *args,
-                               f"--process_index={i}"], cwd=REPO_ROOT, env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(2)]
-    logs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
-    assert "mesh {'data': 2, 'expert': 1, 'model': 1}; 2 process(es), 2 device(s)" in logs[0]
-    assert logs[0].count("[train] step") == 3 and "[train] step" not in logs[1]
-    assert (md / "checkpoint_3" / "state").is_dir()
