@@ -1,13 +1,25 @@
-"""Training metrics: throughput, model FLOPs and MFU, TensorBoard (clu) and a console line."""
+"""Training metrics: throughput, model FLOPs and MFU, metric writers and a console line.
+
+Where scalars go is chosen by gin: `MetricWriter.writers` lists writers by name —
+`'tensorboard'` (the default: TensorBoard event files through clu), `'jsonl'`
+(`<logdir>/metrics.jsonl`, one `{"step": ..., "<name>": value, ...}` object per write) and `'csv'`
+(`<logdir>/metrics.csv`, rows of step, name, value) — or as a callable `logdir -> writer`, e.g.
+a gin reference to any `clu.metric_writers` writer (anything with `write_scalars(step, dict)`,
+`flush()` and `close()`).
+"""
 
 from __future__ import annotations
 
+import csv
 import functools
+import json
 import math
+import os
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,22 +75,91 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-class MetricWriter:
-    """TensorBoard scalars through clu (process 0 only) plus a console progress line."""
+class JsonlWriter:
+    """Scalars as JSON lines in `<logdir>/metrics.jsonl` (appended: a resumed run continues
+    the file)."""
 
-    def __init__(self, logdir: str | None, total_steps: int, prefix: str = "train"):
-        self.total_steps = total_steps
-        self.prefix = prefix
-        self._writer = None
-        if logdir and jax.process_index() == 0:
-            from clu import metric_writers
-
-            self._writer = metric_writers.SummaryWriter(logdir)
+    def __init__(self, logdir: str):
+        os.makedirs(logdir, exist_ok=True)
+        self.path = os.path.join(logdir, "metrics.jsonl")
+        self._file = open(self.path, "a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-        if self._writer is not None:
-            self._writer.write_scalars(step, {k: float(v) for k, v in scalars.items()})
-            self._writer.flush()
+        self._file.write(json.dumps({"step": int(step), **scalars}) + "\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class CsvWriter:
+    """Scalars as `step,name,value` rows of `<logdir>/metrics.csv` (appended)."""
+
+    def __init__(self, logdir: str):
+        os.makedirs(logdir, exist_ok=True)
+        self.path = os.path.join(logdir, "metrics.csv")
+        new = not os.path.exists(self.path)
+        self._file = open(self.path, "a", newline="")
+        self._csv = csv.writer(self._file)
+        if new:
+            self._csv.writerow(["step", "name", "value"])
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        for name, value in scalars.items():
+            self._csv.writerow([int(step), name, repr(float(value))])
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _tensorboard(logdir: str):
+    from clu import metric_writers
+
+    return metric_writers.SummaryWriter(logdir)
+
+
+WRITERS: dict[str, Callable[[str], Any]] = {
+    "tensorboard": _tensorboard, "jsonl": JsonlWriter, "csv": CsvWriter}
+
+
+def make_writer(kind: str | Callable[[str], Any], logdir: str):
+    """The writer named `kind` (a key of `WRITERS`) or made by the callable `kind(logdir)`."""
+    if callable(kind):
+        return kind(logdir)
+    if kind not in WRITERS:
+        raise ValueError(f"MetricWriter.writers: unknown writer {kind!r}; choose from "
+                         f"{', '.join(sorted(WRITERS))}, or give a callable logdir -> writer.")
+    return WRITERS[kind](logdir)
+
+
+@gin.configurable
+class MetricWriter:
+    """Scalars to the chosen writers (process 0 only; see the module docstring) plus a console
+    progress line."""
+
+    def __init__(self, logdir: str | None, total_steps: int, prefix: str = "train",
+                 writers: Sequence[str | Callable[[str], Any]] = ("tensorboard",)):
+        if isinstance(writers, str) or callable(writers):
+            writers = (writers,)
+        for kind in writers:
+            if not callable(kind) and kind not in WRITERS:
+                make_writer(kind, "")  # raises, naming the choices
+        self.total_steps = total_steps
+        self.prefix = prefix
+        self._writers = []
+        if logdir and jax.process_index() == 0:
+            self._writers = [make_writer(kind, logdir) for kind in writers]
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        values = {k: float(v) for k, v in scalars.items()}
+        for writer in self._writers:
+            writer.write_scalars(step, values)
+            writer.flush()
 
     def progress(self, step: int, scalars: Mapping[str, float], eta_seconds: float) -> None:
         """`[train] step 10/100 (10%) | loss 2.3456 | acc 0.123 | 1.23 steps/s |
@@ -104,5 +185,5 @@ class MetricWriter:
         print(" | ".join(parts), file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        for writer in self._writers:
+            writer.close()
