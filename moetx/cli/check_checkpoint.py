@@ -8,8 +8,6 @@ bad argument. `--size-only` skips the CRC-32 of every file (fast on large checkp
 import argparse
 import sys
 
-from moetx.trainer import checkpoints
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="moetx-check-checkpoint", description=__doc__.split(
@@ -18,6 +16,8 @@ def main(argv=None) -> int:
     parser.add_argument("--size-only", action="store_true",
                         help="compare file sizes with the manifest, not checksums")
     args = parser.parse_args(argv)
+    from moetx.trainer import checkpoints  # after parsing: --help without JAX
+
     try:
         rows = checkpoints.check_all(args.model_dir, checksums=not args.size_only)
     except FileNotFoundError as e:

@@ -10,12 +10,10 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m moetx.cli.data",
+        prog="moetx-data",
         description="Fetch moetx's bundled data (corpus, vocabulary, FLAN datasets, images, "
                     "the MSLR ranking sample).",
     )
@@ -27,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
                         action="append", help="fetch only these parts (repeatable; default: all)")
     args = parser.parse_args(argv)
     parts = set(args.only or ("corpus", "flan", "vision", "ranking"))
+    import numpy as np
+
     from moetx.datasets import corpora, registry
 
     try:

@@ -11,9 +11,16 @@ library function is `moetx.trainer.eval.evaluate` (gin name `evaluate`).
 import sys
 
 from moetx.cli import flags
-from moetx.trainer import eval as eval_lib
 
-main = flags.gin_command(eval_lib.evaluate)
+
+def load():
+    """The library function, imported only after the flags are parsed (a fast --help)."""
+    from moetx.trainer import eval as eval_lib
+
+    return eval_lib.evaluate
+
+
+main = flags.gin_command(load, "moetx-eval", __doc__)
 
 
 if __name__ == "__main__":

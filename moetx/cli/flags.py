@@ -1,20 +1,32 @@
 """The one implementation of moetx's command-line flags: T5X-style gin flags, clear one-line
 errors, task registration and multi-host initialisation, shared by every `moetx.cli` command.
 
-Flags (as in T5X):
+Flags (as in T5X, with T5X's meanings):
   --gin_file=F             (repeatable) a gin file; looked up in --gin_search_paths and in
                            moetx's own `gin/` directory.
-  --gin_search_paths=A,B   extra directories for gin files and includes.
+  --gin_search_paths=A,B   extra directories for gin files and includes (repeatable).
   --gin_bindings='X = V'   (repeatable) a raw gin binding.
   --gin.NAME=VALUE         rewritten to the binding `NAME = VALUE` (macros and configurables).
+  --tfds_data_dir=D        TFDS data directory of every task (`seqio.set_tfds_data_dir_override`).
+  --seqio_additional_cache_dirs=A,B
+                           more directories with cached SeqIO tasks (`seqio.add_global_cache_dirs`).
+  --alsologtostderr, --logtostderr
+                           absl / Python logging at INFO and above to stderr.
   --coordinator_address=H:P, --process_count=N, --process_index=I
                            start `jax.distributed` on that address (also read from
                            MOETX_COORDINATOR_ADDRESS, MOETX_PROCESS_COUNT, MOETX_PROCESS_INDEX).
   --multiprocess           without --coordinator_address: start `jax.distributed` through
                            JAX's cluster auto-detection (SLURM, Open MPI, Cloud TPU, GKE).
+                           `--multiprocess_gpu` (T5X's name) is the same flag.
   --heartbeat_timeout_seconds=S
                            a process silent for S seconds is declared dead and the others end
                            (default 60; also MOETX_HEARTBEAT_TIMEOUT_SECONDS).
+  -h, --help               the flags, then the gin macros of the --gin_file files given with it
+                           (name and default, or REQUIRED), read as text: nothing heavy is
+                           imported, so it prints at once.
+
+This module imports no JAX, TensorFlow or SeqIO at import time (only gin): the commands parse
+their flags (and answer --help) before they import their library (see `gin_command`).
 """
 
 from __future__ import annotations
@@ -33,8 +45,6 @@ from typing import Callable, Sequence
 
 import gin
 
-from moetx.datasets.registry import FetchError
-from moetx.trainer import preemption
 from moetx.util import gin_files
 
 GIN_DIR = gin_files.GIN_DIR
@@ -49,23 +59,77 @@ _NUMBER_TYPES = (int, float)
 DEFAULT_IMPORTS = ("moetx.lm.models",)
 
 
+
 class UserError(Exception):
     """A configuration or input error reported as one line, without a traceback."""
 
 
-def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(add_help=True)
-    parser.add_argument("--gin_file", action="append", default=[])
-    parser.add_argument("--gin_search_paths", default="")
-    parser.add_argument("--gin_bindings", action="append", default=[])
-    parser.add_argument("--multiprocess", action="store_true")
-    parser.add_argument("--coordinator_address", default=os.environ.get(
-        "MOETX_COORDINATOR_ADDRESS"))
-    parser.add_argument("--process_count", type=int, default=_env_int("MOETX_PROCESS_COUNT"))
-    parser.add_argument("--process_index", type=int, default=_env_int("MOETX_PROCESS_INDEX"))
-    parser.add_argument("--heartbeat_timeout_seconds", type=int,
-                        default=_env_int("MOETX_HEARTBEAT_TIMEOUT_SECONDS")
-                        or DEFAULT_HEARTBEAT_TIMEOUT_SECONDS)
+_EPILOG = """\
+gin:
+  --gin.NAME=VALUE          set a gin macro or parameter (`--gin.TRAIN_STEPS=100`,
+                            `--gin.MODEL_DIR="'runs/x'"`, `--gin.train.seed=1`); strings keep
+                            their quotes. Same as --gin_bindings='NAME = VALUE'.
+  moetx's own gin files are found by their relative names: models/, runs/, vision/,
+  ranking/ and search/ under {gin_dir}.
+  Give --gin_file=... together with --help to list the gin macros of those files.
+"""
+
+
+def build_parser(prog: str | None = None, description: str | None = None
+                 ) -> argparse.ArgumentParser:
+    """The argument parser of the gin commands (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EPILOG.format(gin_dir=GIN_DIR))
+    parser.add_argument("-h", "--help", action="store_true",
+                        help="show this help (with the gin macros of the --gin_file files "
+                             "given) and exit")
+    gin_group = parser.add_argument_group("gin (as in T5X)")
+    gin_group.add_argument("--gin_file", action="append", default=[], metavar="FILE",
+                           help="a gin file (repeatable; later files override earlier ones)")
+    gin_group.add_argument("--gin_search_paths", action="append", default=[], metavar="A,B",
+                           help="comma-separated directories to look gin files and includes "
+                                "up in, before moetx's gin/ and the working directory")
+    gin_group.add_argument("--gin_bindings", action="append", default=[], metavar="'X = V'",
+                           help="a gin binding (repeatable)")
+    data_group = parser.add_argument_group("data and logging (as in T5X)")
+    data_group.add_argument("--tfds_data_dir", default=None, metavar="DIR",
+                            help="TFDS data directory of every task "
+                                 "(seqio.set_tfds_data_dir_override)")
+    data_group.add_argument("--seqio_additional_cache_dirs", action="append", default=[],
+                            metavar="A,B", help="comma-separated directories with cached SeqIO "
+                                                "tasks, searched besides the defaults")
+    data_group.add_argument("--alsologtostderr", action="store_true",
+                            help="absl / Python logging at INFO and above to stderr")
+    data_group.add_argument("--logtostderr", action="store_true",
+                            help="the same as --alsologtostderr (there are no log files)")
+    dist = parser.add_argument_group("several processes")
+    dist.add_argument("--multiprocess", "--multiprocess_gpu", action="store_true",
+                      dest="multiprocess",
+                      help="start jax.distributed: on --coordinator_address when given, else "
+                           "through JAX's cluster auto-detection (SLURM, Open MPI, Cloud TPU, "
+                           "GKE); --multiprocess_gpu is T5X's name for it")
+    dist.add_argument("--coordinator_address", default=os.environ.get(
+        "MOETX_COORDINATOR_ADDRESS"), metavar="HOST:PORT",
+        help="coordinator of a multi-process run (or MOETX_COORDINATOR_ADDRESS)")
+    dist.add_argument("--process_count", type=int, default=_env_int("MOETX_PROCESS_COUNT"),
+                      metavar="N", help="number of processes (or MOETX_PROCESS_COUNT)")
+    dist.add_argument("--process_index", type=int, default=_env_int("MOETX_PROCESS_INDEX"),
+                      metavar="I", help="this process's index (or MOETX_PROCESS_INDEX)")
+    dist.add_argument("--heartbeat_timeout_seconds", type=int,
+                      default=_env_int("MOETX_HEARTBEAT_TIMEOUT_SECONDS")
+                      or DEFAULT_HEARTBEAT_TIMEOUT_SECONDS, metavar="S",
+                      help="a process silent for S seconds is declared dead (default "
+                           f"{DEFAULT_HEARTBEAT_TIMEOUT_SECONDS})")
+    return parser
+
+
+def parse_flags(argv: Sequence[str], prog: str | None = None,
+                description: str | None = None) -> argparse.Namespace:
+    """The flags of `argv`. With -h/--help, prints the help and the gin macros of the
+    --gin_file files given and exits (SystemExit(0)), importing nothing heavy."""
+    parser = build_parser(prog, description)
     gin_dot = []
     rest = []
     for arg in argv:
@@ -74,9 +138,44 @@ def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
             gin_dot.append((m.group(1), m.group(2)))
         else:
             rest.append(arg)
-    args = parser.parse_args(rest)
+    if "-h" in rest or "--help" in rest:
+        args, _ = parser.parse_known_args(rest)
+    else:
+        args = parser.parse_args(rest)
     args.gin_dot = gin_dot
+    args.gin_search_paths = ",".join(p for p in args.gin_search_paths if p)
+    args.seqio_additional_cache_dirs = [
+        d for v in args.seqio_additional_cache_dirs for d in v.split(",") if d]
+    if args.help:
+        sys.stdout.write(parser.format_help() + "\n" + gin_macros_help(args))
+        sys.stdout.flush()
+        raise SystemExit(0)
     return args
+
+
+def gin_macros_help(args: argparse.Namespace) -> str:
+    """The --help section listing the gin macros of `args.gin_file` (after the --gin.NAME
+    overrides given), required ones first, read as text (`gin_files.scan_macros`)."""
+    if not args.gin_file:
+        return ("gin macros: give --gin_file=... with --help to list the gin macros of those "
+                "files.\n")
+    try:
+        macros = gin_files.scan_macros(args.gin_file, args.gin_search_paths.split(","))
+    except (OSError, SyntaxError, ValueError) as e:
+        return f"gin macros: cannot read the gin files ({_one_line(e)}).\n"
+    values = {m.name: m for m in macros}
+    for name, value in args.gin_dot:
+        if name in values:
+            values[name] = values[name]._replace(value=value.strip(), file="--gin." + name)
+    if not values:
+        return f"gin macros of {', '.join(args.gin_file)}: none.\n"
+    width = max(len(n) for n in values) + 2
+    lines = [f"gin macros of {', '.join(args.gin_file)} (set with --gin.NAME=VALUE):"]
+    for m in sorted(values.values(), key=lambda m: not m.required):
+        value = m.value if len(m.value) <= 48 else m.value[:45] + "..."
+        lines.append(f"  {m.name:<{width}}{value:<30} ({m.file})" if not m.required
+                     else f"  {m.name:<{width}}REQUIRED")
+    return "\n".join(lines) + "\n"
 
 
 def _env_int(name: str) -> int | None:
@@ -287,13 +386,41 @@ def register_tasks() -> None:
     ranking_tasks.register_default_tasks()
 
 
+def apply_t5x_flags(args: argparse.Namespace) -> None:
+    """Acts on T5X's data and logging flags: --alsologtostderr / --logtostderr (absl and Python
+    logging at INFO to stderr), --tfds_data_dir (`seqio.set_tfds_data_dir_override`) and
+    --seqio_additional_cache_dirs (`seqio.add_global_cache_dirs`). SeqIO is imported only when
+    one of them is given."""
+    if getattr(args, "alsologtostderr", False) or getattr(args, "logtostderr", False):
+        from absl import flags as absl_flags
+        from absl import logging as absl_logging
+
+        absl_flags.FLAGS([sys.argv[0] or "moetx", "--alsologtostderr"], known_only=True)
+        absl_logging.use_absl_handler()
+        absl_logging.set_verbosity(absl_logging.INFO)
+    tfds_dir = getattr(args, "tfds_data_dir", None)
+    cache_dirs = list(getattr(args, "seqio_additional_cache_dirs", ()) or ())
+    if tfds_dir or cache_dirs:
+        import seqio
+
+        if tfds_dir:
+            seqio.set_tfds_data_dir_override(tfds_dir)
+        if cache_dirs:
+            seqio.add_global_cache_dirs(cache_dirs)
+
+
 def run(main_fn: Callable[[argparse.Namespace], None], argv: Sequence[str] | None = None,
-        module_imports: Sequence[str] = DEFAULT_IMPORTS) -> int:
+        module_imports: Sequence[str] = DEFAULT_IMPORTS, *, prog: str | None = None,
+        description: str | None = None) -> int:
     """Parses flags and gin, runs `main_fn`, and reports user errors as one line (exit 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_flags(argv, prog, description)  # --help ends here, before any heavy import
+    from moetx.datasets.registry import FetchError
+    from moetx.trainer import preemption
+
     try:
-        args = parse_flags(argv)
         maybe_initialize_distributed(args)
+        apply_t5x_flags(args)
         register_tasks()
         parse_gin(args, module_imports)
         main_fn(args)
@@ -310,12 +437,18 @@ def run(main_fn: Callable[[argparse.Namespace], None], argv: Sequence[str] | Non
     return 0
 
 
-def gin_command(fn: Callable[[], object]) -> Callable[[Sequence[str] | None], int]:
-    """`main(argv) -> exit status` of a command that parses the gin flags and calls the
-    gin-configured library function `fn` (e.g. `moetx.trainer.train.train`)."""
+def gin_command(load: Callable[[], Callable[[], object]], prog: str | None = None,
+                description: str | None = None) -> Callable[[Sequence[str] | None], int]:
+    """`main(argv) -> exit status` of a command that parses the gin flags and calls a
+    gin-configured library function. `load()` imports the library and returns the function
+    (e.g. `moetx.trainer.eval.evaluate`); it is called only after the flags are parsed, so
+    `--help` and a bad flag are answered without importing JAX, TensorFlow or SeqIO."""
 
     def main(argv: Sequence[str] | None = None) -> int:
-        return run(lambda args: fn(), argv)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        parse_flags(argv, prog, description)
+        fn = load()
+        return run(lambda args: fn(), argv, prog=prog, description=description)
 
-    main.__doc__ = f"Parses the gin flags in `argv` and runs `{fn.__module__}.{fn.__name__}`."
+    main.__doc__ = "Parses the gin flags in `argv`, then imports and runs the command's library."
     return main

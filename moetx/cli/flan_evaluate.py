@@ -10,9 +10,16 @@ The library function is `moetx.pipelines.flan_eval.evaluate_flan`.
 import sys
 
 from moetx.cli import flags
-from moetx.pipelines import flan_eval
 
-main = flags.gin_command(flan_eval.evaluate_flan)
+
+def load():
+    """The library function, imported only after the flags are parsed (a fast --help)."""
+    from moetx.pipelines import flan_eval
+
+    return flan_eval.evaluate_flan
+
+
+main = flags.gin_command(load, "moetx-flan-evaluate", __doc__)
 
 
 if __name__ == "__main__":

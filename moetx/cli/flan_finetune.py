@@ -15,7 +15,7 @@ from moetx.pipelines import flan_finetune
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moetx.cli.flan_finetune",
+    parser = argparse.ArgumentParser(prog="moetx-flan-finetune",
                                      description="Start a FLAN finetuning run from a pretrained checkpoint.")
     parser.add_argument("--init_checkpoint", required=True)
     parser.add_argument("--model_dir", required=True)

@@ -12,18 +12,25 @@ Modes: `predict` writes {"prompt", "output", "output_ids"} per line; `score` wri
 import sys
 
 from moetx.cli import flags
-from moetx.lm import infer
+
+PROG = "moetx-infer"
 
 
 def run(args) -> None:
     del args
+    from moetx.lm import infer
+
     for r in infer.infer():
         if "output" in r:
             print(f"{r['prompt']} ▸ {r['output']}", flush=True)
 
 
 def main(argv=None) -> int:
-    return flags.run(run, argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags.parse_flags(argv, PROG, __doc__)  # --help and bad flags: before the heavy imports
+    from moetx.lm import infer  # noqa: F401  (registers `infer` with gin before parsing)
+
+    return flags.run(run, argv, prog=PROG, description=__doc__)
 
 
 if __name__ == "__main__":

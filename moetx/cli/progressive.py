@@ -9,9 +9,16 @@ The library function is `moetx.pipelines.progressive.run`.
 import sys
 
 from moetx.cli import flags
-from moetx.pipelines import progressive
 
-main = flags.gin_command(progressive.run)
+
+def load():
+    """The library function, imported only after the flags are parsed (a fast --help)."""
+    from moetx.pipelines import progressive
+
+    return progressive.run
+
+
+main = flags.gin_command(load, "moetx-progressive", __doc__)
 
 
 if __name__ == "__main__":

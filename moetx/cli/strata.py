@@ -10,9 +10,16 @@ The library function is `moetx.pipelines.strata.run.run_pipeline`.
 import sys
 
 from moetx.cli import flags
-from moetx.pipelines.strata import run as strata_run
 
-main = flags.gin_command(strata_run.run_pipeline)
+
+def load():
+    """The library function, imported only after the flags are parsed (a fast --help)."""
+    from moetx.pipelines.strata import run as strata_run
+
+    return strata_run.run_pipeline
+
+
+main = flags.gin_command(load, "moetx-strata", __doc__)
 
 
 if __name__ == "__main__":

@@ -15,21 +15,36 @@ them to resume from the last checkpoint). On several processes, start one per ho
 --coordinator_address=H:P --process_count=N --process_index=I, or with --multiprocess alone on
 a cluster JAX detects (SLURM, Open MPI, Cloud TPU, GKE); see `moetx.trainer.preemption` for
 how the processes stop together and what happens when one dies.
+
+When it starts, the run writes its gin configuration to `MODEL_DIR/config.gin` (as T5X does;
+process 0). Resuming with the same configuration leaves the file alone; with a different one
+the earlier file is kept as `config.gin.<n>` (the lowest free n).
+
+`--help` lists the flags and, with --gin_file=..., those files' gin macros (REQUIRED first).
 """
 
 import sys
 from typing import Sequence
 
 from moetx.cli import flags
-from moetx.trainer import preemption, train
+
+PROG = "moetx-train"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parses the gin flags in `argv` and runs `moetx.trainer.train.train`; returns the exit
     status (a failed process of a multi-process run ends at once instead, see
     `preemption.run_command`)."""
-    return preemption.run_command(lambda: flags.run(
-        lambda args: preemption.raising_peer_lost(train.train), argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags.parse_flags(argv, PROG, __doc__)  # --help and bad flags: before the heavy imports
+    from moetx.trainer import preemption, train
+
+    def run_train(args) -> None:
+        del args
+        preemption.raising_peer_lost(train.train)
+
+    return preemption.run_command(lambda: flags.run(run_train, argv, prog=PROG,
+                                                    description=__doc__))
 
 
 if __name__ == "__main__":

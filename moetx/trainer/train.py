@@ -30,6 +30,7 @@ from moetx.trainer import (
     run_lock,
     trainer as trainer_lib,
 )
+from moetx.util import gin_files
 
 
 def build_trainer(model, dataset_cfg: data.DatasetConfig,
@@ -106,6 +107,9 @@ def train(
     fresh state to the state a new run starts from (another checkpoint's parameters, possibly
     upcycled); it is not used when MODEL_DIR already holds a checkpoint to resume.
 
+    The run's gin configuration is written to `model_dir/config.gin` when it starts (as T5X
+    does; `gin_files.write_config_gin` keeps a different earlier one as `config.gin.<n>`).
+
     SIGTERM or SIGINT during training saves a checkpoint of the step in progress and raises
     `preemption.Preempted` (the command line exits with status 75); on several processes they
     agree on the step every `preemption_check_every` steps.
@@ -140,6 +144,11 @@ def train(
     lock = run_lock.RunLock(model_dir, enabled=jax.process_index() == 0)
     lock.acquire()
     try:
+        if jax.process_index() == 0:
+            moved = gin_files.write_config_gin(model_dir, gin.config_str())
+            if moved:
+                log(f"moetx: {model_dir}/config.gin differs from this run's configuration; the "
+                    f"earlier one is now {os.path.basename(moved)}.")
         ckpt = checkpoints.Checkpointer(model_dir, save_every, keep_checkpoints)
         latest = ckpt.latest_intact_step()
         if latest is not None:
