@@ -292,14 +292,16 @@ def check_binding_types() -> None:
     """Refuses a bound value whose kind the configurable's annotation rules out (a float or a
     string for an `int`, a string for a sequence of names, ...): one `UserError` naming the
     binding and the macro it came from, instead of a TypeError deep inside the run. Values that
-    are references (`@fn()`) and annotations other than plain ones are not checked."""
+    are references (`@fn()`) or None, and annotations other than plain ones, are not checked."""
     for selector, param in _BINDING_LINE.findall(gin.config_str()):
         allowed = _allowed_kinds(selector, param)
         if allowed is None:
             continue
         value, macros = _resolve_macros(gin.query_parameter(f"{selector}.{param}"))
         kind = _value_kind(value)
-        if kind is None or kind in allowed:
+        # None is how gin files leave a setting unset for commands that do not use it (e.g.
+        # `MODEL_DIR = None` in an eval-only file): left to the configurable to refuse.
+        if kind is None or kind == "none" or kind in allowed:
             continue
         via = "".join(f" = %{m}" for m in macros)
         wanted = " or ".join(_KIND_NAMES[k] for k in sorted(allowed, key=list(_KIND_NAMES).index))

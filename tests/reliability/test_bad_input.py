@@ -272,3 +272,20 @@ def test_a_train_split_whose_examples_are_all_filtered_out_stops_before_the_firs
                          "filtered out" in _error_line(err), err[-2000:]
     assert "[train] step" not in err and not list(model_dir.glob("checkpoint_*"))
     assert not (model_dir / ".moetx_run.lock").exists()
+
+
+@pytest.mark.usefixtures("clean_gin")
+def test_none_leaves_a_setting_unset_for_commands_that_do_not_use_it():
+    """An eval-only gin file sets `MODEL_DIR = None` (read by `train`, which eval never calls):
+    not a type error."""
+    import gin
+
+    from moetx.cli import flags
+    from moetx.trainer import train  # noqa: F401  (registers `train`)
+
+    gin.parse_config("MODEL_DIR = None\ntrain.model_dir = %MODEL_DIR\ntrain.log_every = '10'")
+    with pytest.raises(flags.UserError, match="log_every takes an int, not a string"):
+        flags.check_binding_types()
+    gin.clear_config(clear_constants=False)
+    gin.parse_config("MODEL_DIR = None\ntrain.model_dir = %MODEL_DIR")
+    flags.check_binding_types()
