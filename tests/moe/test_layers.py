@@ -25,16 +25,29 @@ def _init(layer, x):
     return layer.init({"params": jax.random.PRNGKey(0)}, x)["params"]
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_masked_scatter_dropless_agree_without_drops(k):
+@pytest.fixture(scope="module")
+def layer_input_and_params():
+    """One input and one initialisation for both k (the parameters do not depend on k)."""
     x = jnp.asarray(np.random.RandomState(0).randn(2, 16, 8), jnp.float32)
-    params = _init(_layer(num_selected_experts=k), x)
+    return x, _init(_layer(), x)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_masked_scatter_dropless_agree_without_drops(k, layer_input_and_params):
+    x, params = layer_input_and_params
+    # The output and its gradient from one jitted program per path (op by op, every primitive
+    # is compiled on its own: several times slower).
     outs, grads = [], []
     for dispatch in ("masked", "scatter", "dropless"):
         layer = _layer(dispatch, num_selected_experts=k)
-        f = lambda p, x: jnp.sum(jnp.sin(layer.apply({"params": p}, x)))  # noqa: E731
-        outs.append(layer.apply({"params": params}, x))
-        grads.append(jax.grad(f, argnums=(0, 1))(params, x))
+
+        def f(p, x, layer=layer):
+            y = layer.apply({"params": p}, x)
+            return jnp.sum(jnp.sin(y)), y
+
+        (_, out), grad = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, x)
+        outs.append(out)
+        grads.append(grad)
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], atol=1e-5)
     for g in grads[1:]:
@@ -105,7 +118,9 @@ def _moe_model():
     return models.DecoderOnlyModel(cfg, loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
 
 
-def _loss_and_grads(trainer, batch):
+def _loss_and_grads(trainer, params, batch):
+    """Loss and gradients of `params`, placed in the trainer's parameter shardings (the layout
+    `init_state` creates them in), computed under its mesh and rules; and the placed params."""
     model = trainer.model
 
     def f(params, b):
@@ -114,21 +129,24 @@ def _loss_and_grads(trainer, batch):
             return jax.value_and_grad(
                 lambda p: model.loss_fn(p, b, jax.random.PRNGKey(3), w, factor)[0])(params)
 
-    state = trainer.init_state()
+    placed = jax.device_put(params, trainer.state_shardings.params)
     with trainer.mesh:
         fn = jax.jit(f, in_shardings=(trainer.state_shardings.params, trainer.batch_shardings))
-        return jax.device_get(fn(state.params, trainer.to_global(batch))), state
+        return jax.device_get(fn(placed, trainer.to_global(batch))), placed
 
 
 def test_expert_parallelism_matches_single_device():
     model = _moe_model()
     batch = packed_batch(8, 32, seed=4)
-    (ref_loss, ref_grads), _ = _loss_and_grads(make_trainer(model, (1, 1, 1)), batch)
-    (loss, grads), state = _loss_and_grads(make_trainer(model, (2, 4, 1)), batch)
+    # One initialisation for both layouts (rather than two `init_state` programs to compile).
+    params = nn.unbox(jax.jit(lambda: model.get_initial_variables(
+        jax.random.PRNGKey(0), model.input_shapes(8, 32))["params"])())
+    (ref_loss, ref_grads), _ = _loss_and_grads(make_trainer(model, (1, 1, 1)), params, batch)
+    (loss, grads), placed = _loss_and_grads(make_trainer(model, (2, 4, 1)), params, batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
                            grads, ref_grads)
-    wi = state.params["decoder"]["layers_1"]["mlp"]["expert"]["wi_0"]["kernel"]
+    wi = placed["decoder"]["layers_1"]["mlp"]["expert"]["wi_0"]["kernel"]
     assert wi.sharding.spec == P("expert", None, "model")  # expert_mlp -> model (size 1 here)
     assert {s.data.shape for s in wi.addressable_shards} == {(1, 32, 64)}
 
@@ -136,10 +154,12 @@ def test_expert_parallelism_matches_single_device():
 def test_router_losses_are_in_the_loss_and_jitter_needs_its_rng():
     model = _moe_model()
     batch = {k: jnp.asarray(v) for k, v in packed_batch(4, 32, seed=5).items()}
-    params = nn.unbox(model.get_initial_variables(jax.random.PRNGKey(0),
-                                                  model.input_shapes(4, 32))["params"])
+    # Jitted (op by op, every primitive of the decoder would be compiled on its own).
+    params = nn.unbox(jax.jit(lambda: model.get_initial_variables(
+        jax.random.PRNGKey(0), model.input_shapes(4, 32))["params"])())
     w, f = model.loss_weights_and_factor(batch)
-    loss, (sums, _) = model.loss_fn(params, batch, jax.random.PRNGKey(1), w, f)
+    loss, (sums, _) = jax.jit(
+        lambda p, b, rng: model.loss_fn(p, b, rng, w, f))(params, batch, jax.random.PRNGKey(1))
     expected = (sums["cross_ent_sum"] + sums["z_loss_sum"]) / f + (
         1e-2 * sums["moe_aux_loss"] + 1e-3 * sums["moe_router_z_loss"])
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
@@ -148,11 +168,13 @@ def test_router_losses_are_in_the_loss_and_jitter_needs_its_rng():
         **{**model.config.__dict__,
            "moe": moe_layers.MoeConfig(**{**model.config.moe.__dict__, "jitter_noise": 0.1})}),
         loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
-    a = jittery.loss_fn(params, batch, jax.random.PRNGKey(1), w, f)[0]
-    b = jittery.loss_fn(params, batch, jax.random.PRNGKey(2), w, f)[0]
+    jittery_loss = jax.jit(lambda p, b, rng: jittery.loss_fn(p, b, rng, w, f)[0])
+    a = jittery_loss(params, batch, jax.random.PRNGKey(1))
+    b = jittery_loss(params, batch, jax.random.PRNGKey(2))
     assert float(a) != float(b)  # jitter is applied in training (it has its rng stream)
-    np.testing.assert_allclose(jittery.eval_fn(params, batch)["cross_ent_sum"],
-                               model.eval_fn(params, batch)["cross_ent_sum"], rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(jittery.eval_fn)(params, batch)["cross_ent_sum"],
+                               jax.jit(model.eval_fn)(params, batch)["cross_ent_sum"],
+                               rtol=1e-6)
 
 
 def test_rules_place_expert_buffers():

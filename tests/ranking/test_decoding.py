@@ -2,6 +2,7 @@
 placed and padding items get no mass, a slate's log-probability is the sum of its steps', and
 greedy decoding, sampling and beam search agree with exact enumeration."""
 
+import functools
 import itertools
 
 import jax
@@ -20,7 +21,10 @@ sample = jax.jit(decoding.sample, static_argnums=0)
 beam_search = jax.jit(decoding.beam_search, static_argnums=(0, 4))
 
 
+@functools.lru_cache(maxsize=None)
 def _network(encoder: str, num_glimpses: int = 1, n: int = 4):
+    """The network and its parameters, built once per configuration for the whole module (the
+    tests only read them)."""
     cfg = networks.Seq2SlateConfig(encoder=encoder, hidden_dim=8, num_layers=1, num_heads=2,
                                    mlp_dim=16, num_glimpses=num_glimpses)
     net = networks.Seq2SlateNetwork(cfg)

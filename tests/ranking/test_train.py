@@ -3,6 +3,7 @@ TensorBoard, checkpoints, and a run resumed from its checkpoint that ends exactl
 uninterrupted one does."""
 
 import gin
+import jax
 import pytest
 
 from moetx.cli import flags as cli
@@ -11,10 +12,10 @@ from tests.conftest import event_tags
 
 SMALL = ["--gin.HIDDEN_DIM=8", "--gin.TRAIN_SESSIONS_PER_QUERY=2",
          "--gin.TEST_SESSIONS_PER_QUERY=1", "--gin.BATCH_SIZE=16", "--gin.EVAL_STEPS=2",
-         "--gin.EVAL_EVERY=0", "--gin.LOG_EVERY=1", "--gin.SAVE_EVERY=3", "--gin.WARMUP_STEPS=1",
+         "--gin.EVAL_EVERY=0", "--gin.LOG_EVERY=1", "--gin.SAVE_EVERY=2", "--gin.WARMUP_STEPS=1",
          "--gin.LEARNING_RATE=1e-2", "--gin.CLICK_MODEL='diversity'",
-         # The schedule of a 6-step run also for the run stopped at step 3.
-         "--gin.warmup_cosine_schedule.decay_steps=6"]
+         # The schedule of a 4-step run also for the run stopped at step 2.
+         "--gin.warmup_cosine_schedule.decay_steps=4"]
 
 
 def _train(model_gin: str, model_dir, steps: int, *extra: str) -> dict:
@@ -26,24 +27,44 @@ def _train(model_gin: str, model_dir, steps: int, *extra: str) -> dict:
     return train.train()
 
 
-@pytest.mark.usefixtures("clean_gin")
+@pytest.fixture
+def compilation_cache(tmp_path):
+    """JAX's persistent compilation cache in `tmp_path` for the test: the commands of one test
+    compile the same programs (init, train and eval steps, the checkpoint's slices); each
+    program is compiled once and loaded by the later commands. Only saves time (a loaded
+    executable is the compiled one); the previous settings are restored afterwards."""
+    from jax._src import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {n: getattr(jax.config, n) for n in names}
+    for name, value in zip(names, (str(tmp_path / "jax_cache"), 0.0, -1)):
+        jax.config.update(name, value)
+    cc.reset_cache()
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+
+
+@pytest.mark.usefixtures("clean_gin", "compilation_cache")
 def test_reinforce_run_resumes_exactly(tmp_path, capsys):
-    """REINFORCE with the moving-average baseline (model state in the checkpoint): 3 steps, then
-    a second command that restores checkpoint_3 and runs to 6, evaluates exactly like 6 steps
+    """REINFORCE with the moving-average baseline (model state in the checkpoint): 2 steps, then
+    a second command that restores checkpoint_2 and runs to 4, evaluates exactly like 4 steps
     in one go; the eval command on the checkpoint (ranking/eval.gin) gives the same numbers."""
     reinforce = ["--gin.OBJECTIVE='reinforce'", "--gin.BASELINE='moving_average'"]
-    straight = _train("seq2slate", tmp_path / "straight", 6, *reinforce)
-    _train("seq2slate", tmp_path / "resumed", 3, *reinforce)
+    straight = _train("seq2slate", tmp_path / "straight", 4, *reinforce)
+    _train("seq2slate", tmp_path / "resumed", 2, *reinforce)
     capsys.readouterr()
-    resumed = _train("seq2slate", tmp_path / "resumed", 6, *reinforce)
-    assert "Restored checkpoint_3" in capsys.readouterr().err
+    resumed = _train("seq2slate", tmp_path / "resumed", 4, *reinforce)
+    assert "Restored checkpoint_2" in capsys.readouterr().err
     assert resumed["eval"] == straight["eval"]
     assert resumed["eval"]["slates"] == 32.0
     assert {"ndcg@5", "ndcg@10", "map", "mrr", "base_ndcg@10", "loss"} <= set(resumed["eval"])
     assert {"loss", "reward", "baseline", "slates_per_sec"} <= event_tags(
         tmp_path / "resumed" / "train")
     assert {"ndcg@10", "base_ndcg@10", "map", "mrr"} <= event_tags(tmp_path / "resumed" / "eval")
-    assert (tmp_path / "resumed" / "checkpoint_6").exists()
+    assert (tmp_path / "resumed" / "checkpoint_4").exists()
 
     gin.clear_config(clear_constants=False)
     cli.parse_gin(cli.parse_flags([
@@ -51,5 +72,5 @@ def test_reinforce_run_resumes_exactly(tmp_path, capsys):
         "--gin_file=ranking/eval.gin", f"--gin.CHECKPOINT_DIR='{tmp_path / 'resumed'}'",
         *SMALL, *reinforce]))
     again = eval_lib.evaluate()
-    assert again["step"] == 6
+    assert again["step"] == 4
     assert {k: again[k] for k in resumed["eval"]} == resumed["eval"]
