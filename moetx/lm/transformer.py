@@ -21,11 +21,15 @@ Primer adds `{query,key,value}_dconv/kernel [3, heads*d_kv]` to each self-attent
 
 With `decoder_program` set, every decoder block is a `programs.ProgramDecoderLayer` running that
 block program (the language of the Primer-style search); its parameters are named as above.
+
+`remat_policy` wraps every encoder and decoder layer in `nn.remat` (`jax.checkpoint`) under its
+own name `layers_{i}`, so the parameter tree is the same with any policy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import operator
 from typing import Sequence
 
@@ -83,6 +87,24 @@ class TransformerConfig:
         every decoder block runs instead of the built-in one (`ProgramDecoderLayer`): its q, k, v
         paths and ffn replace the projections' post-processing and the MLP (`mlp_activations` is
         then unused). Decoder-only, dense models only.
+      remat_policy: what each encoder/decoder layer keeps for the backward pass (activation
+        rematerialisation, `nn.remat` of every `layers_{i}`; the parameter tree does not
+        change):
+          'none'           keep everything (no remat; the default).
+          'full'           keep only the layer inputs, recompute the rest
+                           (`jax.checkpoint_policies.nothing_saveable`).
+          'save_dots'      keep the outputs of matmuls without batch dimensions, i.e. the
+                           projections and MLP matmuls, recompute attention scores and
+                           elementwise ops (`dots_with_no_batch_dims_saveable`; alias
+                           'dots_with_no_batch_dims').
+          'save_all_dots'  keep every matmul output, attention's batched ones too
+                           (`dots_saveable`; alias 'dots_saveable').
+          'offload'        as 'save_dots', but the kept matmul outputs go to pinned host memory
+                           (`offload_dot_with_no_batch_dims('device', 'pinned_host')`); needs
+                           a backend with host offload (GPU/TPU): on CPU the model raises
+                           ValueError when it is built (XLA drops the host placement there).
+        Remat applies to training and teacher-forced forward passes; cached decoding
+        (`decode=True`) is never differentiated and runs the plain layers.
     """
 
     vocab_size: int = 32128
@@ -110,6 +132,7 @@ class TransformerConfig:
     encoder_moe: moe_layers.MoeConfig | None = None
     dtype: str = "float32"
     decoder_program: str | None = None
+    remat_policy: str = "none"
 
     def __post_init__(self):
         for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
@@ -144,6 +167,7 @@ class TransformerConfig:
         object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
         if self.decoder_program is not None:
             programs.check_config(self)
+        object.__setattr__(self, "remat_policy", _canonical_remat_policy(self.remat_policy))
 
     @property
     def jnp_dtype(self) -> jnp.dtype:
@@ -174,6 +198,74 @@ def _check_dtype(dtype: str) -> None:
     if not ok:
         raise ValueError(f"TransformerConfig.dtype (ACTIVATION_DTYPE) must be a floating-point "
                          f"dtype such as 'float32' or 'bfloat16', got {dtype!r}.")
+
+
+# ------------------------------------------------------------------ rematerialisation
+REMAT_POLICIES = ("none", "full", "save_dots", "save_all_dots", "offload")
+_REMAT_ALIASES = {"dots_with_no_batch_dims": "save_dots",
+                  "dots_with_no_batch_dims_saveable": "save_dots",
+                  "dots_saveable": "save_all_dots",
+                  "offload_dot_with_no_batch_dims": "offload"}
+
+
+def _canonical_remat_policy(name) -> str:
+    if isinstance(name, str) and name in REMAT_POLICIES:
+        return name
+    if isinstance(name, str) and name in _REMAT_ALIASES:
+        return _REMAT_ALIASES[name]
+    raise ValueError(f"TransformerConfig.remat_policy must be one of "
+                     f"{', '.join(repr(p) for p in REMAT_POLICIES)} (or the JAX names "
+                     f"{', '.join(repr(a) for a in _REMAT_ALIASES)}), got {name!r}.")
+
+
+def host_offload_supported() -> bool:
+    """Whether the default backend can offload remat residuals to pinned host memory. The CPU
+    backend lists a 'pinned_host' memory but XLA drops the placement there (nothing moves), so
+    it counts as unsupported."""
+    try:
+        device = jax.devices()[0]
+        kinds = {m.kind for m in device.addressable_memories()}
+    except Exception:  # noqa: BLE001 - an old or unusual backend: no offload
+        return False
+    return device.platform != "cpu" and "pinned_host" in kinds
+
+
+def remat_checkpoint_policy(name: str):
+    """The `jax.checkpoint` policy of a (canonical) `remat_policy` other than 'none'."""
+    policies = jax.checkpoint_policies
+    if name == "full":
+        return policies.nothing_saveable
+    if name == "save_dots":
+        return policies.dots_with_no_batch_dims_saveable
+    if name == "save_all_dots":
+        return policies.dots_saveable
+    if name == "offload":
+        if not host_offload_supported():
+            supported = ", ".join(repr(p) for p in REMAT_POLICIES if p != "offload")
+            raise ValueError(f"TransformerConfig.remat_policy 'offload' needs host-memory "
+                             f"offload, which the {jax.default_backend()} backend does not "
+                             f"have; use one of {supported}.")
+        return policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+    raise ValueError(f"No checkpoint policy for remat_policy {name!r}.")
+
+
+@functools.lru_cache(maxsize=None)
+def _remat_class(layer_cls: type, policy_name: str, static_argnums: tuple[int, ...]) -> type:
+    return nn.remat(layer_cls, policy=remat_checkpoint_policy(policy_name),
+                    static_argnums=static_argnums)
+
+
+def _layer_class(cfg: TransformerConfig, layer_cls: type, static_argnums: tuple[int, ...],
+                 decode: bool = False) -> type:
+    """`layer_cls`, or its `nn.remat` under `cfg.remat_policy` (not when decoding: cached steps
+    are never differentiated). `static_argnums` count `self` as 0 and name the Python-valued
+    (bool) call arguments. Instances keep the name they are given (`layers_{i}`), so the
+    parameter tree is the same."""
+    if cfg.remat_policy == "none" or decode:
+        return layer_cls
+    if cfg.remat_policy == "offload":
+        remat_checkpoint_policy("offload")  # checked on every build: the backend may differ
+    return _remat_class(layer_cls, cfg.remat_policy, static_argnums)
 
 
 def _attention(cfg: TransformerConfig, name: str, causal: bool, is_cross: bool = False):
@@ -300,9 +392,11 @@ class Encoder(nn.Module):
             pos = jnp.arange(length)
             bias = bias + relpos(pos, pos, bidirectional=True)
         positions = _default_positions(encoder_input_tokens, encoder_positions)
+        # __call__(self, x, bias, deterministic, ...): `deterministic` is a Python bool.
+        layer_cls = _layer_class(cfg, EncoderLayer, static_argnums=(3,))
         for i in range(cfg.num_encoder_layers):
-            x = EncoderLayer(cfg, i, name=f"layers_{i}")(x, bias, deterministic,
-                                                      encoder_segment_ids, positions)
+            x = layer_cls(cfg, i, name=f"layers_{i}")(x, bias, deterministic,
+                                                   encoder_segment_ids, positions)
         x = _norm(cfg, "encoder_norm")(x)
         return _dropout(cfg, x, deterministic)
 
@@ -398,6 +492,8 @@ class Decoder(nn.Module):
                 encoder_segment_ids if query_segments is not None else None))
 
         layer_cls = DecoderLayer if cfg.decoder_program is None else programs.ProgramDecoderLayer
+        # __call__(self, x, bias, deterministic, decode, ...): the two Python bools are static.
+        layer_cls = _layer_class(cfg, layer_cls, static_argnums=(3, 4), decode=decode)
         for i in range(cfg.num_decoder_layers):
             x = layer_cls(cfg, cross, i, name=f"layers_{i}")(
                 x, bias, deterministic, decode, encoded, cross_bias,
