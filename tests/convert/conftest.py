@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moetx.convert import formats, hf  # noqa: E402
+from moetx.convert import formats, hf, t5x_format  # noqa: E402
 from moetx.lm import models, transformer  # noqa: E402
 from moetx.moe.layers import MoeConfig  # noqa: E402
 from moetx.util import trees  # noqa: E402
@@ -42,6 +42,23 @@ def random_params(model, seed=0):
     rng = np.random.RandomState(seed)
     return trees.unflatten({k: (rng.randn(*s) * 0.3).astype(np.float32)
                             for k, s in formats.abstract_model(model).params.items()})
+
+
+def t5x_checkpoint_with_slots(path, model, step, seed=0, **write_kwargs):
+    """Writes a T5X checkpoint of `model` at `path`: random parameters and random Adafactor
+    slots in the shapes moetx's Adafactor gives (T5X's `m` [1] placeholders included); returns
+    the checkpoint path and the parameters."""
+    params = random_params(model, seed)
+    opt = formats.abstract_model(model).opt_state
+    rng = np.random.RandomState(seed)
+    slots = {}
+    for slot in ("v_row", "v_col", "v"):
+        for k, x in trees.flatten(getattr(opt, slot)).items():
+            slots.setdefault(k, {"m": np.zeros((1,), np.float32)})[slot] = (
+                rng.rand(*x.shape).astype(np.float32))
+    written = t5x_format.write_checkpoint(str(path), params, step, trees.unflatten(slots),
+                                          **write_kwargs)
+    return written, params
 
 
 def moetx_logits(cfg, params, enc=None, targets=None, dec_in=None, ids=None) -> np.ndarray:

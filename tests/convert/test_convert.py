@@ -25,7 +25,7 @@ from moetx.util import trees
 from tests.convert.conftest import (
     LLAMA_CFG, MIXTRAL_CFG, REPO_ROOT, T5X_FIXTURES, hf_llama, hf_llama_logits, hf_mixtral,
     hf_switch, hf_switch_logits, hf_t5, hf_t5_logits, llama_ids, moetx_logits, random_params,
-    switch_batch, switch_cfg, t5_batch, t5_cfg,
+    switch_batch, switch_cfg, t5_batch, t5_cfg, t5x_checkpoint_with_slots,
 )
 
 TC = transformer.TransformerConfig
@@ -124,19 +124,9 @@ def test_t5x_fixture_via_cli_to_moetx_then_hf_matches_transformers_and_back_exac
 
 
 def _factored_t5x(tmp_path, seed=0):
-    """A T5X checkpoint of FACTORED_CFG with random parameters and random Adafactor slots in
-    the shapes moetx's Adafactor gives (T5X's placeholders `m` [1] included)."""
+    """A T5X checkpoint of FACTORED_CFG with random parameters and Adafactor slots."""
     model = model_from_config(FACTORED_CFG)
-    params = random_params(model, seed)
-    opt = convert.abstract_model(model).opt_state
-    rng = np.random.RandomState(seed)
-    slots = {}
-    for slot in ("v_row", "v_col", "v"):
-        for k, x in trees.flatten(getattr(opt, slot)).items():
-            slots.setdefault(k, {"m": np.zeros((1,), np.float32)})[slot] = (
-                rng.rand(*x.shape).astype(np.float32))
-    path = t5x_format.write_checkpoint(str(tmp_path / "checkpoint_7"), params, 7,
-                                       trees.unflatten(slots))
+    path, _ = t5x_checkpoint_with_slots(tmp_path / "checkpoint_7", model, 7, seed)
     return model, path
 
 

@@ -25,13 +25,13 @@ import torch
 import transformers
 
 from moetx.cli import convert as convert_cli
-from moetx.convert import formats, hf, t5x_format
+from moetx.convert import formats, hf
 from moetx.convert.formats import Checkpoint, ModelSpec, model_from_config
 from moetx.convert.hf import tokenizer as hf_tokenizer
 from moetx.lm import programs
-from moetx.util import trees
 from tests.convert.conftest import (
     LLAMA_CFG, MIXTRAL_CFG, TC, moetx_logits, random_params, switch_cfg,
+    t5x_checkpoint_with_slots,
 )
 
 EXTRA_IDS = 100
@@ -61,18 +61,8 @@ def seqio_vocab(default_vocab):
 
 
 def _t5x_with_slots(path, model, seed=0):
-    """A T5X checkpoint of `model`: random parameters and Adafactor slots of the shapes moetx's
-    Adafactor gives (T5X's `m` placeholders included)."""
-    params = random_params(model, seed)
-    opt = formats.abstract_model(model).opt_state
-    rng = np.random.RandomState(seed)
-    slots = {}
-    for slot in ("v_row", "v_col", "v"):
-        for k, x in trees.flatten(getattr(opt, slot)).items():
-            slots.setdefault(k, {"m": np.zeros((1,), np.float32)})[slot] = (
-                rng.rand(*x.shape).astype(np.float32))
-    t5x_format.write_checkpoint(path, params, 3, trees.unflatten(slots), use_tensorstore=False)
-    return params
+    """A T5X checkpoint of `model` at step 3 with Adafactor slots; returns its parameters."""
+    return t5x_checkpoint_with_slots(path, model, 3, seed, use_tensorstore=False)[1]
 
 
 def _cli(argv):
