@@ -64,6 +64,7 @@ def _finish_and_compare(md, reference_losses, after: int | None = None):
     return restart.stderr
 
 
+@pytest.mark.slow  # `make test` covers a kill and exact resume in test_multiprocess_faults
 def test_killed_during_a_checkpoint_write_resumes_exactly(tmp_path, reference_losses):
     """SIGKILL while checkpoint_4 is being written: it is left as Orbax's temporary directory,
     the next run resumes from checkpoint_2 (taking over the dead run's lock)."""
