@@ -8,6 +8,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One persistent compilation cache for the whole session, shared with the commands the tests
+# start as subprocesses (they inherit the environment): the tests build the same tiny models
+# again and again, and a program compiled once (for over a second) is loaded after that. A
+# loaded executable is the one compiled, so results are unchanged; only time is saved.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="moetx_tests_jax_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
 # The same XLA CPU defaults as the entry points, so tests run what users run.
 from moetx.util import xla_env  # noqa: E402
 
