@@ -55,6 +55,13 @@ class MoeConfig:
         evaluation), capacity = max(round(CF * tokens_per_group / E), min_expert_capacity).
       min_expert_capacity: the capacity floor (4).
       group_size: maximum tokens per routing group.
+      grouping: how the tokens of a batch are cut into routing groups (see `num_groups`).
+        'mesh' (default): the group count is a multiple of the mesh's batch shards, so the same
+        batch is routed in different groups on different meshes (on 8 devices, a (1, 4, 2) mesh
+        routes 512 tokens as 4 x 128, an (8, 1, 1) mesh as 8 x 64, and capacity, drops and the
+        router losses follow). 'fixed': groups of exactly min(group_size, tokens) consecutive
+        tokens, the last one padded, plus empty groups up to a multiple of the shards; the
+        function computed is then the same on every mesh (tested to float tolerance).
       batch_prioritized_routing: BPR (refused in causal decoders: it uses future tokens).
       jitter_noise: multiplicative router-input jitter in training (rng stream 'jitter').
       renormalize_top_k_gates, second_expert_policy, second_expert_threshold: Mesh-TF top-2.
@@ -72,6 +79,7 @@ class MoeConfig:
     eval_capacity_factor: float = 2.0
     min_expert_capacity: int = 4
     group_size: int = 4096
+    grouping: str = "mesh"
     batch_prioritized_routing: bool = False
     jitter_noise: float = 0.0
     renormalize_top_k_gates: bool = False
@@ -96,6 +104,8 @@ class MoeConfig:
                              f"{self.dispatch!r}.")
         if self.router_type == "experts_choose" and self.dispatch != "masked":
             raise ValueError("experts_choose routing has only the masked dispatch path.")
+        if self.grouping not in ("mesh", "fixed"):
+            raise ValueError(f"grouping must be 'mesh' or 'fixed', got {self.grouping!r}.")
         if self.sparse_every < 0 or self.group_size < 1:
             raise ValueError("sparse_every must be >= 0 and group_size >= 1.")
 
@@ -115,15 +125,31 @@ def _batch_shards() -> int:
     return math.prod(mesh.shape.get(a, 1) for a in ("data", "expert"))
 
 
-def num_groups(num_tokens: int, group_size: int, shards: int = 1) -> tuple[int, int]:
+def num_groups(num_tokens: int, group_size: int, shards: int = 1,
+               grouping: str = "mesh") -> tuple[int, int]:
     """Routing groups for `num_tokens`: returns (num_groups, tokens_per_group).
 
-    The group count is a multiple of the batch shards (every group lives on one shard) and at
-    least ceil(num_tokens / group_size). As in T5X, the smallest such count that divides the
-    tokens is used unless that would shrink groups below half of `group_size`; otherwise the
-    smallest count is kept and the tokens are padded up to num_groups * tokens_per_group (the
-    padding takes no expert capacity and is left out of the router losses).
+    The group count is always a multiple of the batch shards (every group lives on one shard);
+    tokens are padded up to num_groups * tokens_per_group when needed (the padding takes no
+    expert capacity and is left out of the router losses).
+
+    'mesh': at least ceil(num_tokens / group_size) groups; the smallest such count that divides
+    the tokens is used unless that would shrink groups below half of `group_size`, otherwise
+    the smallest count with padding. Because the count depends on `shards`, the grouping (and
+    so capacity, drops and the router losses) depends on the mesh. flaxformer's `_num_groups`
+    depends on the mesh too, in another way: the smallest count >= max(tokens // group_size,
+    experts x expert replicas) that divides the tokens and is a multiple of experts x replicas,
+    where replicas = devices / (expert x model partitions); it pads only when there are fewer
+    tokens than experts, and fails when no count divides.
+
+    'fixed': groups of exactly min(group_size, num_tokens) consecutive tokens, the last one
+    padded, and wholly padded groups appended up to a multiple of `shards`. Every real token
+    meets the same neighbours on every mesh.
     """
+    if grouping == "fixed":
+        t = min(group_size, num_tokens)
+        real = -(-num_tokens // t)
+        return -(-real // shards) * shards, t
     n_min = max(-(-num_tokens // group_size), shards)
     n_min = -(-n_min // shards) * shards
     n = n_min
@@ -224,7 +250,7 @@ class MoeLayer(nn.Module):
         cfg = self.moe
         b, length, d = x.shape
         n_tokens = b * length
-        g, t = num_groups(n_tokens, cfg.group_size, _batch_shards())
+        g, t = num_groups(n_tokens, cfg.group_size, _batch_shards(), cfg.grouping)
         pad = g * t - n_tokens
         flat = x.reshape(n_tokens, d)
         padding_mask = None
@@ -236,10 +262,11 @@ class MoeLayer(nn.Module):
         cf = cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor
         capacity = routing.expert_capacity(t, cfg.num_experts, cf, cfg.min_expert_capacity)
         if cfg.dispatch == "dropless":
-            out = self._dropless(tokens, deterministic, padding_mask)
+            out = self._dropless(tokens, deterministic, padding_mask, n_tokens)
         else:
             routed = self.router(tokens, capacity, deterministic, padding_mask=padding_mask)
-            self._sow(routed.auxiliary_loss, routed.router_z_loss, routed.metrics)
+            self._sow(self._per_real_group(routed.auxiliary_loss, n_tokens, g, t),
+                      routed.router_z_loss, routed.metrics)
             if isinstance(routed, routing.RouterMask):
                 out = self._masked(tokens, routed)
             else:
@@ -247,6 +274,14 @@ class MoeLayer(nn.Module):
         # Shape: [G, T, d] -> [batch, length, d]
         out = out.reshape(g * t, d)[:n_tokens]
         return constrain(out.reshape(b, length, d), ("batch", "length", "embed"))
+
+    def _per_real_group(self, aux: Array, n_tokens: int, g: int, t: int) -> Array:
+        """The load-balancing loss is a mean over groups, and a wholly padded group adds 0 to it:
+        under 'fixed' grouping it is averaged over the groups that hold real tokens, so the
+        empty groups a mesh needs do not scale it."""
+        if self.moe.grouping != "fixed":
+            return aux
+        return aux * (g / -(-n_tokens // t))
 
     def _sow(self, aux, z, metrics) -> None:
         self.sow("intermediates", "moe_aux_loss", aux)
@@ -287,7 +322,7 @@ class MoeLayer(nn.Module):
         return jnp.einsum("gtkd,gtk->gtd", gathered, routed.combine_weights.astype(self.dtype))
 
     def _dropless(self, tokens: Array, deterministic: bool,
-                  padding_mask: Array | None = None) -> Array:
+                  padding_mask: Array | None = None, n_tokens: int | None = None) -> Array:
         """Every chosen (token, expert) pair is computed: grouped matmuls over expert-sorted
         tokens. Capacity is infinite, so the aux/z losses come from the router alone."""
         cfg = self.moe
@@ -298,9 +333,12 @@ class MoeLayer(nn.Module):
         if cfg.renormalize_top_k_gates:
             gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
         mask = jnp.max(jax.nn.one_hot(experts, cfg.num_experts), axis=-2)
-        aux = routing.load_balancing_loss(probs, mask, padding_mask)
+        aux = self._per_real_group(routing.load_balancing_loss(probs, mask, padding_mask),
+                                   n_tokens or g * t, g, t)
         z = routing.router_z_loss(logits, padding_mask)
-        conf = jnp.mean(jnp.sum(gates, axis=-1)) / k
+        # Mean gate mass of a real token's k choices (padding slots left out).
+        real = jnp.ones((g, t)) if padding_mask is None else padding_mask
+        conf = jnp.sum(jnp.sum(gates, axis=-1) * real) / jnp.maximum(jnp.sum(real), 1.0) / k
         self._sow(aux, z, routing.RouterMetrics(jnp.float32(1.0), jnp.float32(0.0), conf))
         flat_tokens = tokens.reshape(g * t, d)
         order, group_sizes = routing.sort_tokens_by_expert(experts.reshape(g * t, k),

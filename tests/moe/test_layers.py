@@ -109,10 +109,10 @@ def test_sparse_layout_every_kth_layer_and_extra_mlp():
     assert layers_["layers_3"]["mlp"]["expert"]["wi_0"]["kernel"].shape == (4, 16, 32)
 
 
-def _moe_model():
-    moe = moe_layers.MoeConfig(num_experts=4, num_selected_experts=2, sparse_every=2,
-                               group_size=32, train_capacity_factor=1.25,
-                               eval_capacity_factor=2.0, jitter_noise=0.0)
+def _moe_model(**moe_kw):
+    moe = moe_layers.MoeConfig(**{**dict(num_experts=4, num_selected_experts=2, sparse_every=2,
+                                         group_size=32, train_capacity_factor=1.25,
+                                         eval_capacity_factor=2.0, jitter_noise=0.0), **moe_kw})
     cfg = transformer.TransformerConfig(vocab_size=128, emb_dim=32, num_heads=4, head_dim=8,
                                         mlp_dim=64, num_decoder_layers=2, moe=moe)
     return models.DecoderOnlyModel(cfg, loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
@@ -186,6 +186,51 @@ def test_group_count_divides_or_pads_as_t5x():
     assert moe_layers.num_groups(30, 8, 1) == (5, 6)  # divides: groups of 6 (>= 8 / 2)
     assert moe_layers.num_groups(7, 4, 2) == (2, 4)  # prime: 2 groups of 4, one padding token
     assert moe_layers.num_groups(256, 32, 8) == (8, 32)
+
+
+def test_fixed_grouping_cuts_consecutive_tokens_whatever_the_mesh():
+    assert moe_layers.num_groups(256, 64, 1, "fixed") == (4, 64)
+    assert moe_layers.num_groups(256, 64, 8, "fixed") == (8, 64)  # 4 real + 4 empty groups
+    assert moe_layers.num_groups(100, 64, 2, "fixed") == (2, 64)  # the last group padded
+    assert moe_layers.num_groups(20, 64, 4, "fixed") == (4, 20)
+    # 'mesh' grouping of the same 256 tokens: 4 x 64 on one shard, 8 x 32 on eight.
+    assert moe_layers.num_groups(256, 64, 1) == (4, 64)
+    assert moe_layers.num_groups(256, 64, 8) == (8, 32)
+    with pytest.raises(ValueError, match="grouping must be 'mesh' or 'fixed'"):
+        moe_layers.MoeConfig(grouping="static")
+
+
+def test_fixed_grouping_computes_the_same_loss_on_every_mesh():
+    """256 tokens, groups of 64: under 'mesh' grouping a (2, 4, 1) mesh routes 8 x 32 and a
+    (1, 1, 1) mesh 4 x 64, so capacity, drops and the router losses differ; 'fixed' routes
+    4 x 64 on both (plus 4 empty groups on eight shards) and gives the same loss."""
+    batch = packed_batch(8, 32, seed=4)
+    losses = {}
+    for grouping in ("mesh", "fixed"):
+        model = _moe_model(group_size=64, grouping=grouping, train_capacity_factor=1.0)
+        params = nn.unbox(jax.jit(lambda: model.get_initial_variables(
+            jax.random.PRNGKey(0), model.input_shapes(8, 32))["params"])())
+        losses[grouping] = [
+            float(_loss_and_grads(make_trainer(model, mesh), params, batch)[0][0])
+            for mesh in ((1, 1, 1), (2, 4, 1))]
+    one, eight = losses["fixed"]
+    np.testing.assert_allclose(eight, one, rtol=2e-6)
+    one, eight = losses["mesh"]
+    assert abs(eight - one) > 1e-5 * abs(one), losses  # the grouping the option removes
+    np.testing.assert_allclose(losses["fixed"][0], losses["mesh"][0], rtol=2e-6)  # same groups
+
+
+def test_dropless_router_confidence_leaves_padding_out():
+    """7 tokens in groups of 4 (one padding slot): top-1 confidence is the mean gate of the 7
+    real tokens, computed here from the router's probabilities."""
+    layer = _layer("dropless", num_selected_experts=1, group_size=4)
+    x = jnp.asarray(np.random.RandomState(3).randn(1, 7, 8), jnp.float32)
+    params = nn.unbox(_init(layer, x))
+    _, state = layer.apply({"params": params}, x, mutable=["intermediates"])
+    logits = x.reshape(7, 8) @ params["router"]["router_weights"]["w"]["kernel"]
+    expected = np.mean(np.max(jax.nn.softmax(logits, axis=-1), axis=-1))
+    np.testing.assert_allclose(state["intermediates"]["moe_router_confidence"][0], expected,
+                               rtol=1e-5)
 
 
 def test_padding_tokens_take_no_capacity():
