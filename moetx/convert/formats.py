@@ -404,6 +404,52 @@ def _moetx_opt_state(ckpt: Checkpoint, ab: AbstractModel) -> Any:
     return flax.serialization.to_state_dict(fresh)
 
 
+def in_layout(ckpt: Checkpoint, params: Mapping[str, Any] | None) -> Checkpoint:
+    """`ckpt` with its layer stacks laid out as in `params` (a target model's tree, any leaves;
+    `AbstractModel.params` too), scanned or not (`moetx.lm.scan`); None means unscanned, the
+    T5X and Hugging Face names. Adafactor slots follow their parameters (a [1] placeholder slot
+    stays one [1] placeholder).
+
+    Raises:
+      ConversionError: the layout changes and the source holds a non-Adafactor optimizer state
+        (it is not remapped).
+    """
+    from moetx.lm import scan
+
+    template = trees.unflatten(dict(params)) if params and "/" in next(iter(params)) \
+        else dict(params or {})
+    if scan.is_scanned(ckpt.params) == scan.is_scanned(template):
+        return ckpt
+    if ckpt.raw_opt_state is not None:
+        raise ConversionError("The source's optimizer state is not Adafactor and is not "
+                              "remapped between scanned and unscanned layers.",
+                              fix="pass --drop_optimizer_state.")
+    new_params = scan.match_layout(ckpt.params, template)
+    slots = None
+    if ckpt.slots is not None:
+        before = {k: np.shape(v) for k, v in trees.flatten(ckpt.params).items()}
+        after = {k: np.shape(v) for k, v in trees.flatten(new_params).items()}
+        from_scanned = scan.is_scanned(ckpt.params)
+        stacked = tuple(f"{stack}/{scan.SCANNED}/" for stack in scan.STACKS)
+        slots = {}
+        for name in sorted({n for per_param in ckpt.slots.values() for n in per_param}):
+            tree = {}
+            for p, per_param in ckpt.slots.items():
+                if name in per_param:
+                    x = np.asarray(per_param[name])
+                    if from_scanned and p.startswith(stacked) and x.shape == (1,) \
+                            and before[p] != (1,):
+                        x = np.broadcast_to(x, (before[p][0], 1))  # one placeholder per layer
+                    tree[p] = x
+            for p, x in trees.flatten(scan.match_layout(trees.unflatten(tree),
+                                                        template)).items():
+                if not from_scanned and p.startswith(stacked) and x.shape[1:] == (1,) \
+                        and after[p] != x.shape and np.all(x == x[:1]):
+                    x = x[0]  # the layers' equal placeholders become one (else: wrong shape)
+                slots.setdefault(p, {})[name] = x
+    return dataclasses.replace(ckpt, params=new_params, slots=slots)
+
+
 def write_moetx(dst: str, ckpt: Checkpoint, ab: AbstractModel) -> str:
     """Writes the model directory `dst` with `checkpoint_<step>/{state,dataset}` as the trainer
     saves it (the data position at 0 batches), atomically; `ab` is the target model's
@@ -556,16 +602,22 @@ def convert(src_format: str, dst_format: str, src: str, dst: str, spec: ModelSpe
     else:
         ckpt = read_hf(src, source_spec)
     abstract_source = abstract_model(source_spec.model)
+    # Scanned layer stacks (moetx.lm.scan): the source is read in the model's layout, whichever
+    # it was saved in; T5X and Hugging Face always get the unscanned `layers_{i}` names.
+    ckpt = in_layout(ckpt, abstract_source.params)
     check_params(ckpt.params, abstract_source.params, _what(src_format, src))
     if upcycle:
         from moetx.convert.upcycle import upcycle_params
 
-        ckpt = Checkpoint(params=upcycle_params(ckpt.params, init_params(spec.model, seed)),
+        ckpt = Checkpoint(params=upcycle_params(in_layout(ckpt, None).params,
+                                                in_layout(Checkpoint(init_params(
+                                                    spec.model, seed)), None).params),
                           step=ckpt.step)
     ckpt.params = _cast_params(ckpt.params, DTYPES.get(dtype))
     if dst_format == "moetx":
-        return write_moetx(dst, ckpt, abstract_source if source_spec is spec
-                           else abstract_model(spec.model))
+        target = abstract_source if source_spec is spec else abstract_model(spec.model)
+        return write_moetx(dst, in_layout(ckpt, target.params), target)
+    ckpt = in_layout(ckpt, None)
     if dst_format == "t5x":
         return write_t5x(dst, ckpt, use_tensorstore)
     return write_hf(dst, ckpt, spec, vocabulary)
@@ -573,6 +625,7 @@ def convert(src_format: str, dst_format: str, src: str, dst: str, spec: ModelSpe
 
 __all__ = ["ADAFACTOR_SLOTS", "DEFAULT_VOCABULARY", "DTYPES", "FORMATS", "AbstractModel",
            "Checkpoint", "ModelSpec", "abstract_model", "check_hf_target", "check_params",
-           "configured_model", "convert", "hf_config_to_moetx", "hf_vocabulary", "init_params",
+           "configured_model", "convert", "hf_config_to_moetx", "hf_vocabulary", "in_layout",
+           "init_params",
            "load_hf_config", "load_model", "model_from_config", "moetx_state_dir", "read_hf",
            "read_moetx", "read_t5x", "write_hf", "write_moetx", "write_t5x"]

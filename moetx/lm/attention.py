@@ -1,9 +1,19 @@
 """Multi-head dot-product attention with T5X parameter names, masks, a KV cache, rotary position
-embeddings and Primer's multi-dconv-head attention.
+embeddings, Primer's multi-dconv-head attention, and grouped-query / multi-query attention.
 
 T5 does not scale attention logits by 1/sqrt(d_kv) at run time: the scaling is folded into the
 initializer of the query kernel (as T5X and Hugging Face T5 do), so converted checkpoints give
 identical logits. Llama-style models (`scale_logits=True`) scale at run time, as HF Llama does.
+
+Grouped-query attention (GQA, Ainslie et al. 2023) projects K and V to `num_kv_heads` heads, fewer
+than the `num_heads` query heads; query head h attends with K/V head h // (num_heads /
+num_kv_heads), HF Llama's `repeat_kv` order. Multi-query attention (Shazeer 2019) is
+`num_kv_heads=1`. The KV cache then holds `num_kv_heads` heads: the memory saving is the point.
+Grouped K/V carry their own logical axes, `joined_kv_heads` (projection kernels) and `kv_heads`
+(activations and cache), which the standard rules leave replicated over the model axis: they are
+num_heads / num_kv_heads times smaller than Q, and a head count below the model axis size could
+not be split by head anyway. With `num_kv_heads == num_heads` nothing changes: the same
+parameters, the same logical axes (`joined_kv`, `heads`) and the same computation.
 """
 
 from __future__ import annotations
@@ -157,11 +167,15 @@ class MultiHeadDotProductAttention(nn.Module):
     the Q, K, V projections, parameters `{query,key,value}_dconv/kernel`); full Primer's shared
     QK representation (`share_qk`: K is the conv'd `query` projection and Q a further square
     projection `q_solo_project` of it, so there is no `key` kernel); rotary embeddings
-    (`rope_theta` > 0, with `positions`), and run-time 1/sqrt(d_kv) scaling (`scale_logits`).
+    (`rope_theta` > 0, with `positions`), run-time 1/sqrt(d_kv) scaling (`scale_logits`), and
+    grouped-query attention (`num_kv_heads` < `num_heads`: `key/value/kernel
+    [embed, kv_heads*d_kv]`, each group of num_heads/num_kv_heads query heads sharing one K/V
+    head; not with `share_qk`, whose K is the query projection).
 
     In decode mode (self-attention only) the module keeps `cached_key`/`cached_value`
-    `[batch, max_length, heads, d_kv]` and `cache_index` in the `cache` collection; each call takes
-    one position (`[batch, 1, embed]`) and attends to every cached position up to and including it.
+    `[batch, max_length, kv_heads, d_kv]` and `cache_index` in the `cache` collection; each call
+    takes one position (`[batch, 1, embed]`) and attends to every cached position up to and
+    including it.
     Cross-attention (`is_cross=True`) recomputes K/V from the encoder output and caches nothing.
     """
 
@@ -174,6 +188,16 @@ class MultiHeadDotProductAttention(nn.Module):
     rope_theta: float = 0.0
     scale_logits: bool = False
     is_cross: bool = False
+    num_kv_heads: int | None = None
+
+    @property
+    def kv_heads(self) -> int:
+        """The number of K/V heads (`num_kv_heads`, or `num_heads` when None), checked."""
+        kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+        if kv_heads <= 0 or self.num_heads % kv_heads:
+            raise ValueError(f"num_kv_heads must be a positive divisor of num_heads="
+                             f"{self.num_heads}, got {self.num_kv_heads}.")
+        return kv_heads
 
     @nn.compact
     def __call__(
@@ -191,8 +215,9 @@ class MultiHeadDotProductAttention(nn.Module):
         Args:
           inputs_q: <dtype>[batch, q, embed].
           inputs_kv: <dtype>[batch, k, embed].
-          bias: additive <float>[batch or 1, heads or 1, q, k] (mask and position bias); in decode
-            mode `[batch or 1, heads or 1, 1, max_length]` for the current position.
+          bias: additive <float>[batch or 1, heads or 1, q, k] (mask and position bias, per query
+            head); in decode mode `[batch or 1, heads or 1, 1, max_length]` for the current
+            position.
           deterministic: disables dropout.
           decode: single-step decoding with the KV cache.
           segment_ids: <int32>[batch, q] packed segments (keeps the dconv inside a segment).
@@ -201,16 +226,25 @@ class MultiHeadDotProductAttention(nn.Module):
           <dtype>[batch, q, embed].
         """
         joined = self.num_heads * self.head_dim
+        kv_heads = self.kv_heads
+        groups = self.num_heads // kv_heads
+        # Grouped K/V get their own logical axes (replicated over the model axis, see above).
+        kv_joined_axis, kv_head_axis = (("joined_kv", "heads") if groups == 1
+                                        else ("joined_kv_heads", "kv_heads"))
         # T5 folds the 1/sqrt(d_kv) logit scaling into the query initializer.
         query_init = nn.initializers.variance_scaling(
             1.0 if self.scale_logits else 1.0 / self.head_dim, "fan_in", "truncated_normal")
         if (self.dconv or self.share_qk) and self.is_cross:
             raise ValueError("Primer dconv / shared QK apply to self-attention only.")
+        if self.share_qk and groups != 1:
+            raise ValueError(f"Primer's shared QK makes K the query projection ({self.num_heads} "
+                             f"heads); it cannot have num_kv_heads={kv_heads}.")
         conv = lambda name, x: DepthwiseConv(self.dtype, name=name)(  # noqa: E731
             x, segment_ids, decode)
         q = DenseGeneral(joined, ("embed", "joined_kv"), self.dtype, kernel_init=query_init,
                          name="query")(inputs_q)
-        v = DenseGeneral(joined, ("embed", "joined_kv"), self.dtype, name="value")(inputs_kv)
+        v = DenseGeneral(kv_heads * self.head_dim, ("embed", kv_joined_axis), self.dtype,
+                         name="value")(inputs_kv)
         if self.share_qk:
             # Full Primer: one projection (and conv) serves as K, and Q is projected from it.
             k = conv("query_dconv", q) if self.dconv else q
@@ -219,17 +253,18 @@ class MultiHeadDotProductAttention(nn.Module):
             if self.dconv:
                 v = conv("value_dconv", v)
         else:
-            k = DenseGeneral(joined, ("embed", "joined_kv"), self.dtype, name="key")(inputs_kv)
+            k = DenseGeneral(kv_heads * self.head_dim, ("embed", kv_joined_axis), self.dtype,
+                             name="key")(inputs_kv)
             q, k, v = self.transform_projections(q, k, v, segment_ids, decode)
         b, lq = q.shape[:2]
         lk = k.shape[1]
-        # Shape: [batch, length, heads, d_kv]
+        # Shape: [batch, length, heads, d_kv] (q) and [batch, length, kv_heads, d_kv] (k, v)
         q = constrain(q.reshape(b, lq, self.num_heads, self.head_dim),
                       ("batch", "length", "heads", "kv"))
-        k = constrain(k.reshape(b, lk, self.num_heads, self.head_dim),
-                      ("batch", "length", "heads", "kv"))
-        v = constrain(v.reshape(b, lk, self.num_heads, self.head_dim),
-                      ("batch", "length", "heads", "kv"))
+        k = constrain(k.reshape(b, lk, kv_heads, self.head_dim),
+                      ("batch", "length", kv_head_axis, "kv"))
+        v = constrain(v.reshape(b, lk, kv_heads, self.head_dim),
+                      ("batch", "length", kv_head_axis, "kv"))
         if self.rope_theta:
             if positions is None:
                 raise ValueError("Rotary embeddings need token positions.")
@@ -241,30 +276,78 @@ class MultiHeadDotProductAttention(nn.Module):
         if decode and not self.is_cross:
             k, v = self._update_cache(k, v)
 
+        if groups == 1:
+            out = self._attend(q, k, v, bias, deterministic)
+        else:
+            out = self._attend_grouped(q, k, v, bias, deterministic, groups)
+        out = out.reshape(b, lq, joined)
+        out = DenseGeneral(inputs_q.shape[-1], ("joined_kv", "embed"), self.dtype, name="out")(out)
+        return constrain(out, ("batch", "length", "embed"))
+
+    def _attend(self, q: Array, k: Array, v: Array, bias: Array | None,
+                deterministic: bool) -> Array:
+        """Softmax attention with one K/V head per query head.
+
+        Args:
+          q: <dtype>[batch, q, heads, d_kv]; k, v: <dtype>[batch, k, heads, d_kv].
+          bias: <float>[batch or 1, heads or 1, q, k] or None.
+        Returns:
+          <dtype>[batch, q, heads, d_kv].
+        """
         # Logits in float32 for a stable softmax whatever the activation dtype.
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         if bias is not None:
             logits = logits + bias.astype(jnp.float32)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        out = out.reshape(b, lq, joined)
-        out = DenseGeneral(inputs_q.shape[-1], ("joined_kv", "embed"), self.dtype, name="out")(out)
-        return constrain(out, ("batch", "length", "embed"))
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+    def _attend_grouped(self, q: Array, k: Array, v: Array, bias: Array | None,
+                        deterministic: bool, groups: int) -> Array:
+        """Softmax attention where each group of `groups` consecutive query heads shares a K/V
+        head, without materialising the repeated K/V (the cache stays `kv_heads` wide).
+
+        Args:
+          q: <dtype>[batch, q, kv_heads * groups, d_kv]; k, v: <dtype>[batch, k, kv_heads, d_kv].
+          bias: <float>[batch or 1, heads or 1, q, k] or None (per query head).
+        Returns:
+          <dtype>[batch, q, kv_heads * groups, d_kv].
+        """
+        b, lq, heads, d = q.shape
+        kv_heads = k.shape[2]
+        # Shape: [batch, q, kv_heads, groups, d_kv]; query head h = kv_head * groups + g.
+        q = q.reshape(b, lq, kv_heads, groups, d)
+        logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+        if bias is not None:
+            bias = bias.astype(jnp.float32)
+            # Shape: [batch or 1, kv_heads or 1, groups or 1, q, k]
+            if bias.shape[1] == heads:
+                bias = bias.reshape(bias.shape[0], kv_heads, groups, *bias.shape[2:])
+            else:
+                bias = bias[:, :, None]
+            logits = logits + bias
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
+        out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v)
+        return out.reshape(b, lq, heads, d)
 
     def transform_projections(self, q: Array, k: Array, v: Array, segment_ids: Array | None,
                               decode: bool) -> tuple[Array, Array, Array]:
-        """What happens to the projected Q, K, V `<dtype>[batch, length, heads*d_kv]` before the
-        head split (not with `share_qk`): Primer's convs with `dconv`, else nothing. Subclasses
-        override it (e.g. `moetx.lm.programs`); submodules made here belong to this module."""
+        """What happens to the projected Q `<dtype>[batch, length, heads*d_kv]` and K, V
+        `<dtype>[batch, length, kv_heads*d_kv]` before the head split (not with `share_qk`):
+        Primer's convs with `dconv`, else nothing. Subclasses override it (e.g.
+        `moetx.lm.programs`); submodules made here belong to this module."""
         if not self.dconv:
             return q, k, v
-        conv = lambda name, x: DepthwiseConv(self.dtype, name=name)(  # noqa: E731
-            x, segment_ids, decode)
-        return conv("query_dconv", q), conv("key_dconv", k), conv("value_dconv", v)
+        kv_axis = "joined_kv" if self.kv_heads == self.num_heads else "joined_kv_heads"
+        conv = lambda name, x, axis: DepthwiseConv(  # noqa: E731
+            self.dtype, channel_axis=axis, name=name)(x, segment_ids, decode)
+        return (conv("query_dconv", q, "joined_kv"), conv("key_dconv", k, kv_axis),
+                conv("value_dconv", v, kv_axis))
 
     def _update_cache(self, k: Array, v: Array) -> tuple[Array, Array]:
-        """Writes one step's key/value `[batch, 1, heads, d_kv]` into the cache; returns the cache.
+        """Writes one step's key/value `[batch, 1, kv_heads, d_kv]` into the cache; returns the
+        cache `[batch, max_length, kv_heads, d_kv]`.
 
         On the initialisation call (`is_initialized` false) `k` and `v` carry the full
         `max_length` shape, which sizes the cache.

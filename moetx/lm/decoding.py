@@ -16,6 +16,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moetx.lm import scan
+
 Array = jax.Array
 PyTree = Any
 
@@ -149,15 +151,31 @@ def length_penalty(num_generated: Array, alpha: float) -> Array:
     return ((5.0 + num_generated.astype(jnp.float32)) / 6.0) ** alpha
 
 
+def _batch_axis(path: tuple) -> int:
+    """The batch axis of a cache leaf: 1 under a scanned stack (`moetx.lm.scan`: its leaves
+    carry the layer axis first), else 0."""
+    return 1 if any(getattr(k, "key", None) == scan.SCANNED for k in path) else 0
+
+
+def _map_batch(fn: Callable[[Array, int], Array], tree: PyTree) -> PyTree:
+    """`fn(leaf, batch axis)` on every leaf that has a batch axis; leaves without one (the
+    scalar `cache_index`, or its [layers] vector when scanned) are left alone."""
+    def one(path, x):
+        axis = _batch_axis(path)
+        return x if jnp.ndim(x) <= axis else fn(x, axis)
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
 def expand_cache(cache: PyTree, num_beams: int) -> PyTree:
     """Repeats each example's cache `num_beams` times along the batch axis.
 
     Array leaves <T>[batch, ...] become <T>[batch * num_beams, ...], row `b * num_beams + k`
-    holding beam k of example b. Scalar leaves (`cache_index`) are shared by every row, since all
-    beams advance in lockstep, and are left alone.
+    holding beam k of example b; under a scanned stack (`moetx.lm.scan`) the leaves are
+    <T>[layers, batch, ...] and the batch axis is the second. Scalar leaves (`cache_index`, a
+    [layers] vector when scanned) are shared by every row, since all beams advance in lockstep,
+    and are left alone.
     """
-    return jax.tree_util.tree_map(
-        lambda x: x if jnp.ndim(x) == 0 else jnp.repeat(x, num_beams, axis=0), cache)
+    return _map_batch(lambda x, axis: jnp.repeat(x, num_beams, axis=axis), cache)
 
 
 def gather_beams(tree: PyTree, beam_indices: Array, batch: int, num_beams: int) -> PyTree:
@@ -165,16 +183,15 @@ def gather_beams(tree: PyTree, beam_indices: Array, batch: int, num_beams: int) 
     `beam_indices[b, k]` of the same example.
 
     Args:
-      tree: pytree of <T>[batch * num_beams, ...] arrays (laid out as by `expand_cache`); scalar
-        leaves are left alone.
+      tree: pytree of <T>[batch * num_beams, ...] arrays (laid out as by `expand_cache`, the
+        batch axis second under a scanned stack); scalar leaves are left alone.
       beam_indices: <int32>[batch, num_beams] in [0, num_beams).
     Returns:
       The pytree with the same shapes, rows gathered.
     """
     # Shape: [batch, num_beams] -> [batch * num_beams] rows of the flattened batch * beam axis.
     rows = (jnp.arange(batch, dtype=jnp.int32)[:, None] * num_beams + beam_indices).reshape(-1)
-    return jax.tree_util.tree_map(
-        lambda x: x if jnp.ndim(x) == 0 else jnp.take(x, rows, axis=0), tree)
+    return _map_batch(lambda x, axis: jnp.take(x, rows, axis=axis), tree)
 
 
 def _take_beams(x: Array, indices: Array) -> Array:

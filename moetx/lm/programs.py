@@ -467,7 +467,8 @@ class ProgramDecoderLayer(nn.Module):
         h = norm_cls(cfg.norm_epsilon, dt, name="pre_self_attention_layer_norm")(x)
         h = ProgramAttention(
             cfg.num_heads, cfg.head_dim, cfg.dropout_rate, dt, rope_theta=cfg.rope,
-            scale_logits=cfg.scale_attention_logits, q_path=program.q, k_path=program.k,
+            scale_logits=cfg.scale_attention_logits, num_kv_heads=cfg.num_kv_heads,
+            q_path=program.q, k_path=program.k,
             v_path=program.v, ff_width=cfg.mlp_dim, name="self_attention")(
             h, h, bias, deterministic, decode, segment_ids=segment_ids, positions=positions)
         x = x + drop(h)

@@ -24,6 +24,11 @@ block program (the language of the Primer-style search); its parameters are name
 
 `remat_policy` wraps every encoder and decoder layer in `nn.remat` (`jax.checkpoint`) under its
 own name `layers_{i}`, so the parameter tree is the same with any policy.
+
+`scan_layers` runs each stack under `flax.linen.scan` (one compiled layer, or one block of k
+layers with MoE every k-th layer) instead of unrolling it: the stack's parameters become one
+`layers` subtree with a leading layer axis (`moetx.lm.scan` has the layout and the conversions
+to and from the `layers_{i}` trees above), and so do its decoding cache and sown MoE metrics.
 """
 
 from __future__ import annotations
@@ -31,14 +36,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
 
-from moetx.lm import attention, programs
+from moetx.lm import attention, programs, scan
 from moetx.nn import layers
 from moetx.moe import layers as moe_layers
 
@@ -54,6 +59,12 @@ class TransformerConfig:
       vocab_size: number of token ids (including sentinels/extra ids).
       emb_dim: model width d_model.
       num_heads, head_dim: attention heads and per-head width d_kv.
+      num_kv_heads: key/value heads of grouped-query attention (GQA; 1 is multi-query
+        attention), a divisor of num_heads; None means num_heads (plain multi-head attention).
+        Each group of num_heads/num_kv_heads query heads shares one K/V head and the decoding
+        cache holds only num_kv_heads heads. One rule for every attention layer of the model:
+        decoder self-attention, and in an encoder-decoder also the encoder's self-attention
+        and the cross-attention. Not with primer_share_qk (its K is the query projection).
       mlp_dim: MLP hidden width d_ff.
       num_encoder_layers: encoder depth (encoder-decoder models only).
       num_decoder_layers: decoder depth.
@@ -105,11 +116,20 @@ class TransformerConfig:
                            ValueError when it is built (XLA drops the host placement there).
         Remat applies to training and teacher-forced forward passes; cached decoding
         (`decode=True`) is never differentiated and runs the plain layers.
+      scan_layers: run each stack under `flax.linen.scan` over its layers (T5X / MaxText
+        `scan_layers`): one layer is compiled instead of every one. Parameters, the decoding
+        cache and the MoE metrics get a leading layer axis under `<stack>/layers`
+        (`moetx.lm.scan`, logical axis `layers`, replicated); `moetx.lm.scan.unscan_params`
+        gives the usual `layers_{i}` tree, and the converters do so on their own. With MoE
+        every k-th layer a scan step is a block of k layers (k - 1 dense, 1 sparse), so the
+        depth must be a multiple of k (ValueError otherwise). Dropout and router jitter draw
+        different numbers in every layer; `remat_policy` applies inside the scan.
     """
 
     vocab_size: int = 32128
     emb_dim: int = 512
     num_heads: int = 8
+    num_kv_heads: int | None = None
     head_dim: int = 64
     mlp_dim: int = 1024
     num_encoder_layers: int = 0
@@ -133,6 +153,7 @@ class TransformerConfig:
     dtype: str = "float32"
     decoder_program: str | None = None
     remat_policy: str = "none"
+    scan_layers: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "emb_dim", "num_heads", "head_dim", "mlp_dim",
@@ -146,6 +167,14 @@ class TransformerConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"TransformerConfig.{name} must be positive, got "
                                  f"{getattr(self, name)}.")
+        if self.num_kv_heads is not None and (
+                not _is_int(self.num_kv_heads) or self.num_kv_heads <= 0
+                or self.num_heads % self.num_kv_heads):
+            raise ValueError(f"TransformerConfig.num_kv_heads must be a positive divisor of "
+                             f"num_heads={self.num_heads} (or None), got {self.num_kv_heads!r}.")
+        if self.primer_share_qk and self.num_kv_heads not in (None, self.num_heads):
+            raise ValueError(f"primer_share_qk makes K the query projection ({self.num_heads} "
+                             f"heads); it cannot have num_kv_heads={self.num_kv_heads}.")
         if self.num_encoder_layers < 0:
             raise ValueError(f"num_encoder_layers must be >= 0, got {self.num_encoder_layers}.")
         if not 0.0 <= self.dropout_rate < 1.0:
@@ -168,6 +197,11 @@ class TransformerConfig:
         if self.decoder_program is not None:
             programs.check_config(self)
         object.__setattr__(self, "remat_policy", _canonical_remat_policy(self.remat_policy))
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"TransformerConfig.scan_layers must be True or False, got "
+                             f"{self.scan_layers!r}.")
+        if self.scan_layers:
+            scan.check_scannable(self)
 
     @property
     def jnp_dtype(self) -> jnp.dtype:
@@ -250,9 +284,10 @@ def remat_checkpoint_policy(name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def _remat_class(layer_cls: type, policy_name: str, static_argnums: tuple[int, ...]) -> type:
+def _remat_class(layer_cls: type, policy_name: str, static_argnums: tuple[int, ...],
+                 prevent_cse: bool = True) -> type:
     return nn.remat(layer_cls, policy=remat_checkpoint_policy(policy_name),
-                    static_argnums=static_argnums)
+                    static_argnums=static_argnums, prevent_cse=prevent_cse)
 
 
 def _layer_class(cfg: TransformerConfig, layer_cls: type, static_argnums: tuple[int, ...],
@@ -265,7 +300,73 @@ def _layer_class(cfg: TransformerConfig, layer_cls: type, static_argnums: tuple[
         return layer_cls
     if cfg.remat_policy == "offload":
         remat_checkpoint_policy("offload")  # checked on every build: the backend may differ
-    return _remat_class(layer_cls, cfg.remat_policy, static_argnums)
+    # Inside a scan the loop already keeps XLA from merging the recomputation with the forward
+    # pass, so remat's CSE barrier is not needed there (JAX's advice for remat under scan).
+    return _remat_class(layer_cls, cfg.remat_policy, static_argnums,
+                        prevent_cse=not cfg.scan_layers)
+
+
+# ------------------------------------------------------------------------------- layer stacks
+class _LayerBlock(nn.Module):
+    """`block_size` consecutive layers, one step of a scanned stack whose layers are not all
+    alike (MoE every k-th layer); layer j is `make_layer(j, 'sublayer_{j}')`."""
+
+    make_layer: Callable[[int, str], nn.Module]
+    block_size: int
+
+    @nn.compact
+    def __call__(self, x: Array, *args) -> Array:
+        for j in range(self.block_size):
+            x = self.make_layer(j, scan.sublayer_name(j))(x, *args)
+        return x
+
+
+def _run_stack(cfg: TransformerConfig, stack: str, make_layer: Callable[[int, str], nn.Module],
+               x: Array, *args) -> Array:
+    """Runs the layers of `stack` ('encoder' or 'decoder') over `x`.
+
+    Call it inside the stack's compact method. `make_layer(i, name)` builds layer i (its index
+    decides whether its MLP is sparse) under `name`; `args` are the layer call's arguments after
+    `x`, the same for every layer. Unrolled, layer i is `layers_{i}`; with `cfg.scan_layers`,
+    `flax.linen.scan` runs `num_layers / k` steps of a block of k layers (`scan.block_size`)
+    named `layers`, every variable collection stacked on a leading axis (`moetx.lm.scan`).
+
+    Args:
+      x: <dtype>[batch, length, embed].
+    Returns:
+      <dtype>[batch, length, embed].
+    """
+    depth = scan.num_layers(cfg, stack)
+    if not cfg.scan_layers:
+        for i in range(depth):
+            x = make_layer(i, f"layers_{i}")(x, *args)
+        return x
+    k = scan.block_size(cfg, stack)
+    # Block layer j is layer b * k + j, as sparse as layer j since sparsity repeats every k.
+    step = (make_layer(0, scan.SCANNED) if k == 1
+            else _LayerBlock(make_layer, k, name=scan.SCANNED))
+
+    def body(module: nn.Module, carry: Array, _) -> tuple[Array, None]:
+        return module(carry, *args), None
+
+    scanned = nn.scan(
+        body,
+        variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True, "jitter": True},
+        length=depth // k,
+        metadata_params={nn.PARTITION_NAME: scan.LAYER_AXIS})
+    x, _ = scanned(step, x, None)
+    return x
+
+
+def _cache_length(cache: Mapping[str, Any]) -> int:
+    """The max_length of a decoder's self-attention cache (`cached_key`
+    <T>[(layers,) batch, max_length, kv_heads, d_kv], scanned or not)."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
+        if getattr(path[-1], "key", None) == "cached_key":
+            return leaf.shape[-3]
+    raise ValueError("decode=True found no self-attention cache: initialise it first "
+                     "(the model's init_cache).")
 
 
 def _attention(cfg: TransformerConfig, name: str, causal: bool, is_cross: bool = False):
@@ -274,7 +375,7 @@ def _attention(cfg: TransformerConfig, name: str, causal: bool, is_cross: bool =
         dconv=cfg.primer_dconv and causal and not is_cross,
         share_qk=cfg.primer_share_qk and causal and not is_cross,
         rope_theta=0.0 if is_cross else cfg.rope, scale_logits=cfg.scale_attention_logits,
-        is_cross=is_cross, name=name)
+        is_cross=is_cross, num_kv_heads=cfg.num_kv_heads, name=name)
 
 
 def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
@@ -394,9 +495,8 @@ class Encoder(nn.Module):
         positions = _default_positions(encoder_input_tokens, encoder_positions)
         # __call__(self, x, bias, deterministic, ...): `deterministic` is a Python bool.
         layer_cls = _layer_class(cfg, EncoderLayer, static_argnums=(3,))
-        for i in range(cfg.num_encoder_layers):
-            x = layer_cls(cfg, i, name=f"layers_{i}")(x, bias, deterministic,
-                                                   encoder_segment_ids, positions)
+        x = _run_stack(cfg, "encoder", lambda i, name: layer_cls(cfg, i, name=name),
+                       x, bias, deterministic, encoder_segment_ids, positions)
         x = _norm(cfg, "encoder_norm")(x)
         return _dropout(cfg, x, deterministic)
 
@@ -461,8 +561,7 @@ class Decoder(nn.Module):
         elif decode:
             if decoder_input_tokens.shape[1] != 1 or decode_position is None:
                 raise ValueError("decode=True takes [batch, 1] tokens and a decode_position.")
-            max_length = self.variables["cache"]["layers_0"]["self_attention"][
-                "cached_key"].shape[1]
+            max_length = _cache_length(self.variables["cache"])
             keys = jnp.arange(max_length)
             bias = attention.mask_to_bias(keys <= decode_position)[None, None, None, :]
             if relpos is not None:
@@ -494,10 +593,9 @@ class Decoder(nn.Module):
         layer_cls = DecoderLayer if cfg.decoder_program is None else programs.ProgramDecoderLayer
         # __call__(self, x, bias, deterministic, decode, ...): the two Python bools are static.
         layer_cls = _layer_class(cfg, layer_cls, static_argnums=(3, 4), decode=decode)
-        for i in range(cfg.num_decoder_layers):
-            x = layer_cls(cfg, cross, i, name=f"layers_{i}")(
-                x, bias, deterministic, decode, encoded, cross_bias,
-                None if decode else decoder_segment_ids, positions)
+        x = _run_stack(cfg, "decoder", lambda i, name: layer_cls(cfg, cross, i, name=name),
+                       x, bias, deterministic, decode, encoded, cross_bias,
+                       None if decode else decoder_segment_ids, positions)
         x = _norm(cfg, "decoder_norm")(x)
         x = _dropout(cfg, x, deterministic)
         if cfg.logits_via_embedding:

@@ -110,10 +110,18 @@ class Optimizer:
 
 # ------------------------------------------------------------------------------ Adafactor
 class FactorSpec(NamedTuple):
-    """Which axis of a parameter is reduced for each factored moment (None: not factored)."""
+    """Which axis of a parameter is reduced for each factored moment (None: not factored), and
+    which axes hold independent copies (BATCH: scanned layers, stacked experts) that the
+    parameter scale and the update clipping must not average over."""
 
     row_axis: int | None  # averaged out of v_col... see `_factor_spec`.
     col_axis: int | None
+    batch_axes: tuple[int, ...] = ()
+
+    def rms(self, x: jax.Array) -> jax.Array:
+        """Root mean square over every axis but the batch axes (kept as size-1 axes)."""
+        axes = tuple(i for i in range(x.ndim) if i not in self.batch_axes)
+        return jnp.sqrt(jnp.mean(jnp.square(x), axis=axes, keepdims=bool(self.batch_axes)))
 
 
 def _factor_spec(shape: tuple[int, ...], axes: tuple[str | None, ...] | None,
@@ -124,23 +132,29 @@ def _factor_spec(shape: tuple[int, ...], axes: tuple[str | None, ...] | None,
     `v_col` averages over the row axis. Without usable names, the two largest dims are used
     (row = the second largest), as T5X's heuristic does.
     """
-    if len(shape) < 2:
-        return FactorSpec(None, None)
-    row = col = None
+    batch, kinds = (), None
     if axes is not None and len(axes) == len(shape):
         kinds = [FACTOR_RULES.get(a) if a is not None else None for a in axes]
+        # As T5X: BATCH axes are excluded from the parameter scale's and the clipping's means,
+        # so a scanned stack or a stack of experts is updated as its unstacked layers would be.
+        batch = tuple(i for i, k in enumerate(kinds) if k == BATCH)
+    if len(shape) - len(batch) < 2:
+        return FactorSpec(None, None, batch)
+    row = col = None
+    if kinds is not None:
         rows = [i for i, k in enumerate(kinds) if k == ROW]
         cols = [i for i, k in enumerate(kinds) if k == COLUMN]
         if len(rows) == 1 and len(cols) == 1:
             row, col = rows[0], cols[0]
         elif len(rows) + len(cols) == 0 and all(k == BATCH for k in kinds):
-            return FactorSpec(None, None)
+            return FactorSpec(None, None, batch)
     if row is None:
-        order = np.argsort(shape, kind="stable")
-        row, col = int(order[-2]), int(order[-1])
+        free = [i for i in range(len(shape)) if i not in batch]
+        order = sorted(free, key=lambda i: shape[i])  # stable: equal sizes keep their order
+        row, col = order[-2], order[-1]
     if shape[row] < min_dim_size_to_factor or shape[col] < min_dim_size_to_factor:
-        return FactorSpec(None, None)
-    return FactorSpec(row, col)
+        return FactorSpec(None, None, batch)
+    return FactorSpec(row, col, batch)
 
 
 class AdafactorState(NamedTuple):
@@ -178,7 +192,7 @@ def adafactor(
             raise ValueError(f"param_axes has {len(flat_axes)} leaves, params {len(leaves)}.")
         specs = [
             _factor_spec(tuple(p.shape), tuple(flat_axes[i]) if flat_axes else None,
-                         min_dim_size_to_factor) if factored else FactorSpec(None, None)
+                         min_dim_size_to_factor) if factored else FactorSpec(None, None, ())
             for i, p in enumerate(leaves)
         ]
         return specs, leaves, treedef
@@ -232,12 +246,11 @@ def adafactor(
                 y = g * jax.lax.rsqrt(new_v)
                 new_vr, new_vc = vr, vc
             if clipping_threshold is not None:
-                denom = jnp.maximum(1.0, jnp.sqrt(jnp.mean(jnp.square(y))) / clipping_threshold)
+                denom = jnp.maximum(1.0, spec.rms(y) / clipping_threshold)
                 y = y / denom
             step_size = lr
             if multiply_by_parameter_scale:
-                step_size = step_size * jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(p32))),
-                                                    epsilon2)
+                step_size = step_size * jnp.maximum(spec.rms(p32), epsilon2)
             u = -step_size * y
             if weight_decay_rate is not None:
                 u = u - weight_decay_rate * lr * p32

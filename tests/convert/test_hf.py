@@ -257,7 +257,7 @@ def test_configs_the_target_cannot_express_are_refused(convert, cfg, needle):
 
 
 @pytest.mark.parametrize("kw,needle", [
-    (dict(num_key_value_heads=1), "grouped KV heads"),
+    (dict(num_key_value_heads=3), "does not divide num_attention_heads=2"),
     (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
      "RoPE scaling"),
     (dict(attention_bias=True), "bias-free"),

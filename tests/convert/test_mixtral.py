@@ -82,9 +82,9 @@ def test_routing_mixtral_cannot_express_is_refused(moe, needle):
         hf.mixtral_config_to_hf(cfg)
 
 
-def test_sliding_window_and_grouped_kv_are_refused():
+def test_sliding_window_and_indivisible_kv_heads_are_refused():
     hf_cfg = hf.mixtral_config_to_hf(CFG)
     hf_cfg.sliding_window = 8
-    hf_cfg.num_key_value_heads = 1
-    with pytest.raises(ValueError, match="num_key_value_heads=1.*sliding_window=8"):
+    hf_cfg.num_key_value_heads = 3
+    with pytest.raises(ValueError, match="num_key_value_heads=3 does not.*sliding_window=8"):
         hf.hf_mixtral_config_to_moetx(hf_cfg)

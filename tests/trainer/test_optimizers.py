@@ -8,8 +8,10 @@ from jax.sharding import PartitionSpec as P
 from moetx.trainer import optimizers
 
 
-def _numpy_adafactor_step(p, g, lr, factored_axes):
-    """T5X Adafactor, first step (beta2 = 1 - 1^-0.8 = 0: the moments are g^2 + eps1)."""
+def _numpy_adafactor_step(p, g, lr, factored_axes, batch_axes=()):
+    """T5X Adafactor, first step (beta2 = 1 - 1^-0.8 = 0: the moments are g^2 + eps1). The
+    parameter scale and the clipping average over every axis but the BATCH ones."""
+    mean_axes = tuple(i for i in range(p.ndim) if i not in batch_axes)
     g_sq = g ** 2 + 1e-30
     if factored_axes is None:
         y = g / np.sqrt(g_sq)
@@ -20,8 +22,8 @@ def _numpy_adafactor_step(p, g, lr, factored_axes):
         r_axis = row - (col < row)
         row_factor = 1 / np.sqrt(v_row / v_row.mean(axis=r_axis, keepdims=True))
         y = g * np.expand_dims(row_factor, col) * np.expand_dims(1 / np.sqrt(v_col), row)
-    y = y / max(1.0, np.sqrt((y ** 2).mean()) / 1.0)
-    scale = max(np.sqrt((p ** 2).mean()), 1e-3)
+    y = y / np.maximum(1.0, np.sqrt((y ** 2).mean(axis=mean_axes, keepdims=True)) / 1.0)
+    scale = np.maximum(np.sqrt((p ** 2).mean(axis=mean_axes, keepdims=True)), 1e-3)
     return p - lr * scale * y
 
 
@@ -47,6 +49,35 @@ def test_factoring_follows_logical_axes():
     assert st_axes.v["small"] == P("embed", "mlp")
 
 
+def test_a_stacked_parameter_is_updated_as_its_layers_would_be():
+    """Scanned layers (`layers` axis) and stacked experts (`expert` axis): Adafactor's moments,
+    parameter scale and update clipping are per slice, so the stacked update equals the updates
+    of the unstacked slices (the layers differ in scale, so a whole-array mean would not)."""
+    rng = np.random.RandomState(1)
+    layers = [jnp.asarray(rng.randn(128, 192) * s, jnp.float32) for s in (0.01, 0.3, 3.0)]
+    grads = [jnp.asarray(rng.randn(128, 192) * s, jnp.float32) for s in (1.0, 50.0, 0.02)]
+    scales = [jnp.asarray(rng.rand(16) * s, jnp.float32) for s in (0.1, 1.0, 9.0)]
+    scale_grads = [jnp.asarray(rng.randn(16), jnp.float32) for _ in range(3)]
+    opt = optimizers.adafactor(optimizers.constant_schedule(0.01), param_axes={
+        "w": P("layers", "embed", "mlp"), "scale": P("layers", "embed")})
+    stacked = {"w": jnp.stack(layers), "scale": jnp.stack(scales)}
+    state = opt.tx.init(stacked)
+    assert state.v_row["w"].shape == (3, 128) and state.v["scale"].shape == (3, 16)
+    single = optimizers.adafactor(optimizers.constant_schedule(0.01), param_axes={
+        "w": P("embed", "mlp"), "scale": P("embed")})
+    single_states = [single.tx.init({"w": w, "scale": s}) for w, s in zip(layers, scales)]
+    for _ in range(3):
+        updates, state = opt.tx.update(
+            {"w": jnp.stack(grads), "scale": jnp.stack(scale_grads)}, state, stacked)
+        for i in range(3):
+            one, single_states[i] = single.tx.update(
+                {"w": grads[i], "scale": scale_grads[i]}, single_states[i],
+                {"w": stacked["w"][i], "scale": stacked["scale"][i]})
+            np.testing.assert_allclose(updates["w"][i], one["w"], rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(updates["scale"][i], one["scale"], rtol=1e-6, atol=1e-9)
+        stacked = jax.tree_util.tree_map(lambda p, u: p + u, stacked, updates)
+
+
 def test_first_step_matches_the_t5x_formula():
     rng = np.random.RandomState(0)
     params = {"wi": jnp.asarray(rng.randn(128, 256) * 0.05, jnp.float32),
@@ -65,7 +96,8 @@ def test_first_step_matches_the_t5x_formula():
                                          (0, 1)), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(
         new["expert_wi"], _numpy_adafactor_step(np.asarray(params["expert_wi"]),
-                                                np.asarray(grads["expert_wi"]), lr, (1, 2)),
+                                                np.asarray(grads["expert_wi"]), lr, (1, 2),
+                                                batch_axes=(0,)),
         rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(
         new["scale"], _numpy_adafactor_step(np.asarray(params["scale"]),

@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from moetx.util import torch_env, trees
+from moetx.lm import scan
 from moetx.lm.transformer import TransformerConfig
 from moetx.convert.errors import ConversionError, check_keys, hints, missing_hf_extra
 
@@ -98,7 +99,8 @@ def to_numpy(x: Any) -> np.ndarray:
 
 def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Nested params -> {'encoder/layers_0/attention/query/kernel': numpy array} (flax boxes
-    unboxed, torch tensors and jax arrays as numpy).
+    unboxed, torch tensors and jax arrays as numpy; scanned layer stacks unscanned, see
+    `moetx.lm.scan`).
 
     Raises:
       TypeError: `params` is not a mapping.
@@ -108,7 +110,8 @@ def flatten_params(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
         raise ConversionError(
             "Got a variables dict {'params': ...} where a parameter tree was expected.",
             fix="pass variables['params'] (unboxed with flax.linen.unbox if needed).")
-    return {k: to_numpy(v) for k, v in trees.flatten(params).items()}
+    flat = {k: to_numpy(v) for k, v in trees.flatten(params).items()}
+    return trees.flatten(scan.unscan_params(trees.unflatten(flat)))
 
 
 def cast(x: np.ndarray, dtype: Any) -> np.ndarray:

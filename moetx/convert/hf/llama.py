@@ -1,7 +1,10 @@
 """moetx DecoderOnly (RoPE, SwiGLU, run-time logit scaling) <-> transformers LlamaForCausalLM.
 
 Config and weight converters both ways; see the `moetx.convert.hf` package docstring for the
-conventions (rotate-half RoPE, unscaled tied logits).
+conventions (rotate-half RoPE, unscaled tied logits). Grouped-query attention maps one to one:
+moetx's `num_kv_heads` is HF's `num_key_value_heads` (`k_proj`/`v_proj` `[kv_heads*d_kv, d]`),
+and both give query head h the K/V head h // (heads / kv_heads); moetx's None (as many K/V heads
+as query heads) is HF's `num_key_value_heads == num_attention_heads`.
 """
 
 from __future__ import annotations
@@ -18,18 +21,20 @@ MODEL_TYPE = "llama"
 ARCHITECTURE = "LlamaForCausalLM"
 
 
-def layout(d: Dims) -> list[Entry]:
-    """Every LlamaForCausalLM weight and its moetx DecoderOnly counterpart."""
+def layout(d: Dims, kv_joined: int | None = None) -> list[Entry]:
+    """Every LlamaForCausalLM weight and its moetx DecoderOnly counterpart; `kv_joined` is the
+    K/V projections' width kv_heads*d_kv (None: `d.joined`, as many K/V heads as query heads)."""
     e, j, f = d.embed, d.joined, d.mlp
+    kv = j if kv_joined is None else kv_joined
     out = [Entry("decoder/token_embedder/embedding", "model.embed_tokens.weight",
                  (d.vocab, e), False)]
     for i in range(d.dec_layers):
         m, h = f"decoder/layers_{i}", f"model.layers.{i}"
         out.append(Entry(f"{m}/pre_self_attention_layer_norm/scale",
                          f"{h}.input_layernorm.weight", (e,), False))
-        for ours, theirs in (("query", "q"), ("key", "k"), ("value", "v")):
+        for ours, theirs, width in (("query", "q", j), ("key", "k", kv), ("value", "v", kv)):
             out.append(Entry(f"{m}/self_attention/{ours}/kernel",
-                             f"{h}.self_attn.{theirs}_proj.weight", (e, j), True))
+                             f"{h}.self_attn.{theirs}_proj.weight", (e, width), True))
         out.append(Entry(f"{m}/self_attention/out/kernel", f"{h}.self_attn.o_proj.weight",
                          (j, e), True))
         out.append(Entry(f"{m}/pre_mlp_layer_norm/scale",
@@ -43,17 +48,25 @@ def layout(d: Dims) -> list[Entry]:
     return out
 
 
-def _llama_dims_from_params(flat: Mapping[str, np.ndarray]) -> Dims:
+def kv_joined(cfg: TransformerConfig) -> int:
+    """The width kv_heads*d_kv of the K/V projections of `cfg`."""
+    return (cfg.num_kv_heads or cfg.num_heads) * cfg.head_dim
+
+
+def _llama_dims_from_params(flat: Mapping[str, np.ndarray]) -> tuple[Dims, int]:
+    """(the layout dims, the K/V projections' width) read off a moetx tree."""
     what = "moetx -> HF Llama"
     vocab, embed = common.need(flat, "decoder/token_embedder/embedding", "vocab and d_model",
                                what).shape
     joined = common.need(flat, "decoder/layers_0/self_attention/query/kernel", "heads*d_kv",
                          what).shape[1]
+    kv = common.need(flat, "decoder/layers_0/self_attention/key/kernel", "kv_heads*d_kv",
+                     what).shape[1]
     mlp = common.need(flat, "decoder/layers_0/mlp/wi_0/kernel", "the SwiGLU width", what).shape[1]
     # The head split is not visible in the weights (q_proj is [heads*d_kv, d] either way); it
     # lives in the HF config, which llama_config_to_hf writes from the moetx config.
     return Dims(vocab, embed, joined, 1, 0, mlp, ("wi_0", "wi_1"), 0,
-                common.num_layers(flat, "decoder"), "decoder/logits_dense/kernel" not in flat)
+                common.num_layers(flat, "decoder"), "decoder/logits_dense/kernel" not in flat), kv
 
 
 def config_problems(cfg: TransformerConfig, family: str = "Llama") -> list[str]:
@@ -90,7 +103,8 @@ _NOT_LLAMA = "This moetx config cannot be expressed as a Hugging Face LlamaForCa
 
 
 def llama_config_to_hf(cfg: TransformerConfig, max_position_embeddings: int = 2048):
-    """moetx decoder-only config -> `transformers.LlamaConfig` (no grouped KV heads).
+    """moetx decoder-only config -> `transformers.LlamaConfig` (`num_key_value_heads` is
+    `num_kv_heads`, or `num_heads` when that is None).
 
     Token ids follow moetx's vocabularies: pad 0, EOS 1, and BOS 0 (the first decoder input of
     the shifted-right targets). `max_position_embeddings` only sizes HF's RoPE cache; moetx's
@@ -105,8 +119,9 @@ def llama_config_to_hf(cfg: TransformerConfig, max_position_embeddings: int = 20
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.emb_dim, intermediate_size=cfg.mlp_dim,
         num_hidden_layers=cfg.num_decoder_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads, head_dim=cfg.head_dim, hidden_act="silu",
-        max_position_embeddings=max_position_embeddings, rms_norm_eps=cfg.norm_epsilon,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, head_dim=cfg.head_dim,
+        hidden_act="silu", max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=cfg.norm_epsilon,
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
         tie_word_embeddings=cfg.logits_via_embedding, attention_bias=False, mlp_bias=False,
         attention_dropout=0.0, pad_token_id=0, bos_token_id=0, eos_token_id=1,
@@ -129,23 +144,27 @@ def rope_theta(hf_cfg) -> float:
 
 def llama_like_problems(hf_cfg) -> list[str]:
     """What a Llama-style HF config (Llama, Mixtral) has that moetx's decoder does not, among
-    the options both families share: grouped KV heads, an activation other than SwiGLU's."""
+    the options both families share: K/V heads that do not divide the query heads, an
+    activation other than SwiGLU's."""
     heads = hf_cfg.num_attention_heads
     kv_heads = getattr(hf_cfg, "num_key_value_heads", None) or heads
     problems = []
-    if kv_heads != heads:
-        problems.append(f"num_key_value_heads={kv_heads} != num_attention_heads={heads} "
-                        "(moetx attention has no grouped KV heads)")
+    if kv_heads <= 0 or heads % kv_heads:
+        problems.append(f"num_key_value_heads={kv_heads} does not divide num_attention_heads="
+                        f"{heads} (each K/V head must serve a whole group of query heads)")
     if hf_cfg.hidden_act not in ("silu", "swish"):
         problems.append(f"hidden_act={hf_cfg.hidden_act!r} (moetx maps only SwiGLU 'silu')")
     return problems
 
 
 def llama_like_fields(hf_cfg, theta: float) -> dict[str, Any]:
-    """The TransformerConfig fields of a Llama-style HF config's dense decoder."""
+    """The TransformerConfig fields of a Llama-style HF config's dense decoder (grouped-query
+    attention when `num_key_value_heads` < `num_attention_heads`)."""
     heads = hf_cfg.num_attention_heads
+    kv_heads = getattr(hf_cfg, "num_key_value_heads", None) or heads
     return dict(
         vocab_size=hf_cfg.vocab_size, emb_dim=hf_cfg.hidden_size, num_heads=heads,
+        num_kv_heads=None if kv_heads == heads else kv_heads,
         head_dim=getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // heads,
         mlp_dim=hf_cfg.intermediate_size, num_encoder_layers=0,
         num_decoder_layers=hf_cfg.num_hidden_layers, dropout_rate=0.0,
@@ -161,8 +180,8 @@ def hf_llama_config_to_moetx(hf_cfg, **overrides) -> TransformerConfig:
       hf_cfg: a LlamaConfig.
       **overrides: TransformerConfig fields to set on top, e.g. `dtype='bfloat16'`.
     Raises:
-      ValueError: grouped KV heads, biases, RoPE scaling, another activation, or attention
-        dropout, none of which moetx's decoder has.
+      ValueError: K/V heads not dividing the query heads, biases, RoPE scaling, another
+        activation, or attention dropout, none of which moetx's decoder has.
     """
     model_type = getattr(hf_cfg, "model_type", None)
     if model_type != "llama":
@@ -201,10 +220,10 @@ def moetx_to_hf_llama(params: Mapping[str, Any], cfg: TransformerConfig | None =
     flat = common.flatten_params(params)
     if cfg is not None:
         common.require(config_problems(cfg), _NOT_LLAMA)
-        dims = common.dims_from_config(cfg)
+        dims, kv = common.dims_from_config(cfg), kv_joined(cfg)
     else:
-        dims = _llama_dims_from_params(flat)
-    return common.moetx_to_hf(flat, layout(dims), "moetx -> HF Llama", dtype)
+        dims, kv = _llama_dims_from_params(flat)
+    return common.moetx_to_hf(flat, layout(dims, kv), "moetx -> HF Llama", dtype)
 
 
 def hf_llama_to_moetx(state_dict: Mapping[str, Any], cfg: TransformerConfig,
@@ -219,8 +238,8 @@ def hf_llama_to_moetx(state_dict: Mapping[str, Any], cfg: TransformerConfig,
     """
     common.require(config_problems(cfg), _NOT_LLAMA)
     tied = {"lm_head.weight": "model.embed_tokens.weight"} if cfg.logits_via_embedding else {}
-    return common.hf_to_moetx(state_dict, layout(common.dims_from_config(cfg)), "HF Llama -> moetx",
-                              tied, {}, param_dtype)
+    return common.hf_to_moetx(state_dict, layout(common.dims_from_config(cfg), kv_joined(cfg)),
+                              "HF Llama -> moetx", tied, {}, param_dtype)
 
 
 def _is_llama(cfg: TransformerConfig) -> bool:

@@ -1,5 +1,6 @@
 """moetx DecoderOnly MoE (Llama's options, top-k renormalised gates, dropless, every layer
-sparse) <-> transformers MixtralForCausalLM.
+sparse) <-> transformers MixtralForCausalLM. Grouped-query attention (Mixtral 8x7B has 8 K/V
+heads for 32 query heads) maps as in `llama`: `num_kv_heads` is `num_key_value_heads`.
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ def _mixtral_problems(cfg: TransformerConfig) -> list[str]:
 
 
 def mixtral_config_to_hf(cfg: TransformerConfig, max_position_embeddings: int = 2048):
-    """moetx decoder-only MoE config -> `transformers.MixtralConfig` (no sliding window, no
-    grouped KV heads). The load-balancing coefficient and router jitter carry over; Mixtral has
-    no router z-loss (a training-only term, left out).
+    """moetx decoder-only MoE config -> `transformers.MixtralConfig` (no sliding window;
+    `num_key_value_heads` is `num_kv_heads`, or `num_heads` when None). The load-balancing
+    coefficient and router jitter carry over; Mixtral has no router z-loss (a training-only
+    term, left out).
 
     Raises:
       ValueError: naming every option Mixtral cannot express (dense layers between sparse ones,
@@ -73,7 +75,8 @@ def mixtral_config_to_hf(cfg: TransformerConfig, max_position_embeddings: int = 
     return transformers.MixtralConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.emb_dim, intermediate_size=cfg.mlp_dim,
         num_hidden_layers=cfg.num_decoder_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads, head_dim=cfg.head_dim, hidden_act="silu",
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads, head_dim=cfg.head_dim,
+        hidden_act="silu",
         max_position_embeddings=max_position_embeddings, rms_norm_eps=cfg.norm_epsilon,
         rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
         tie_word_embeddings=cfg.logits_via_embedding, attention_dropout=0.0,
@@ -90,7 +93,8 @@ def hf_mixtral_config_to_moetx(hf_cfg, moe_overrides: Mapping[str, Any] | None =
     top-k tokens-choose routing with renormalised gates, dropless dispatch, every layer sparse.
 
     Raises:
-      ValueError: grouped KV heads, a sliding window, RoPE scaling or another activation.
+      ValueError: K/V heads not dividing the query heads, a sliding window, RoPE scaling or
+        another activation.
     """
     from moetx.moe.layers import MoeConfig
 
@@ -128,7 +132,7 @@ def _mixtral_layout(cfg: TransformerConfig) -> tuple[list[Entry], list[ExpertEnt
     stacked experts (moetx wi_0 / wi_1 / wo = HF w1 (gate) / w3 (up) / w2 (down))."""
     d = common.dims_from_config(cfg)
     n_exp = cfg.moe.num_experts
-    plain = [x for x in llama.layout(d) if ".mlp." not in x.hf]
+    plain = [x for x in llama.layout(d, llama.kv_joined(cfg)) if ".mlp." not in x.hf]
     experts = []
     for i in range(d.dec_layers):
         m, h = f"decoder/layers_{i}/mlp", f"model.layers.{i}.block_sparse_moe"

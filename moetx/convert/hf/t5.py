@@ -105,6 +105,9 @@ def config_problems(cfg: TransformerConfig, family: str = "T5") -> list[str]:
         problems.append("scale_attention_logits=True; HF T5 never scales logits at run time")
     if cfg.primer_dconv:
         problems.append("primer_dconv=True; HF T5 has no depthwise-conv attention")
+    if cfg.num_kv_heads not in (None, cfg.num_heads):
+        problems.append(f"num_kv_heads={cfg.num_kv_heads}; HF {family} has no grouped-query "
+                        "attention (K/V heads = query heads)")
     if cfg.logits_via_embedding and not cfg.tied_logits_rescale:
         problems.append("tied logits without the d_model**-0.5 rescale; HF T5 ties with the "
                         "rescale (tied_logits_rescale=True) or not at all")
