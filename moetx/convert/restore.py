@@ -23,7 +23,9 @@ so the restored arrays land sharded on whatever mesh the target uses.
 
 `InitFromCheckpoint` wires this into training: `train.init_from = @InitFromCheckpoint()` starts
 a new run (no checkpoint in MODEL_DIR yet) from another checkpoint's parameters, optionally
-upcycled from dense to MoE, with a fresh optimizer state and step 0. A parameter whose shape
+upcycled from dense to MoE, with a fresh optimizer state and step 0 (or, with `continue_step`,
+the source's step and, when it matches, its optimizer state, as T5X fine-tuning does). A
+parameter whose shape
 depends on the input size (CoAtNet's relative-position tables) can be resized to the new run's
 shape by the resizers the model declares (`parameter_resizers`, see `resize_parameters`).
 """
@@ -42,6 +44,7 @@ import jax
 import numpy as np
 
 from moetx.util import trees
+from moetx.lm import scan
 from moetx.convert import formats
 from moetx.convert.errors import ConversionError, listing, shape_str
 
@@ -306,8 +309,18 @@ class InitFromCheckpoint:
     """Initial parameters for a new training run from another checkpoint.
 
     `train.init_from = @InitFromCheckpoint()` (with `import moetx.convert.restore` in the gin)
-    is called only when MODEL_DIR has no checkpoint yet (a resumed run restores its own). The
-    optimizer state stays fresh and the step 0.
+    is called only when MODEL_DIR has no checkpoint yet (a resumed run restores its own). By
+    default the optimizer state stays fresh and the step 0.
+
+    With `continue_step` the run starts at the source checkpoint's step, as T5X fine-tuning
+    does (T5X and moetx checkpoints both record it), so `train.train_steps` (TRAIN_STEPS) is
+    the absolute last step and `train.train_steps_relative` counts from the source's step; the
+    learning-rate schedule goes on from that step too. The optimizer state is restored as well
+    when the source is a moetx checkpoint whose parameters map one to one, by name and shape,
+    onto the run's (no upcycling, renaming, resizing or fresh initialisation) and whose saved
+    optimizer state has exactly the run's structure and shapes (the same optimizer and
+    settings). Otherwise it starts fresh and the console says why; a T5X checkpoint's optimizer
+    state (T5X's own `param_states` layout) is never mapped onto moetx's optax state.
 
     Attributes:
       path: a moetx model directory / checkpoint_<step> or a T5X checkpoint.
@@ -326,6 +339,8 @@ class InitFromCheckpoint:
       restore_model_state: when both the run and a moetx source keep model state (batch-norm
         statistics), restore it too, under the same `strict` rule (names are not remapped).
         Otherwise, and for T5X sources, the run's fresh model state is kept.
+      continue_step: start at the source's step (and restore its optimizer state when it
+        matches) instead of step 0; see above.
 
     A weight EMA kept by the run starts from the restored parameters (and model state), not
     from the fresh initialisation the run was created with.
@@ -333,8 +348,10 @@ class InitFromCheckpoint:
 
     def __init__(self, path: str = gin.REQUIRED, assignment_map: AssignmentMap = (),
                  strict: bool = True, upcycle: bool = False, step: int | None = None,
-                 resize_position_tables: bool = False, restore_model_state: bool = True):
+                 resize_position_tables: bool = False, restore_model_state: bool = True,
+                 continue_step: bool = False):
         self.path = path
+        self.continue_step = bool(continue_step)
         self.assignment_map = [tuple(e) for e in assignment_map]
         self.strict = strict
         self.upcycle = upcycle
@@ -345,13 +362,15 @@ class InitFromCheckpoint:
     def __call__(self, trainer, state):
         """(Trainer, fresh TrainState) -> TrainState with restored params."""
         ckpt = _read(self.path, self.step)
-        source: Mapping[str, Any] = _flat_numpy(ckpt.params)
         fresh = state.params
+        # Layer stacks saved scanned or unscanned restore into either layout (moetx.lm.scan).
+        source: Mapping[str, Any] = _flat_numpy(scan.match_layout(ckpt.params, fresh))
         if self.upcycle:
             from moetx.convert.upcycle import upcycle_params
 
             template = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), fresh)
-            source = upcycle_params(trees.unflatten(source), template)
+            source = _flat_numpy(scan.match_layout(upcycle_params(
+                scan.unscan_params(ckpt.params), scan.unscan_params(template)), fresh))
         abstract = trainer.abstract_state_with_shardings().params
         resized = []
         if self.resize_position_tables:
@@ -375,7 +394,54 @@ class InitFromCheckpoint:
         ema = state.ema
         if ema:
             ema = {"params": params, "model_state": model_state if ema["model_state"] else {}}
-        return state.replace(params=params, model_state=model_state, ema=ema)
+        state = state.replace(params=params, model_state=model_state, ema=ema)
+        if self.continue_step:
+            state = self._continue(trainer, state, ckpt.step,
+                                   one_to_one=not (self.upcycle or resized or report.from_init)
+                                   and all(t == s for t, s in report.restored.items()))
+        return state
+
+    def _continue(self, trainer, state, step: int, one_to_one: bool):
+        """`state` at the source's `step`, with the source's optimizer state when it is a
+        moetx checkpoint that matches the run (`one_to_one`: every parameter came from the
+        source parameter of the same name)."""
+        from moetx.trainer import checkpoints
+
+        abstract = trainer.abstract_state_with_shardings()
+        opt_state, why = state.opt_state, ""
+        if source_format(self.path) != "moetx":
+            why = "a T5X checkpoint's optimizer state is not mapped onto moetx's"
+        elif not one_to_one:
+            why = "the parameters are not restored one to one by name"
+        else:
+            import orbax.checkpoint as ocp
+
+            model_dir, src_step = checkpoints.resolve_checkpoint(self.path, self.step)
+            saved = ocp.PyTreeCheckpointer().metadata(checkpoints.state_dir(
+                model_dir, src_step)).item_metadata.tree
+            difference = (None if isinstance(saved, Mapping) and "opt_state" in saved else
+                          "the source has no optimizer state")
+            if difference is None:
+                difference = checkpoints.describe_difference(
+                    saved["opt_state"], _state_dict(abstract.opt_state))
+            if difference is None:
+                restored, _ = checkpoints.restore_subtrees(model_dir, src_step,
+                                                           {"opt_state": abstract.opt_state})
+                opt_state = restored["opt_state"]
+            else:
+                why = f"the run's optimizer differs ({difference})"
+        step_array = _place(np.asarray(step, np.int32), abstract.step)
+        print(f"moetx: continuing at step {step} of {self.path} with "
+              f"{'its optimizer state' if not why else f'a fresh optimizer state ({why})'}.",
+              file=sys.stderr, flush=True)
+        return state.replace(step=step_array, opt_state=opt_state)
+
+
+def _state_dict(tree: Any) -> Any:
+    """`tree` as the nested dicts Orbax saves it as (flax's state-dict form)."""
+    import flax
+
+    return flax.serialization.to_state_dict(tree)
 
 
 __all__ = ["AssignmentMap", "InitFromCheckpoint", "Resizer", "RestoreReport", "load_params",

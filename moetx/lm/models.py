@@ -6,12 +6,21 @@ token sequences:
 
   features      decoder_* (and encoder_*) arrays from SeqIO's packing feature converters;
                 `complete_batch` gives unpacked data one segment per row
-  metric sums   `loss` (training), `cross_ent_sum`, `z_loss_sum`, `correct` (top-logit hits),
-                `weight` (real target tokens), and for MoE models the router metrics `moe*`,
-                which are per-step means (`metric_reduction` 'mean')
-  summarized    cross_ent_loss, accuracy, z_loss, perplexity, the `moe*` means and `tokens`;
-                the training loss is `cross_ent_loss`
+  metric sums   `cross_ent_sum`, `z_loss_sum`, `correct` (top-logit hits), `weight` (real
+                target tokens), for MoE models the router metrics `moe*`, which are per-step
+                means (`metric_reduction` 'mean'); in training also the parts of the loss,
+                divided like it by the loss normalizing factor: `loss`, `cross_ent_loss`,
+                `z_loss` and, for MoE models, `experts/auxiliary_loss` and
+                `experts/router_z_loss` (their coefficients applied)
+  summarized    evaluation: per-token means cross_ent_loss, accuracy, z_loss, perplexity, the
+                `moe*` means and `tokens`. Training, as T5X names them: `loss` (the optimised
+                loss, the model's `loss_metric`) = cross_ent_loss + z_loss (+ the two
+                `experts/*` losses), each as the loss normalizing factor divides it (with
+                NUM_REAL_TARGET_TOKENS: per-token means; with None: sums over the batch, as in
+                T5X), plus `loss_per_nonpadding_target_token`, per-token accuracy and perplexity
   scoring       score_batch(params, batch) -> per-sequence log-likelihood
+  inference     `inference_fns`: predict and score functions over a seqio.Evaluator's
+                dataset, through `moetx.lm.predict.Predictor`
 """
 
 from __future__ import annotations
@@ -26,12 +35,16 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from moetx.lm import decoding, losses, transformer
+from moetx.lm import decoding, losses, scan, transformer
 from moetx.trainer import metrics
 from moetx.trainer.model import BaseModel, Reduction, Shapes
 
 Array = jax.Array
 Batch = Mapping[str, Array]
+
+# The training metric sums that are parts of the optimised loss, divided like it.
+_TRAINING_LOSS_PARTS = ("cross_ent_loss", "z_loss", "experts/auxiliary_loss",
+                        "experts/router_z_loss")
 
 
 def _num_correct(logits: Array, targets: Array, weights: Array) -> Array:
@@ -42,6 +55,22 @@ def _num_correct(logits: Array, targets: Array, weights: Array) -> Array:
     """
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum((target_logit >= jnp.max(logits, axis=-1)) * weights)
+
+
+def _trim(row: np.ndarray) -> list[int]:
+    """A zero-padded row of token ids without its trailing padding."""
+    ids = np.asarray(row).reshape(-1)
+    nonzero = np.flatnonzero(ids)
+    return [int(t) for t in ids[:nonzero[-1] + 1]] if nonzero.size else []
+
+
+def _fixed_width(ids: list[int], width: int, eos_id: int) -> np.ndarray:
+    """<int32>[width]: `ids`, EOS when there is room, then zeros."""
+    row = np.zeros((width,), np.int32)
+    row[:len(ids)] = ids[:width]
+    if len(ids) < width:
+        row[len(ids)] = eos_id
+    return row
 
 
 def check_feature_lengths(task_feature_lengths: Mapping[str, Any]) -> None:
@@ -79,7 +108,7 @@ class BaseTransformerModel(BaseModel):
     loss_normalizing_factor: Any = None
 
     count_unit = "tokens"
-    loss_metric = "cross_ent_loss"
+    loss_metric = "loss"
 
     def __post_init__(self):
         name = type(self).__name__
@@ -106,9 +135,11 @@ class BaseTransformerModel(BaseModel):
         return "mean" if name.startswith("moe") else "sum"
 
     def summarize_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
-        """Per-token means: cross_ent_loss, accuracy, z_loss, perplexity (exp of the cross
-        entropy, capped at e^50); `loss` (training: the differentiated loss) and the `moe*`
-        means as they are; `tokens`, the number of real target tokens."""
+        """Per-token means: cross_ent_loss, accuracy, z_loss, perplexity (exp of the per-token
+        cross entropy, capped at e^50); the `moe*` means as they are; `tokens`, the number of
+        real target tokens. Training sums (those with `loss`) give T5X's training scalars
+        instead: `loss`, `cross_ent_loss`, `z_loss` and `experts/*` as the loss normalizing
+        factor divides them (they add up to `loss`), and `loss_per_nonpadding_target_token`."""
         w = max(float(sums["weight"]), 1.0)
         ce = float(sums["cross_ent_sum"]) / w
         out = {"cross_ent_loss": ce, "accuracy": float(sums["correct"]) / w,
@@ -116,6 +147,8 @@ class BaseTransformerModel(BaseModel):
                "perplexity": float(math.exp(min(ce, 50.0)))}
         if "loss" in sums:
             out["loss"] = float(sums["loss"])
+            out["loss_per_nonpadding_target_token"] = out["loss"] / w
+            out.update({k: float(sums[k]) for k in _TRAINING_LOSS_PARTS if k in sums})
         out.update({k: float(v) for k, v in sums.items() if k.startswith("moe")})
         out["tokens"] = float(sums["weight"])
         return out
@@ -193,7 +226,9 @@ class BaseTransformerModel(BaseModel):
                                     ["intermediates"])
         moe: dict[str, Array] = {}
         per_layer: dict[str, list[Array]] = {}
-        for path, value in jax.tree_util.tree_leaves_with_path(state.get("intermediates", {})):
+        # A scanned stack sows one value per layer on a leading axis: name them per layer.
+        sown = scan.unscan_params(state.get("intermediates", {}))
+        for path, value in jax.tree_util.tree_leaves_with_path(sown):
             keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
             name = next(k for k in reversed(keys) if isinstance(k, str))
             where = "/".join(str(k) for k in keys if isinstance(k, str) and k != name)
@@ -223,15 +258,21 @@ class BaseTransformerModel(BaseModel):
         targets = batch["decoder_target_tokens"]
         loss, z_loss, cross_ent = losses.compute_weighted_cross_entropy(
             logits, targets, weights, self.label_smoothing, self.z_loss)
-        if factor is not None:
-            loss = loss / factor
+        divisor = 1.0 if factor is None else factor
+        # The parts of the loss as T5X logs them (they add up to `loss`).
+        parts = {"cross_ent_loss": cross_ent / divisor, "z_loss": z_loss / divisor}
+        loss = loss / divisor
         if moe:
             cfg = self.config.moe or self.config.encoder_moe
-            loss = loss + (cfg.aux_loss_factor * moe["moe_aux_loss"] + cfg.router_z_loss_factor
-                           * moe["moe_router_z_loss"]) / num_microbatches
+            parts["experts/auxiliary_loss"] = (
+                cfg.aux_loss_factor * moe["moe_aux_loss"] / num_microbatches)
+            parts["experts/router_z_loss"] = (
+                cfg.router_z_loss_factor * moe["moe_router_z_loss"] / num_microbatches)
+            loss = loss + parts["experts/auxiliary_loss"] + parts["experts/router_z_loss"]
         real = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
         metrics = {"loss": loss, "z_loss_sum": z_loss, "cross_ent_sum": cross_ent,
-                   "correct": _num_correct(logits, targets, real), "weight": jnp.sum(real)}
+                   "correct": _num_correct(logits, targets, real), "weight": jnp.sum(real),
+                   **parts}
         metrics.update(moe)
         return loss, (metrics, model_state)
 
@@ -254,6 +295,84 @@ class BaseTransformerModel(BaseModel):
         token_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
         real = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
         return jnp.sum(token_logp * real, axis=-1)
+
+    # ------------------------------------------------------------------ seqio evaluation
+    @property
+    def inference_feature_converter(self) -> seqio.FeatureConverter:
+        """The model's feature converter without packing: one example per row, as a
+        seqio.Evaluator needs."""
+        return type(self.feature_converter)(pack=False)
+
+    def inference_fns(self, params, model_state: Any = None, *, mesh, rules,
+                      batch_size: int, output_features: Mapping[str, Any]
+                      ) -> dict[str, Any]:
+        """seqio.Evaluator's `predict_fn` (greedy decoding, `Predictor.generate`) and
+        `score_fn` (log-likelihood of the targets, `Predictor.score`) with `params`.
+
+        Each takes the evaluator's enumerated dataset of unpacked model features (rows of
+        `(index, features)`) and returns `[(index, output)]`: the generated target ids, then
+        EOS and padding to the decoding length (seqio stacks them into one array; the
+        vocabulary's `decode` stops at EOS), or the summed log-likelihood of the target tokens
+        (EOS included). A decoder-only
+        model predicts from the task's inputs (a prefix LM); scoring a prefix LM's targets
+        alone is not supported (`Predictor.score` scores whole texts).
+        """
+        del model_state
+        from moetx.lm import predict
+
+        vocabulary = output_features["targets"].vocabulary
+
+        def predictor(ds) -> predict.Predictor:
+            shapes = {k: tuple(v.shape) for k, v in ds.element_spec[1].items()}
+            target_len = shapes["decoder_target_tokens"][-1]
+            input_len = shapes.get("encoder_input_tokens", (target_len,))[-1]
+            key = (id(mesh), batch_size, target_len, input_len, id(vocabulary))
+            cache = self.__dict__.setdefault("_predictors", {})
+            if key not in cache:
+                cache[key] = predict.Predictor(
+                    self, params, vocabulary, mesh, rules, batch_size=batch_size,
+                    max_length=target_len, max_input_length=input_len)
+            cache[key].params = params
+            return cache[key]
+
+        def rows(ds) -> tuple[list[int], list[dict[str, np.ndarray]]]:
+            items = list(ds.as_numpy_iterator())
+            return [int(i) for i, _ in items], [ex for _, ex in items]
+
+        def predict_fn(ds, model_feature_shapes=None):
+            del model_feature_shapes
+            indices, examples = rows(ds)
+            if self.is_encoder_decoder:
+                prompts = [_trim(ex["encoder_input_tokens"]) for ex in examples]
+            elif all("decoder_causal_attention" in ex for ex in examples):
+                # The inputs occupy the targets' first positions: the causal-attention mask
+                # covers them plus the first target position.
+                prompts = [ex["decoder_target_tokens"][:int(ex["decoder_causal_attention"].sum())
+                                                       - 1] for ex in examples]
+            else:
+                raise ValueError(f"{type(self).__name__} predicts from the task's inputs; a "
+                                 f"causal LM task has none. Use a prefix LM (prefix_lm=True) "
+                                 f"on a task with inputs, or score metrics only.")
+            model = predictor(ds)
+            generations = model.generate(prompts, add_eos=False)
+            return [(i, _fixed_width(g.ids, model.max_length, model.eos_id))
+                    for i, g in zip(indices, generations)]
+
+        def score_fn(ds, model_feature_shapes=None):
+            del model_feature_shapes
+            indices, examples = rows(ds)
+            targets = [_trim(ex["decoder_target_tokens"]) for ex in examples]
+            if self.is_encoder_decoder:
+                scores = predictor(ds).score([_trim(ex["encoder_input_tokens"])
+                                              for ex in examples], targets, add_eos=False)
+            elif getattr(self, "prefix_lm", False):
+                raise ValueError("Score metrics of a prefix LM are not supported: "
+                                 "Predictor.score scores whole texts, not the targets alone.")
+            else:
+                scores = predictor(ds).score(targets, add_eos=False)
+            return [(i, float(x)) for i, x in zip(indices, scores)]
+
+        return {"predict": predict_fn, "score": score_fn}
 
     def _active_params(self, params) -> float:
         moe = self.config.moe or self.config.encoder_moe

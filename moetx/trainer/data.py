@@ -4,6 +4,12 @@ The iterator's position is the number of batches it has produced. The pipeline i
 function of (task, split, feature lengths, seed, shard), so a restored run rebuilds it and skips
 that many batches: it then continues exactly where the interrupted run stopped. (TF's own
 iterator checkpoints would also work, but would tie checkpoints to TensorFlow's internals.)
+
+That skip replays the pipeline, so resuming costs time in proportion to the batches already
+read, and each process reads its own shard of the source, so the order depends on the number
+of processes. `DatasetConfig.pipeline = 'indexed'` (`moetx.trainer.indexed_data`) instead
+materialises the split once and reads batch N directly, in an order that does not depend on the
+number of processes; it serves finite single tasks only (see its docstring for the trade-offs).
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ import gin
 import numpy as np
 
 # SeqIO pulls in TensorFlow; it is imported lazily so that model-only code stays light.
+
+#: `DatasetConfig.pipeline` values: the SeqIO stream, or `moetx.trainer.indexed_data`.
+PIPELINES = ("seqio", "indexed")
 
 
 @gin.configurable
@@ -33,6 +42,10 @@ class DatasetConfig:
       seed: shuffle seed; also fixes the packing order.
       pack: pack several examples per row (segment ids and positions).
       use_cached: read SeqIO's offline-cached version of the task.
+      pipeline: 'seqio' (stream the task; resuming replays the batches already read) or
+        'indexed' (materialise the split once, then read any batch directly; a resumed run may
+        have another number of processes; finite single tasks only; see
+        `moetx.trainer.indexed_data`).
     """
 
     mixture_or_task_name: str
@@ -43,6 +56,7 @@ class DatasetConfig:
     seed: int | None = 42
     pack: bool = True
     use_cached: bool = False
+    pipeline: str = "seqio"
 
     def __post_init__(self):
         if not isinstance(self.mixture_or_task_name, str) or not self.mixture_or_task_name:
@@ -62,6 +76,8 @@ class DatasetConfig:
             raise ValueError("task_feature_lengths is empty; set e.g. {'targets': 256}.")
         for k, v in dict(self.task_feature_lengths).items():
             _check_feature_length(k, v)
+        if self.pipeline not in PIPELINES:
+            raise ValueError(f"pipeline must be one of {list(PIPELINES)}, got {self.pipeline!r}.")
 
 
 def _is_int(value) -> bool:

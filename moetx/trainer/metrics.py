@@ -1,4 +1,10 @@
-"""Training metrics: throughput, model FLOPs and MFU, metric writers and a console line.
+"""Training metrics: throughput, model FLOPs and MFU, T5X's timing scalars, metric writers, a
+console line, and inference evaluation with the task's metric functions (`InferenceEvaluator`).
+
+The training scalars carry T5X's names: `loss` (the optimised loss, the model's `loss_metric`),
+the model's own metrics (a language model's `cross_ent_loss`, `z_loss`, `accuracy`, ...),
+`learning_rate`, and `timing/*` (`timing_scalars`, plus `timing/compilation_seconds` once and
+`timing/init_or_restore_seconds` at the start); moetx adds `grad_norm` and `mfu`.
 
 Where scalars go is chosen by gin: `MetricWriter.writers` lists writers by name —
 `'tensorboard'` (the default: TensorBoard event files through clu), `'jsonl'`
@@ -64,6 +70,25 @@ def measured_peak_flops_per_device(n: int = 1024, reps: int = 8) -> float:
         out.block_until_ready()
         best = min(best, (time.perf_counter() - t0) / reps)
     return 2.0 * n ** 3 / best
+
+
+def timing_scalars(steps: int, seconds: float, batch_size: int, num_devices: int,
+                   uptime: float, counts_per_step: Mapping[str, float] | None = None
+                   ) -> dict[str, float]:
+    """T5X's `timing/*` training scalars of a window of `steps` steps that took `seconds`:
+    `seconds`, `steps_per_second`, `seqs` (batch rows in the window), `seqs_per_second`,
+    `seqs_per_second_per_core`, `uptime` (seconds since the trainer was made) and, for each
+    `{unit: count per step}` in `counts_per_step`, `<unit>_per_second` and its `_per_core`."""
+    seconds = max(float(seconds), 1e-9)
+    seqs = float(steps * batch_size)
+    out = {"timing/seconds": seconds, "timing/steps_per_second": steps / seconds,
+           "timing/seqs": seqs, "timing/seqs_per_second": seqs / seconds,
+           "timing/seqs_per_second_per_core": seqs / seconds / num_devices,
+           "timing/uptime": float(uptime)}
+    for unit, count in (counts_per_step or {}).items():
+        out[f"timing/{unit}_per_second"] = steps * count / seconds
+        out[f"timing/{unit}_per_second_per_core"] = steps * count / seconds / num_devices
+    return out
 
 
 def format_duration(seconds: float) -> str:
@@ -164,18 +189,20 @@ class MetricWriter:
     def progress(self, step: int, scalars: Mapping[str, float], eta_seconds: float) -> None:
         """`[train] step 10/100 (10%) | loss 2.3456 | acc 0.123 | 1.23 steps/s |
         4,567 tokens/s | MFU 1.2% | lr 1.00e-02 | ETA 1m05s`: the scalars present among these,
-        every `<unit>_per_sec` rate as `<unit>/s`."""
+        every `timing/<unit>_per_second` rate (but seqs and the per-core ones) as `<unit>/s`."""
         if jax.process_index() != 0:
             return
         pct = 100.0 * step / max(self.total_steps, 1)
         parts = [f"[{self.prefix}] step {step}/{self.total_steps} ({pct:.0f}%)"]
         for key, fmt in (("loss", "loss {:.4f}"), ("accuracy", "acc {:.3f}"),
-                         ("steps_per_sec", "{:.2f} steps/s")):
+                         ("timing/steps_per_second", "{:.2f} steps/s")):
             if key in scalars:
                 parts.append(fmt.format(scalars[key]))
         for key, value in scalars.items():
-            if key.endswith("_per_sec") and key != "steps_per_sec":
-                parts.append(f"{value:,.0f} {key.removesuffix('_per_sec')}/s")
+            unit = key.removeprefix("timing/").removesuffix("_per_second")
+            if key.startswith("timing/") and key.endswith("_per_second") \
+                    and unit not in ("steps", "seqs"):
+                parts.append(f"{value:,.0f} {unit}/s")
         for key, fmt in (("mfu", "MFU {:.1%}"), ("learning_rate", "lr {:.2e}")):
             if key in scalars:
                 parts.append(fmt.format(scalars[key]))
@@ -187,3 +214,73 @@ class MetricWriter:
     def close(self) -> None:
         for writer in self._writers:
             writer.close()
+
+
+class InferenceEvaluator:
+    """Inference evaluation as T5X runs it: a `seqio.Evaluator` over a task's (or mixture's)
+    split computes the task's metric functions from the model's predictions and scores.
+
+    The model supplies them (`inference_feature_converter`, `inference_fns`: greedy
+    predictions for predict metrics, target log-likelihoods for score metrics). Results are
+    written as T5X's seqio TensorBoard logger lays them out, one directory per task,
+    `<log_dir>/<task>/` with the scalars `eval/<metric>`, and returned flat as
+    `{'<task>/<metric>': value}`.
+
+    Args:
+      model: a `moetx.trainer.model.Model` with inference functions.
+      dataset_cfg: the task or mixture, split and feature lengths (`batch_size` is the rows per
+        compiled call; packing and shuffling do not apply).
+      log_dir: where results go (T5X: `<model_dir>/inference_eval`); None writes nothing.
+      num_examples: evaluate the first this many examples of each task (None: all).
+      writers: the `MetricWriter.writers` to use (default: gin's choice).
+    """
+
+    def __init__(self, model: Any, dataset_cfg: Any, log_dir: str | None = None,
+                 num_examples: int | None = None,
+                 writers: Sequence[str | Callable[[str], Any]] | None = None):
+        import seqio
+
+        converter = getattr(model, "inference_feature_converter", None)
+        if converter is None:
+            raise ValueError(f"{type(model).__name__} has no inference functions, so it "
+                             f"cannot be evaluated with the task's metrics (seqio.Evaluator).")
+        self.model = model
+        self.batch_size = int(dataset_cfg.batch_size)
+        self.log_dir = log_dir
+        self._writers = {} if writers is None else {"writers": writers}
+        self.evaluator = seqio.Evaluator(
+            mixture_or_task_name=dataset_cfg.mixture_or_task_name,
+            feature_converter=converter, eval_split=dataset_cfg.split,
+            use_cached=dataset_cfg.use_cached,
+            sequence_length=dict(dataset_cfg.task_feature_lengths), num_examples=num_examples,
+            shuffle=False, async_compute_metrics=False)
+        if not self.evaluator.eval_tasks:
+            raise ValueError(
+                f"{dataset_cfg.mixture_or_task_name!r} has no task with metric functions and a "
+                f"{dataset_cfg.split!r} split; give the task metric_fns (or predict_metric_fns "
+                f"/ score_metric_fns) to evaluate it with seqio.")
+
+    def evaluate(self, params: Any, model_state: Any, mesh: Any, rules: Any, step: int
+                 ) -> dict[str, float]:
+        """The tasks' metrics of the model with `params` (on `mesh`), written at `step`."""
+        task = self.evaluator.eval_tasks[0]
+        fns = self.model.inference_fns(params, model_state, mesh=mesh, rules=rules,
+                                       batch_size=self.batch_size,
+                                       output_features=task.output_features)
+        future, _ = self.evaluator.evaluate(compute_metrics=True, step=step,
+                                            predict_fn=fns.get("predict"),
+                                            score_fn=fns.get("score"))
+        results: dict[str, float] = {}
+        for task_name, task_metrics in (future.result() or {}).items():
+            scalars = {}
+            for name, value in task_metrics.items():
+                value = getattr(value, "value", value)  # seqio.metrics.Scalar
+                if np.ndim(value) == 0 and isinstance(np.asarray(value).item(), (int, float)):
+                    scalars[name] = float(np.asarray(value))
+            results.update({f"{task_name}/{k}": v for k, v in scalars.items()})
+            if self.log_dir:
+                writer = MetricWriter(os.path.join(self.log_dir, task_name), step, "eval",
+                                      **self._writers)
+                writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+                writer.close()
+        return results

@@ -15,7 +15,14 @@ the number of steps added, and `summarize_metrics` turns the result into the sca
 logged, e.g. a sum of losses and an example count -> a mean loss. Its output always holds the
 count under the key `count_unit` ('tokens', 'examples', ...): `Trainer.evaluate` returns it,
 `eval_results.json` stores it, and the console prints it through `headline`. The training log
-reports the count as a rate instead, `<count_unit>_per_sec`, from `count_per_batch`.
+reports the count as a rate instead, `timing/<count_unit>_per_second`, from `count_per_batch`,
+and writes the model's `loss_metric` as `loss` (T5X: the optimised loss, which the trainer checks
+for NaN).
+
+Inference evaluation (a seqio.Evaluator running the task's metric functions, see
+`moetx.trainer.metrics.InferenceEvaluator`) is optional: a model that supports it gives an
+`inference_feature_converter` and `inference_fns` (predict / score functions over the
+evaluator's dataset); `BaseModel`'s defaults say it does not.
 
 A minimal model (see tests/trainer/test_model_protocol.py for one trained end to end):
 
@@ -59,8 +66,8 @@ class Model(Protocol):
         `TrainState.model_state` and checkpoints (e.g. `('batch_stats',)`); `()` for none.
       count_unit: what the model's count counts ('tokens', 'examples', 'pairs', ...): the key
         of the count in `summarize_metrics` and the prefix of the `<count_unit>_per_sec` rate.
-      loss_metric: the summarized metric that is the training loss (checked for NaN and logged
-        as `loss` during training).
+      loss_metric: the summarized training metric that is the loss the model optimises (checked
+        for NaN and logged as `loss` during training, as T5X's `loss`).
     """
 
     state_collections: tuple[str, ...]
@@ -119,6 +126,21 @@ class Model(Protocol):
         """Raises ValueError when the SeqIO task or mixture cannot feed this model (at
         `task_feature_lengths`, when given)."""
 
+    @property
+    def inference_feature_converter(self) -> Any:
+        """Optional. The SeqIO feature converter of inference evaluation (unpacked rows), or
+        None when the model has no `inference_fns`."""
+
+    def inference_fns(self, params: Any, model_state: Any = None, *, mesh: Any, rules: Any,
+                      batch_size: int, output_features: Mapping[str, Any]
+                      ) -> Mapping[str, Callable]:
+        """Optional. seqio.Evaluator's model functions with these variables: `{'predict':
+        fn, 'score': fn}` (either may be absent), each `fn(dataset, model_feature_shapes=None)
+        -> [(index, output)]` over the evaluator's enumerated dataset of
+        `inference_feature_converter` features; predictions are token ids the task's
+        `output_features['targets']` vocabulary decodes, scores floats. `mesh`, `rules`: where
+        `params` live; `batch_size`: rows per compiled call."""
+
     def parameter_resizers(self) -> Mapping[str, Resizer]:
         """How to adapt a parameter restored from a checkpoint where it has another shape:
         `{regex: fn}`. For every target parameter whose '/'-joined path matches `regex` (with
@@ -132,7 +154,8 @@ class BaseModel(abc.ABC):
 
     Defaults: no state; the count is of 'examples'; the training loss is the summarized
     'loss'; every metric is a sum; batches must carry every feature; the count per batch is
-    the batch size; FLOPs unknown; every task accepted; nothing resized on restore.
+    the batch size; FLOPs unknown; every task accepted; nothing resized on restore; no
+    inference evaluation.
     """
 
     state_collections: tuple[str, ...] = ()
@@ -208,13 +231,28 @@ class BaseModel(abc.ABC):
     def parameter_resizers(self) -> Mapping[str, Resizer]:
         return {}
 
+    @property
+    def inference_feature_converter(self) -> Any:
+        return None
+
+    def inference_fns(self, params: Any, model_state: Any = None, *, mesh: Any, rules: Any,
+                      batch_size: int, output_features: Mapping[str, Any]
+                      ) -> Mapping[str, Callable]:
+        raise ValueError(f"{type(self).__name__} has no inference functions, so it cannot be "
+                         f"evaluated with the task's metrics (seqio.Evaluator); use the "
+                         f"teacher-forced evaluation instead.")
+
+
+#: Members of `Model` a model may lack (whoever uses them checks for them).
+OPTIONAL_MEMBERS = ("inference_feature_converter", "inference_fns")
+
 
 def protocol_members() -> list[str]:
-    """The names every `Model` has (attributes and methods)."""
+    """The names every `Model` has (attributes and methods), the optional ones excluded."""
     names = set(Model.__annotations__)
     names.update(k for k, v in vars(Model).items()
                  if not k.startswith("_") and (callable(v) or isinstance(v, property)))
-    return sorted(names)
+    return sorted(names - set(OPTIONAL_MEMBERS))
 
 
 def check_model(model: Any) -> None:

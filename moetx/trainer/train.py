@@ -11,8 +11,8 @@ feature lengths (`input_shapes`) before anything is written, and prints its own 
 from __future__ import annotations
 
 import os
-
 import sys
+import time
 from typing import Any, Callable
 
 import gin
@@ -23,6 +23,7 @@ from moetx.trainer import (
     checkpoints,
     data,
     divergence,
+    indexed_data,
     metrics as metrics_lib,
     optimizers,
     partitioning,
@@ -49,8 +50,16 @@ def build_trainer(model, dataset_cfg: data.DatasetConfig,
 
 def make_batches(trainer: trainer_lib.Trainer, cfg: data.DatasetConfig, batches_consumed: int,
                  num_epochs: int | None):
+    """This process's rows of `cfg`'s global batches from batch `batches_consumed` on, and
+    their number per batch: SeqIO's stream of this process's shard (resuming replays the
+    batches already read), or with `cfg.pipeline == 'indexed'` the rows `trainer.local_rows`
+    of each global batch read directly (`moetx.trainer.indexed_data`), so a run resumed on
+    another number of processes continues the same global batch order."""
     rows = trainer.local_rows(cfg.batch_size)
     local_bs = rows.stop - rows.start
+    if cfg.pipeline == "indexed":
+        return indexed_data.indexed_batches(cfg, trainer.model.feature_converter, rows,
+                                            batches_consumed, num_epochs), local_bs
     num_shards = cfg.batch_size // local_bs
     ds = data.get_dataset(cfg, trainer.model.feature_converter, rows.start // local_bs,
                           num_shards, local_bs, num_epochs)
@@ -68,7 +77,7 @@ def train(
     model: Any = gin.REQUIRED,
     model_dir: str = gin.REQUIRED,
     train_dataset_cfg: data.DatasetConfig = gin.REQUIRED,
-    train_steps: int = gin.REQUIRED,
+    train_steps: int | None = None,
     eval_dataset_cfg: data.DatasetConfig | None = None,
     eval_every: int = 0,
     eval_steps: int | None = 20,
@@ -92,13 +101,34 @@ def train(
     spike_window: int = 100,
     rewind_skip_batches: int = 200,
     max_rewinds: int = 3,
+    train_steps_relative: int | None = None,
+    seqio_eval_every: int = 0,
+    infer_eval_dataset_cfg: data.DatasetConfig | None = None,
+    seqio_eval_examples: int | None = None,
 ) -> dict[str, Any]:
-    """Trains `model` on `train_dataset_cfg` for `train_steps` steps in `model_dir`.
+    """Trains `model` on `train_dataset_cfg` up to step `train_steps` in `model_dir`.
+
+    `train_steps` (TRAIN_STEPS) is the absolute last step, as in T5X: a run that starts at
+    step N (resumed from MODEL_DIR, or `InitFromCheckpoint(continue_step=True)`) trains
+    `train_steps - N` steps; one whose start step equals it trains none, one whose start step
+    is past it is an error. `train_steps_relative` (T5X's TRAIN_STEPS_RELATIVE) instead trains
+    that many steps past the start step (a relaunched run counts them from its checkpoint, as
+    T5X does). Exactly one of the two is given.
 
     Saves `checkpoint_<step>` every `save_every` steps and at the end, keeping
     `keep_checkpoints`; evaluates on `eval_dataset_cfg` every `eval_every` steps (and at the
     start/end); writes TensorBoard events to `model_dir/train` and `model_dir/eval`.
     Returns the final eval metrics (if any) and the last step.
+
+    With `seqio_eval_every`, every that many steps and at the end a seqio.Evaluator computes
+    the task's metric functions from the model's predictions and scores (T5X's inference
+    evaluation, `metrics.InferenceEvaluator`) on `infer_eval_dataset_cfg` (default
+    `eval_dataset_cfg`), on its first `seqio_eval_examples` examples (None: all), written to
+    `model_dir/inference_eval/<task>` as `eval/<metric>` and returned as
+    `results['inference_eval']` (`{'<task>/<metric>': value}`).
+
+    The training scalars carry T5X's names (see `moetx.trainer.metrics`): `loss` is the loss
+    the model optimises, and the `timing/*` scalars are written with them.
 
     `ema_decay` keeps an EMA of the weights (and, with `ema_model_state`, of the batch norm
     statistics); with `eval_with_ema` evaluation uses it.
@@ -123,14 +153,28 @@ def train(
     of the last `spike_window` losses counts as divergence too ('stop' or 'rewind' only). A
     checkpoint with non-finite parameters is never written.
     """
+    started = time.perf_counter()
     divergence.check_policy(divergence_policy, spike_factor, spike_window, rewind_skip_batches,
                             max_rewinds)
-    check_settings(train_steps=train_steps, save_every=save_every, log_every=log_every,
+    if (train_steps is None) == (train_steps_relative is None):
+        raise ValueError(
+            f"Give exactly one of train.train_steps (TRAIN_STEPS, the absolute last step) and "
+            f"train.train_steps_relative (TRAIN_STEPS_RELATIVE, steps past the start step); "
+            f"got {train_steps!r} and {train_steps_relative!r}.")
+    steps_setting = ({"train_steps": train_steps} if train_steps is not None
+                     else {"train_steps_relative": train_steps_relative})
+    check_settings(**steps_setting, seqio_eval_every=seqio_eval_every,
+                   save_every=save_every, log_every=log_every,
                    keep_checkpoints=keep_checkpoints, eval_every=eval_every,
                    eval_steps=eval_steps, num_microbatches=num_microbatches,
                    preemption_check_every=preemption_check_every,
                    max_consecutive_skips=max_consecutive_skips)
-    for cfg in (train_dataset_cfg, eval_dataset_cfg):
+    infer_eval_dataset_cfg = infer_eval_dataset_cfg or eval_dataset_cfg
+    if seqio_eval_every and infer_eval_dataset_cfg is None:
+        raise ValueError("train.seqio_eval_every needs a dataset to evaluate: set "
+                         "train.infer_eval_dataset_cfg or train.eval_dataset_cfg.")
+    for cfg in (train_dataset_cfg, eval_dataset_cfg,
+                infer_eval_dataset_cfg if seqio_eval_every else None):
         if cfg is not None:
             check_data(model, cfg)
     # Built before anything is written: a mesh, batch size or optimizer that does not fit
@@ -158,6 +202,15 @@ def train(
             state, data_state = trainer.init_state(), {}
             if init_from is not None:
                 state = init_from(trainer, state)
+        start_step = int(jax.device_get(state.step))
+        if train_steps_relative is not None:
+            train_steps = start_step + train_steps_relative
+        elif train_steps < start_step:
+            raise ValueError(
+                f"train.train_steps (TRAIN_STEPS) = {train_steps} is the absolute last step, but "
+                f"the run starts at step {start_step}; raise it, or give "
+                f"train.train_steps_relative (TRAIN_STEPS_RELATIVE) instead.")
+        init_or_restore_seconds = time.perf_counter() - started
         n_params = metrics_lib.count_params(state.params)
         log(f"Model: {n_params:,} parameters; mesh {dict(trainer.mesh.shape)}; "
              f"{jax.process_count()} process(es), {jax.device_count()} device(s).")
@@ -175,6 +228,25 @@ def train(
         writer = metrics_lib.MetricWriter(os.path.join(model_dir, "train"), train_steps)
         eval_writer = metrics_lib.MetricWriter(os.path.join(model_dir, "eval"), train_steps, "eval")
         results: dict[str, Any] = {}
+        if start_step < train_steps:
+            writer.write_scalars(start_step, {
+                "timing/init_or_restore_seconds": init_or_restore_seconds})
+        inference_evaluator = None
+        if seqio_eval_every:
+            inference_evaluator = metrics_lib.InferenceEvaluator(
+                model, infer_eval_dataset_cfg,
+                os.path.join(model_dir, "inference_eval") if jax.process_index() == 0 else None,
+                seqio_eval_examples)
+
+        def run_inference_eval(step: int, st) -> dict[str, float]:
+            tick = time.perf_counter()
+            params, model_state = trainer.eval_variables(st, eval_with_ema)
+            m = inference_evaluator.evaluate(params, model_state, trainer.mesh, trainer.rules,
+                                             step)
+            writer.write_scalars(step, {"timing/evaluate_seconds": time.perf_counter() - tick})
+            log(f"[inference_eval] step {step}: "
+                + " | ".join(f"{k} {v:.4g}" for k, v in sorted(m.items())))
+            return m
 
         def run_eval(step: int, st, label: str) -> dict[str, float]:
             params, model_state = trainer.eval_variables(st, eval_with_ema)
@@ -188,7 +260,6 @@ def train(
             log(f"[eval] {label} step {step}: {model.headline(m)}")
             return m
 
-        start_step = int(jax.device_get(state.step))
         if eval_dataset_cfg is not None and eval_at_start and start_step < train_steps:
             results["eval_start"] = run_eval(start_step, state, "before training,")
 
@@ -209,6 +280,9 @@ def train(
             if eval_dataset_cfg is not None and eval_every and step % eval_every == 0 \
                     and step != train_steps:
                 run_eval(step, st, "")
+            if inference_evaluator is not None and step % seqio_eval_every == 0 \
+                    and step != train_steps:
+                run_inference_eval(step, st)
 
         monitor = None
         if divergence_policy == "rewind" or spike_factor is not None:
@@ -244,6 +318,8 @@ def train(
             raise
         if eval_dataset_cfg is not None:
             results["eval"] = run_eval(train_steps, state, "after training,")
+        if inference_evaluator is not None:
+            results["inference_eval"] = run_inference_eval(train_steps, state)
         writer.close()
         eval_writer.close()
         ckpt.close()
@@ -298,7 +374,8 @@ def check_data(model, cfg: data.DatasetConfig) -> None:
 
 # train()'s settings that must be at least 1 (or 0), with the macro the run files bind them to.
 _AT_LEAST = {
-    "train_steps": (1, "TRAIN_STEPS"), "save_every": (1, "SAVE_EVERY"),
+    "train_steps": (1, "TRAIN_STEPS"), "train_steps_relative": (1, "TRAIN_STEPS_RELATIVE"),
+    "seqio_eval_every": (0, None), "save_every": (1, "SAVE_EVERY"),
     "log_every": (1, "LOG_EVERY"), "keep_checkpoints": (1, "KEEP_CHECKPOINTS"),
     "eval_every": (0, "EVAL_EVERY"), "eval_steps": (1, "EVAL_STEPS"),
     "num_microbatches": (1, "NUM_MICROBATCHES"), "preemption_check_every": (1, None),

@@ -75,6 +75,8 @@ class Trainer:
             raise ValueError(f"ema_decay must be in [0, 1) (or None to disable), got {ema_decay}.")
         model_lib.check_model(model)
         self.model = model
+        # T5X's `timing/uptime` counts from the trainer's creation.
+        self.created_at = time.perf_counter()
         self.state_collections = tuple(model.state_collections)
         self.ema_decay = ema_decay
         self.ema_model_state = ema_model_state
@@ -331,9 +333,10 @@ def run_training_loop(
     metrics from the devices only then) and calling `on_step_end(step, state)` after each.
 
     The logged scalars are the model's summarized metrics of the last step (without the count,
-    which is logged as the rate `<count_unit>_per_sec` when `count_per_batch` is given), `loss`
-    (the model's `loss_metric`, which must be finite), the learning rate, the gradient norm,
-    steps per second and, with `flops_per_step` and `peak_flops`, the MFU.
+    which is logged as the rate `timing/<count_unit>_per_second` when `count_per_batch` is
+    given), `loss` (the model's `loss_metric`, which must be finite), the learning rate, the
+    gradient norm, T5X's `timing/*` scalars of the window since the last log (see
+    `metrics_lib.timing_scalars`) and, with `flops_per_step` and `peak_flops`, the MFU.
 
     With `trainer.skip_nonfinite_updates`, a non-finite loss does not stop the run: updates
     with a non-finite loss or gradient are dropped and counted (`skipped_updates`, the total so
@@ -351,13 +354,17 @@ def run_training_loop(
     skipping = getattr(trainer, "skip_nonfinite_updates", False)
     skipped_total = skipped_in_a_row = 0
     observed = start  # the last step `observe` has seen
+    compilation_seconds = None  # logged once, with the first scalars
     for step in range(start + 1, train_steps + 1):
         try:
             batch = next(batches)
         except StopIteration:
             raise ValueError(f"The training data ran out at step {step}; the train split is "
                              f"empty or too small for one batch.") from None
+        t_call = time.perf_counter()
         state, sums = trainer.train_step(state, trainer.to_global(batch))
+        if step == start + 1:  # the first call traces and compiles before it dispatches
+            compilation_seconds = time.perf_counter() - t_call
         # At most two steps in flight: the host prepares step n+1's batch while step n runs,
         # but never queues further ahead. An unbounded queue holds every queued batch in
         # device memory, and on XLA:CPU with several devices, steps queued far ahead can
@@ -402,9 +409,13 @@ def run_training_loop(
                 check_finite(step, scalars[model.loss_metric])
             scalars["loss"] = scalars[model.loss_metric]
             scalars.update(own)
-            scalars["steps_per_sec"] = steps / dt
-            if count_per_batch:
-                scalars[f"{model.count_unit}_per_sec"] = steps * count_per_batch / dt
+            scalars.update(metrics_lib.timing_scalars(
+                steps, dt, next(iter(trainer.input_shapes.values()))[0], jax.device_count(),
+                now - getattr(trainer, "created_at", t_start),
+                {model.count_unit: count_per_batch} if count_per_batch else {}))
+            if compilation_seconds is not None:
+                scalars["timing/compilation_seconds"] = compilation_seconds
+                compilation_seconds = None
             if flops_per_step and peak_flops:
                 scalars["mfu"] = flops_per_step * steps / dt / peak_flops
             writer.write_scalars(step, scalars)

@@ -61,7 +61,7 @@ def test_reinforce_run_resumes_exactly(tmp_path, capsys):
     assert resumed["eval"] == straight["eval"]
     assert resumed["eval"]["slates"] == 32.0
     assert {"ndcg@5", "ndcg@10", "map", "mrr", "base_ndcg@10", "loss"} <= set(resumed["eval"])
-    assert {"loss", "reward", "baseline", "slates_per_sec"} <= event_tags(
+    assert {"loss", "reward", "baseline", "timing/slates_per_second"} <= event_tags(
         tmp_path / "resumed" / "train")
     assert {"ndcg@10", "base_ndcg@10", "map", "mrr"} <= event_tags(tmp_path / "resumed" / "eval")
     assert (tmp_path / "resumed" / "checkpoint_4").exists()

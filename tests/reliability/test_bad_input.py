@@ -46,7 +46,7 @@ class TestConfigurationErrors:
     @pytest.mark.parametrize("binding, expected", [
         # A float, a string or a bool where an int is needed (by the annotation).
         ("--gin.TRAIN_STEPS=2.5", "train.train_steps = %TRAIN_STEPS = 2.5: train_steps takes "
-                                  "an int, not a float"),
+                                  "an int or None, not a float"),
         ("--gin.train.log_every='10'", "train.log_every = '10': log_every takes an int, not a "
                                        "string"),
         ("--gin.SEED=1.5", "train/DatasetConfig.seed = %SEED = 1.5: seed takes an int or "

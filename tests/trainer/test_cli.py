@@ -153,8 +153,8 @@ def test_train_checkpoint_eval_infer_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(p.name for p in md.glob("checkpoint_*")) == ["checkpoint_4", "checkpoint_6"]
     tags = event_tags(md / "train")
-    assert {"loss", "accuracy", "z_loss", "learning_rate", "tokens_per_sec", "mfu",
-            "steps_per_sec"} <= tags, tags
+    assert {"loss", "accuracy", "z_loss", "learning_rate", "timing/tokens_per_second", "mfu",
+            "timing/steps_per_second", "timing/compilation_seconds"} <= tags, tags
     assert {"perplexity", "cross_ent_loss"} <= event_tags(md / "eval")
     assert "[eval] before training" in r.stderr and "[eval] after training" in r.stderr
     assert set(train_losses(r.stderr)) == set(range(1, 7))

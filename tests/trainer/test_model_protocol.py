@@ -204,10 +204,13 @@ def test_the_training_loop_logs_what_the_model_summarizes(trained, capsys):
     assert sorted(writer.logged) == [start + 2, start + 4]
     scalars = writer.logged[start + 4]
     assert set(scalars) == {"mse", "mean_prediction", "loss", "learning_rate", "grad_norm",
-                            "steps_per_sec", "points_per_sec"}
+                            "timing/seconds", "timing/steps_per_second", "timing/seqs",
+                            "timing/seqs_per_second", "timing/seqs_per_second_per_core",
+                            "timing/uptime", "timing/points_per_second",
+                            "timing/points_per_second_per_core"}
     assert scalars["loss"] == scalars["mse"]
-    np.testing.assert_allclose(scalars["points_per_sec"], BATCH * scalars["steps_per_sec"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(scalars["timing/points_per_second"],
+                               BATCH * scalars["timing/steps_per_second"], rtol=1e-6)
     assert " points/s" in capsys.readouterr().err
 
 
