@@ -30,6 +30,7 @@ LOWER = {
 _BELOW_EXPERIMENTS = set().union(*LOWER.values(), LOWER)
 LOWER["pipelines"] = set(_BELOW_EXPERIMENTS)
 LOWER["search"] = set(_BELOW_EXPERIMENTS)
+LOWER["compat"] = set(_BELOW_EXPERIMENTS) | {"pipelines", "search"}
 LOWER["cli"] = set(LOWER) - {"cli"}
 
 

@@ -226,6 +226,11 @@ def parse_gin(args: argparse.Namespace, module_imports: Sequence[str] = ()) -> N
     left unset are reported as `UserError`s naming the binding and the fix."""
     for mod in module_imports:
         __import__(mod)
+    # T5X's own gin files name `t5x.*` / `flaxformer.*` / `__main__.train`: served by
+    # moetx.compat where no real T5X is installed (a no-op for moetx's gin files).
+    from moetx import compat
+
+    compat.activate()
     try:
         gin_files.parse_files(args.gin_file, args.gin_bindings,
                               args.gin_search_paths.split(","))
@@ -411,6 +416,16 @@ def apply_t5x_flags(args: argparse.Namespace) -> None:
             seqio.add_global_cache_dirs(cache_dirs)
 
 
+def _t5x_entry_point(prog: str | None):
+    """The T5X script function the gin files configure for this command, or None."""
+    from moetx import compat
+
+    try:
+        return compat.entry_point(prog)
+    except compat.CompatError as e:
+        raise UserError(str(e)) from None
+
+
 def run(main_fn: Callable[[argparse.Namespace], None], argv: Sequence[str] | None = None,
         module_imports: Sequence[str] = DEFAULT_IMPORTS, *, prog: str | None = None,
         description: str | None = None) -> int:
@@ -425,7 +440,11 @@ def run(main_fn: Callable[[argparse.Namespace], None], argv: Sequence[str] | Non
         apply_t5x_flags(args)
         register_tasks()
         parse_gin(args, module_imports)
-        main_fn(args)
+        t5x_entry = _t5x_entry_point(prog)
+        if t5x_entry is not None:  # a T5X run file: its train/evaluate/infer, onto moetx's
+            t5x_entry()
+        else:
+            main_fn(args)
     except UserError as e:
         print(f"moetx: error: {e}", file=sys.stderr)
         return 2
@@ -434,7 +453,10 @@ def run(main_fn: Callable[[argparse.Namespace], None], argv: Sequence[str] | Non
     except (ValueError, FileNotFoundError, FloatingPointError, FetchError) as e:
         if os.environ.get("MOETX_TRACEBACK"):
             raise
-        print(f"moetx: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        from moetx.compat import CompatError  # its message is the whole one-line story
+
+        kind = "" if isinstance(e, CompatError) else f"{type(e).__name__}: "
+        print(f"moetx: error: {kind}{_one_line(e)}", file=sys.stderr)
         return 2
     return 0
 
