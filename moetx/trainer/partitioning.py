@@ -6,9 +6,11 @@ as T5X's `standard_logical_axis_rules` does:
 
   batch -> ('data', 'expert')   vocab, mlp, heads, joined_kv, expert_mlp -> 'model'
   expert -> 'expert'            embed, kv, length, relpos_buckets, layers, unmodeled -> replicated
+                                kv_heads, joined_kv_heads (grouped-query K/V) -> replicated
 
-With `fsdp=True`, `embed` also maps to 'data' for parameters (ZeRO-3 style); flax drops a mesh
-axis already used by another dimension of the same array, so activations stay batch-sharded.
+With `fsdp=True`, `embed` also maps to ('data', 'expert') for parameters (ZeRO-3 style), or to
+'data' alone where `expert` is taken (expert kernels); a rule whose mesh axes another dimension
+of the same array already uses is skipped, so activations stay batch-sharded.
 """
 
 from __future__ import annotations
@@ -42,13 +44,25 @@ def standard_logical_axis_rules(fsdp: bool = False) -> tuple[tuple[str, Any], ..
         ("expert_replicas", "data"),
         ("expert_group", None),
         ("kv", None),
+        # Grouped-query K/V (fewer heads than Q): replicated over 'model', so any head count
+        # works with any model axis; they are num_heads / num_kv_heads times smaller than Q.
+        ("kv_heads", None),
+        ("joined_kv_heads", None),
         ("length", None),
         ("relpos_buckets", None),
+        # The leading axis of scanned layer stacks (`scan_layers`): every device keeps all
+        # layers, as T5X does; the scan slices one layer out of it per step.
         ("layers", None),
         ("unmodeled", None),
         ("conv_window", None),
     ]
-    rules.append(("embed", "data" if fsdp else None))
+    if fsdp:
+        # Over every batch-parallel device (data x expert), as T5X's MoE partitioner shards
+        # over its data axis; an array whose other dimension already uses `expert` (the expert
+        # kernels) falls through to the next rule and shards its embed over `data` alone.
+        rules += [("embed", ("data", "expert")), ("embed", "data")]
+    else:
+        rules.append(("embed", None))
     return tuple(rules)
 
 

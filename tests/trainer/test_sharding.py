@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from moetx.trainer import partitioning
 from tests.conftest import make_trainer, packed_batch, tiny_model
 
 
@@ -64,8 +65,20 @@ def test_fsdp_rules_shard_embed_over_data():
     trainer = make_trainer(tiny_model(), (2, 1, 4), fsdp=True)
     state = trainer.init_state()
     wi = state.params["decoder"]["layers_0"]["mlp"]["wi_0"]["kernel"]
-    assert wi.sharding.spec == P("data", "model")
+    # embed over every batch-parallel axis (data x expert; expert has size 1 here).
+    assert wi.sharding.spec == P(("data", "expert"), "model")
     assert {s.data.shape for s in wi.addressable_shards} == {(16, 16)}
+    embed_rules = [v for k, v in partitioning.standard_logical_axis_rules(fsdp=True)
+                   if k == "embed"]
+    assert embed_rules == [("data", "expert"), "data"]
+    # An expert kernel's `expert` dimension takes that axis: its embed falls back to `data`.
+    spec = nn.logical_to_mesh_axes(
+        ("expert", "embed", "expert_mlp"), partitioning.standard_logical_axis_rules(fsdp=True))
+    assert spec == P("expert", "data", "model")
+    # Activations keep their batch sharding: embed finds no free axis there.
+    assert nn.logical_to_mesh_axes(
+        ("batch", "length", "embed"), partitioning.standard_logical_axis_rules(fsdp=True)) == P(
+        ("data", "expert"), None, None)
 
 
 def test_train_step_matches_across_meshes():
