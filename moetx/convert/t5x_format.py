@@ -204,7 +204,9 @@ def resolve_ts_spec(spec: dict, checkpoint_dir: str) -> dict:
         raise ValueError(f"unsupported checkpoint location {checkpoint_dir!r}; expected a local "
                          "directory or gs://bucket/path")
     else:
-        spec["kvstore"] = {"driver": "file", "path": os.path.join(checkpoint_dir, relative)}
+        # Absolute: tensorstore's file driver refuses a relative path ("Invalid file path").
+        spec["kvstore"] = {"driver": "file",
+                           "path": os.path.join(os.path.abspath(checkpoint_dir), relative)}
     return spec
 
 

@@ -151,6 +151,22 @@ def test_tensorstore_fixture_reads_to_its_arrays_and_step():
     assert t5x_format.read_checkpoint(str(TINY_T5), load_optimizer=False).opt_state is None
 
 
+def test_tensorstore_checkpoint_given_by_a_relative_path(tmp_path, monkeypatch):
+    """A relative checkpoint path reads the same arrays (tensorstore's file driver refuses a
+    relative path), for the fixture and for a checkpoint with zarr metadata files."""
+    params, opt_state = _random_tree(np.random.default_rng(1))
+    t5x_format.write_checkpoint(str(tmp_path / "checkpoint_3"), params, 3, opt_state)
+    monkeypatch.chdir(tmp_path)
+    ckpt = t5x_format.read_checkpoint("checkpoint_3")
+    _assert_trees_identical(ckpt.params, params)
+    monkeypatch.chdir(TINY_T5.parent)
+    ckpt = t5x_format.read_checkpoint(TINY_T5.name)
+    expected = t5x_format.read_checkpoint(str(TINY_T5))
+    assert sorted(ckpt.opt_state) == sorted(expected.opt_state)
+    for name, value in expected.opt_state.items():
+        np.testing.assert_array_equal(ckpt.opt_state[name], value)
+
+
 def test_orbax_fixture_reads_to_its_arrays_and_step(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"\.zarray"):
         t5x_format.read_checkpoint(str(TINY_ORBAX))  # the fixture copy lost its dot files
