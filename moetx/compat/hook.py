@@ -146,12 +146,16 @@ def activate() -> tuple[str, ...]:
 
 
 def deactivate() -> None:
-    """Removes the hook, the served modules and the functions given to `__main__` (tests)."""
+    """Removes the hook, the served modules, the gin configurables registered under their
+    names and the functions given to `__main__` (tests, or a program that parses T5X gin files
+    and then moetx's: while T5X's `t5x.models.EncoderDecoderModel` is registered, moetx's gin
+    files' short `EncoderDecoderModel` would be ambiguous)."""
     global _FINDER
     if _FINDER is not None:
         sys.meta_path.remove(_FINDER)
         for name in [n for n in sys.modules if n.split(".")[0] in _FINDER.roots]:
             del sys.modules[name]
+        _forget_configurables(_FINDER.roots)
         _FINDER = None
     main = sys.modules.get("__main__")
     while _INJECTED:
@@ -163,6 +167,28 @@ def deactivate() -> None:
                 delattr(main, name)
         else:
             setattr(main, name, before)
+
+
+def _forget_configurables(roots: tuple[str, ...]) -> None:
+    """Drops the gin registrations made under the served roots' module names (gin has no
+    public call for this; its registry is a selector map keyed by `module.name`)."""
+    import gin.config
+
+    registry, inverse = gin.config._REGISTRY, gin.config._INVERSE_REGISTRY  # noqa: SLF001
+    prefixes = tuple(f"{r}." for r in roots)
+
+    def served(c) -> bool:
+        # Under a served module's name, or a shim object under any alias (`import __main__ as
+        # train_script` registers `train_script.train`).
+        return c.selector.startswith(prefixes) or getattr(
+            c.wrapped, "__module__", "").startswith("moetx.compat")
+
+    for selector in [s for s, c in registry.items() if served(c)]:
+        registry.pop(selector)
+    # The reverse map too, or a later activation would find the old registrations there and
+    # not register the names again.
+    for fn_or_cls in [k for k, c in inverse.items() if served(c)]:
+        del inverse[fn_or_cls]
 
 
 def _bound(function: str) -> bool:
