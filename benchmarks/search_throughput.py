@@ -8,11 +8,11 @@ decoder; `--proxy primer` = search/primer_proxy.gin's block-program search):
 1. Where the time goes: `--trials` trials of the proxy's space, run one after the other in this
    process with `TrainingFitness` (no hurdle, so every trial trains its full budget), with JAX's
    compile-time events summed (`jax.monitoring`: tracing, lowering, XLA compilation) and the
-   steady training rate read from each trial's TensorBoard (`steps_per_sec` of the windows after
-   the first, which holds the compilation). `training` = steps / steady rate; `other` = the rest
-   (data pipeline start, eval, checkpoint, bookkeeping). Done with and without the persistent
-   compilation cache (`TrainingFitness.compilation_cache`) that lets a trial's two stages, and
-   trials with equal programs, share compiled code.
+   steady training rate read from each trial's TensorBoard (`timing/steps_per_second` of the
+   windows after the first, which holds the compilation). `training` = steps / steady rate;
+   `other` = the rest (data pipeline start, eval, checkpoint, bookkeeping). Done with and
+   without the persistent compilation cache (`TrainingFitness.compilation_cache`) that lets a
+   trial's two stages, and trials with equal programs, share compiled code.
 2. Trials per hour: the proxy's own search (hurdles and all) for `--trials` trials with
    `num_workers` 1 and 2 (`parallel_trials` 2 both times, so both run the same trials).
 
@@ -97,7 +97,9 @@ def breakdown(args, cache: bool) -> dict:
         except FloatingPointError:  # a rule that diverges: the search records it as failed
             status = "failed"
         wall = time.perf_counter() - t0
-        logged = report.read_scalars(os.path.join(trial_dir, "train")).get("steps_per_sec", [])
+        scalars = report.read_scalars(os.path.join(trial_dir, "train"))
+        # T5X's name since the scalars follow T5X (`steps_per_sec` before).
+        logged = scalars.get("timing/steps_per_second") or scalars.get("steps_per_sec", [])
         rates = [v for _, v in logged][1:]
         trained = logged[-1][0] if logged else 0  # the last step logged (where a NaN stopped it)
         training = trained / statistics.median(rates) if rates else 0.0
