@@ -129,6 +129,34 @@ TINY = dict(vocab_size=128, emb_dim=32, num_heads=4, head_dim=8, mlp_dim=64,
             num_decoder_layers=2)
 
 
+def register_integer_lm_task(name: str, num_sequences: int, num_train: int,
+                             max_len: int, min_len: int = 2) -> None:
+    """Registers SeqIO task `name`: `num_sequences` seeded random id sequences (ids 2..99,
+    lengths min_len..max_len-1) as `targets` with EOS, the first `num_train` the train split,
+    the rest validation; no file is read. Remove it with `seqio.TaskRegistry.remove(name)`."""
+    import numpy as np
+    import seqio
+    import tensorflow as tf
+
+    rng = np.random.RandomState(0)
+    seqs = [rng.randint(2, 100, rng.randint(min_len, max_len)).tolist()
+            for _ in range(num_sequences)]
+
+    def dataset_fn(split, shuffle_files, seed=None):
+        del shuffle_files, seed
+        rows = seqs[:num_train] if split == "train" else seqs[num_train:]
+        return tf.data.Dataset.from_tensor_slices(tf.ragged.constant(rows)).map(
+            lambda x: {"targets": tf.cast(x, tf.int32)})
+
+    vocab = seqio.PassThroughVocabulary(size=100, eos_id=1)
+    seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(
+        name, source=seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"]),
+        preprocessors=[seqio.preprocessors.append_eos_after_trim],
+        output_features={"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)},
+        metric_fns=[])
+
+
 def tiny_model(**kw):
     """A 2-layer decoder-only LM (d 32, vocab 128) normalised by real target tokens."""
     from moetx.lm import models, transformer

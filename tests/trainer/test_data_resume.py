@@ -10,6 +10,7 @@ import pytest
 
 from moetx.trainer import data, indexed_data
 from moetx.trainer.train import evaluation_batches, make_batches
+from tests.conftest import register_integer_lm_task
 
 TASK = "moetx_test_indexed_tiny"
 LENGTH = 16
@@ -20,24 +21,8 @@ BATCH = 8
 def tiny_task():
     """A packed LM-style task over 300 seeded integer sequences of 2..20 ids (no file read)."""
     import seqio
-    import tensorflow as tf
 
-    rng = np.random.RandomState(0)
-    seqs = [rng.randint(2, 100, rng.randint(2, 21)).tolist() for _ in range(300)]
-
-    def dataset_fn(split, shuffle_files, seed=None):
-        del shuffle_files, seed
-        ds = tf.data.Dataset.from_tensor_slices(tf.ragged.constant(seqs[:240] if split == "train"
-                                                                   else seqs[240:]))
-        return ds.map(lambda x: {"targets": tf.cast(x, tf.int32)})
-
-    vocab = seqio.PassThroughVocabulary(size=100, eos_id=1)
-    seqio.TaskRegistry.remove(TASK)
-    seqio.TaskRegistry.add(
-        TASK, source=seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"]),
-        preprocessors=[seqio.preprocessors.append_eos_after_trim],
-        output_features={"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)},
-        metric_fns=[])
+    register_integer_lm_task(TASK, 300, 240, max_len=21, min_len=2)
     yield TASK
     seqio.TaskRegistry.remove(TASK)
 

@@ -13,7 +13,7 @@ import pytest
 
 from moetx.trainer import data, metrics as metrics_lib, optimizers, partitioning
 from moetx.trainer import trainer as trainer_lib
-from tests.conftest import TINY, make_trainer, packed_batch, tiny_model
+from tests.conftest import TINY, make_trainer, packed_batch, register_integer_lm_task, tiny_model
 
 TASK = "moetx_test_t5x_lm"
 SEQ2SEQ = "moetx_test_t5x_seq2seq"
@@ -25,24 +25,8 @@ BATCH = 8
 def lm_task():
     """A causal-LM task over 200 seeded integer sequences (no file read)."""
     import seqio
-    import tensorflow as tf
 
-    rng = np.random.RandomState(0)
-    seqs = [rng.randint(2, 100, rng.randint(3, 14)).tolist() for _ in range(200)]
-
-    def dataset_fn(split, shuffle_files, seed=None):
-        del shuffle_files, seed
-        rows = seqs[:160] if split == "train" else seqs[160:]
-        return tf.data.Dataset.from_tensor_slices(tf.ragged.constant(rows)).map(
-            lambda x: {"targets": tf.cast(x, tf.int32)})
-
-    vocab = seqio.PassThroughVocabulary(size=100, eos_id=1)
-    seqio.TaskRegistry.remove(TASK)
-    seqio.TaskRegistry.add(
-        TASK, source=seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"]),
-        preprocessors=[seqio.preprocessors.append_eos_after_trim],
-        output_features={"targets": seqio.Feature(vocab, add_eos=True, dtype=tf.int32)},
-        metric_fns=[])
+    register_integer_lm_task(TASK, 200, 160, max_len=14, min_len=3)
     yield TASK
     seqio.TaskRegistry.remove(TASK)
 
