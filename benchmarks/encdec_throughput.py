@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--no_xla_tuning", action="store_true",
                    help="do not call moetx.util.xla_env.configure_cpu_defaults()")
+    p.add_argument("--skip_decode", action="store_true",
+                   help="time the training step only (print only the first JSON line)")
     args = p.parse_args(argv)
     for name in ("d_model", "layers", "heads", "head_dim", "d_ff", "vocab", "batch",
                  "input_length", "target_length", "steps", "threads"):
@@ -315,6 +317,9 @@ def main(argv=None) -> int:
     log(f"train: moetx {tokens / mx_t:,.0f} tok/s ({mx_t * 1e3:.0f} ms/step), HF "
         f"{tokens / hf_t:,.0f} tok/s ({hf_t * 1e3:.0f} ms/step), ratio {hf_t / mx_t:.2f}")
     del state, tr, hf_train, opt, batch
+    if args.skip_decode:
+        json_out.close()
+        return 0
 
     # -------------------------------------------------------------------- 2. greedy decode
     eos_id = args.vocab  # outside the vocabulary: no row can stop early, on either side

@@ -59,6 +59,54 @@ def _cross_entropy_bwd(res, g):
 cross_entropy_with_logits.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
+@jax.custom_vjp
+def cross_entropy_with_integer_targets(logits: Array, targets: Array,
+                                       z_loss: float) -> tuple[Array, Array]:
+    """`cross_entropy_with_logits` with one-hot targets given as ids: the same values and
+    gradient (to the last bit: the one-hot sum there adds only zeros), without the
+    [batch, length, vocab] one-hot. On CPU that array is written, saved for the backward pass
+    and read twice; here the target logit is gathered and the gradient subtracts 1 where an
+    iota equals the target id, inside the softmax's elementwise pass.
+
+    Args:
+      logits: <float32>[batch, length, vocab].
+      targets: <int32>[batch, length] target ids.
+      z_loss: coefficient of (log Z)^2.
+    Returns:
+      (total loss, z-loss part), each <float32>[batch, length].
+    """
+    return _integer_targets_fwd(logits, targets, z_loss)[0]
+
+
+def _integer_targets_fwd(logits, targets, z_loss):
+    max_logit = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    shifted = logits - max_logit
+    exp_shifted = jnp.exp(shifted)
+    sum_exp = jnp.sum(exp_shifted, axis=-1, keepdims=True)
+    log_sum_exp = jnp.log(sum_exp)
+    # -log_softmax at the target: log(sum exp) - shifted_target, as -(shifted - log(sum exp)).
+    shifted_target = jnp.take_along_axis(shifted, targets[..., None], axis=-1)
+    loss = jnp.squeeze(log_sum_exp - shifted_target, axis=-1)
+    log_z = jnp.squeeze(log_sum_exp + max_logit, axis=-1)
+    total_z_loss = z_loss * jnp.square(log_z)
+    loss = loss + total_z_loss
+    return (loss, total_z_loss), (targets, z_loss, exp_shifted, sum_exp, log_z)
+
+
+def _integer_targets_bwd(res, g):
+    targets, z_loss, exp_shifted, sum_exp, log_z = res
+    softmax = exp_shifted / sum_exp
+    scaled = jnp.expand_dims(1 + 2 * z_loss * log_z, -1) * softmax
+    # Shape: [batch, length, vocab]; the one-hot is a comparison, fused, never stored.
+    is_target = jax.lax.broadcasted_iota(targets.dtype, scaled.shape, 2) == targets[..., None]
+    deriv = jnp.where(is_target, scaled - 1.0, scaled)
+    g_logits = jnp.expand_dims(g[0], -1) * deriv
+    return g_logits.astype(exp_shifted.dtype), None, jnp.zeros_like(z_loss)
+
+
+cross_entropy_with_integer_targets.defvjp(_integer_targets_fwd, _integer_targets_bwd)
+
+
 class LossNormalization(enum.Enum):
     """How the summed token loss is divided (T5X `SpecialLossNormalizingFactor`).
 
@@ -149,6 +197,12 @@ def compute_weighted_cross_entropy(
         raise ValueError(f"logits {logits.shape} must have one more axis than targets "
                          f"{targets.shape}.")
     vocab = logits.shape[-1]
+    if isinstance(label_smoothing, (int, float)) and label_smoothing == 0.0:
+        # One-hot targets: the same loss without materialising them (the normalizing constant
+        # below is then 0).
+        total, z = cross_entropy_with_integer_targets(logits.astype(jnp.float32), targets,
+                                                      z_loss)
+        return jnp.sum(total * weights), jnp.sum(z * weights), jnp.sum((total - z) * weights)
     confidence = 1.0 - label_smoothing
     low = (1.0 - confidence) / (vocab - 1)
     # Entropy of the smoothed distribution, so that the optimum is a loss of 0.

@@ -67,3 +67,42 @@ def test_normalizing_factors():
 def test_bad_normalizing_factor_names_the_options():
     with pytest.raises(ValueError, match="NUM_REAL_TARGET_TOKENS"):
         losses.parse_loss_normalizing_factor("NUM_REAL_TOKENS")
+
+
+@pytest.mark.parametrize("z", [0.0, 1e-4])
+def test_integer_targets_give_the_one_hot_loss_and_gradient(z):
+    """The id form (used when there is no label smoothing) computes what the one-hot form does,
+    without the [batch, length, vocab] one-hot; padding ids included."""
+    rng = np.random.RandomState(1)
+    logits = jnp.asarray(rng.randn(3, 5, 37) * 4, jnp.float32)
+    ids = jnp.asarray(rng.randint(0, 37, (3, 5)), jnp.int32).at[0, -2:].set(0)
+    weights = jnp.asarray(rng.rand(3, 5) > 0.3, jnp.float32)
+    onehot = jax.nn.one_hot(ids, 37)
+    total, zl = losses.cross_entropy_with_integer_targets(logits, ids, z)
+    ref_total, ref_z = losses.cross_entropy_with_logits(logits, onehot, z)
+    np.testing.assert_allclose(total, ref_total, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(zl, ref_z, rtol=1e-6, atol=1e-7)
+
+    def weighted(fn, targets):
+        return lambda x: jnp.sum(fn(x, targets, z)[0] * weights)
+
+    g = jax.grad(weighted(losses.cross_entropy_with_integer_targets, ids))(logits)
+    g_ref = jax.grad(weighted(losses.cross_entropy_with_logits, onehot))(logits)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-7)
+    assert float(jnp.abs(g).sum()) > 0
+
+
+def test_compute_weighted_cross_entropy_without_smoothing_matches_the_smoothing_path():
+    """label_smoothing=0 takes the id path; a tiny smoothing takes the one-hot path: the two
+    agree to the smoothing's size, and the id path agrees with the reference exactly."""
+    rng = np.random.RandomState(2)
+    logits = jnp.asarray(rng.randn(2, 6, 19) * 2, jnp.float32)
+    ids = jnp.asarray(rng.randint(0, 19, (2, 6)), jnp.int32)
+    weights = jnp.asarray(rng.rand(2, 6), jnp.float32)
+    loss, zl, ce = losses.compute_weighted_cross_entropy(logits, ids, weights, z_loss=1e-4)
+    ref = _reference(logits, jax.nn.one_hot(ids, 19), 1e-4)
+    np.testing.assert_allclose(loss, jnp.sum(ref * weights), rtol=1e-6)
+    np.testing.assert_allclose(loss, zl + ce, rtol=1e-6)
+    smoothed = losses.compute_weighted_cross_entropy(logits, ids, weights, z_loss=1e-4,
+                                                     label_smoothing=1e-6)
+    np.testing.assert_allclose(smoothed[0], loss, rtol=1e-4)
