@@ -89,12 +89,16 @@ demo-vision: data
 	  --gin.MODEL_DIR="'$(VISION_DIR)'" --gin.TRAIN_STEPS=$(VISION_STEPS) --gin.LOG_EVERY=100
 
 # `make test` skips the few tests marked slow (learning curves, repeated fault injection);
-# `make test-all` runs them too. The 25 slowest tests are listed at the end.
+# `make test-all` runs them too. The 25 slowest tests are listed at the end. The tests run in
+# TEST_WORKERS processes (pytest-xdist), a test file per process at a time, so a file's
+# module-scoped fixtures are built once; TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST_ARGS = -q -p no:warnings --durations=25 -n $(TEST_WORKERS) --dist loadfile
 test: install-test data
-	$(PY) -m pytest -q -p no:warnings -m "not slow" --durations=25
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
 
 test-all: install-test data
-	$(PY) -m pytest -q -p no:warnings --durations=25
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install-test
 	$(PY) benchmarks/train_throughput.py
