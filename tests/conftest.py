@@ -21,6 +21,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    # A size bound turns on JAX's file lock around cache reads and writes: the pytest-xdist
+    # workers (which inherit this environment) share the directory.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 # The same XLA CPU defaults as the entry points, so tests run what users run.
 from moetx.util import xla_env  # noqa: E402

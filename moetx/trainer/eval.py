@@ -24,6 +24,7 @@ import jax
 
 from moetx.trainer import checkpoints, data, metrics as metrics_lib, partitioning
 from moetx.trainer import train as train_lib
+from moetx.util import compile_cache
 
 
 @gin.configurable
@@ -39,6 +40,7 @@ def evaluate(
     rules_fn: Callable = partitioning.standard_logical_axis_rules,
     seqio_eval: bool | None = None,
     seqio_eval_examples: int | None = None,
+    compilation_cache: bool | str = True,
 ) -> dict[str, float]:
     """Evaluates a checkpoint on `dataset_cfg`'s split and returns the summarized metrics
     (plus `step`, and the task metrics as `'<task>/<metric>'`).
@@ -56,7 +58,9 @@ def evaluate(
         console says when it is skipped); True: always (an error when it cannot).
       seqio_eval_examples: the seqio evaluation reads the first this many examples of each
         task (None: all).
+      compilation_cache: JAX's persistent compilation cache, as `train.compilation_cache`.
     """
+    compile_cache.enable(compilation_cache)
     train_lib.check_data(model, dataset_cfg)
     model_dir, step = checkpoints.resolve_checkpoint(checkpoint_dir, checkpoint_step)
     # The Trainer owns the compiled eval step and the batch layout; the parameters are restored

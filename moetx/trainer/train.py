@@ -31,7 +31,7 @@ from moetx.trainer import (
     run_lock,
     trainer as trainer_lib,
 )
-from moetx.util import gin_files
+from moetx.util import compile_cache, gin_files
 
 
 def build_trainer(model, dataset_cfg: data.DatasetConfig,
@@ -105,6 +105,7 @@ def train(
     seqio_eval_every: int = 0,
     infer_eval_dataset_cfg: data.DatasetConfig | None = None,
     seqio_eval_examples: int | None = None,
+    compilation_cache: bool | str = True,
 ) -> dict[str, Any]:
     """Trains `model` on `train_dataset_cfg` up to step `train_steps` in `model_dir`.
 
@@ -136,6 +137,10 @@ def train(
     `init_from` (e.g. `@moetx.convert.restore.InitFromCheckpoint()`) maps the Trainer and the
     fresh state to the state a new run starts from (another checkpoint's parameters, possibly
     upcycled); it is not used when MODEL_DIR already holds a checkpoint to resume.
+
+    `compilation_cache`: JAX's persistent compilation cache (`moetx.util.compile_cache`; True:
+    the default directory, `~/.cache/moetx/jax_cache`; a path; False: none), so a relaunched or
+    repeated run loads its compiled steps instead of compiling them again.
 
     The run's gin configuration is written to `model_dir/config.gin` when it starts (as T5X
     does; `gin_files.write_config_gin` keeps a different earlier one as `config.gin.<n>`).
@@ -169,6 +174,7 @@ def train(
                    eval_steps=eval_steps, num_microbatches=num_microbatches,
                    preemption_check_every=preemption_check_every,
                    max_consecutive_skips=max_consecutive_skips)
+    compile_cache.enable(compilation_cache)
     infer_eval_dataset_cfg = infer_eval_dataset_cfg or eval_dataset_cfg
     if seqio_eval_every and infer_eval_dataset_cfg is None:
         raise ValueError("train.seqio_eval_every needs a dataset to evaluate: set "
