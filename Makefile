@@ -15,7 +15,7 @@ MODEL_DIR ?= runs/demo$(if $(filter moe,$(MODEL)),,_$(MODEL))
 DEMO_STEPS ?= 400
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: install install-test constraints data demo demo-vision test test-all bench clean
+.PHONY: install install-test constraints data demo demo-vision test test-all bench bench-quick clean
 
 # `make install`: moetx and its plots, at the tested versions (constraints.txt); what `make demo`
 # needs. `make install-test` adds the test tools and the parity peers (pytest, transformers,
@@ -100,12 +100,20 @@ test: install-test data
 test-all: install-test data
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# `make bench`: every side-by-side row at the realistic shapes of issue 16 (hours on 2 cores) and
+# the d_model sweep, appended to a dated JSON-lines file; the README table and
+# docs/bench_scaling.png are then regenerated from that file (`benchmarks/README.md`).
+# `make bench-quick` runs the same rows at tiny shapes, to check that they all run.
+BENCH_RESULTS ?= benchmarks/results/$(shell date -u +%Y-%m-%d).jsonl
 bench: install-test
-	$(PY) benchmarks/train_throughput.py
-	$(PY) benchmarks/encdec_throughput.py
-	$(PY) benchmarks/moe_throughput.py
-	$(PY) benchmarks/vision_throughput.py
+	$(PY) benchmarks/run_all.py --out $(BENCH_RESULTS)
+	$(PY) benchmarks/run_all.py --sweep --out $(BENCH_RESULTS)
 	$(PY) benchmarks/conv_ops.py
+	$(PY) benchmarks/readme_table.py $(BENCH_RESULTS) --write README.md --plot docs/bench_scaling.png
+
+bench-quick: install-test
+	$(PY) benchmarks/run_all.py --quick --no_memory --out /tmp/moetx_bench_quick.jsonl
+	$(PY) benchmarks/readme_table.py /tmp/moetx_bench_quick.jsonl
 
 clean:
 	rm -rf runs/demo

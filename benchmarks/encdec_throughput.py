@@ -5,17 +5,19 @@ Two measurements in one run, on the same T5.1.1-style encoder-decoder (RMSNorm, 
 relative position bias, gated-GELU MLP, no biases, untied logits; by default the
 `make demo MODEL=t5` model of moetx/gin/models/t5_demo.gin):
 
-1. Training step (forward, backward, Adafactor) on a batch of random ids, `--input_length`
+1. Training step (forward, backward, optimizer) on a batch of random ids, `--input_length`
    encoder and `--target_length` decoder tokens per row:
-     moetx  `moetx.trainer.trainer.Trainer.train_step` (jitted, T5X-default Adafactor, lr 1e-2
-            from the rsqrt schedule) of `EncoderDecoderModel`, one device.
+     moetx  `moetx.trainer.trainer.Trainer.train_step` (jitted) of `EncoderDecoderModel`, one
+            device.
      HF     `transformers.T5ForConditionalGeneration` built from
             `moetx.convert.hf.t5_config_to_hf(cfg)`, its lm_head untied from `shared` (transformers
-            5 ties it in memory even for an untied config), loaded with moetx's initial weights,
-            trained with `transformers.optimization.Adafactor(lr=1e-2, scale_parameter=True,
-            relative_step=False, warmup_init=False)`.
-   Both minimise token cross entropy + 1e-4 logit z-loss (mean over target tokens). Tokens/s
-   counts encoder plus decoder tokens; MFU uses `EncoderDecoderModel.flops_per_step`.
+            5 ties it in memory even for an untied config), loaded with moetx's initial weights;
+            trained eagerly and under `torch.compile`, each its own copy (`--peer`).
+   `--optimizer` adafactor (T5X-default Adafactor vs HF's Adafactor, lr 1e-2) or adamw (the same
+   AdamW on both sides); see train_throughput.py, whose docstring also describes the peer
+   variants, the `peer` choice, the f32/bf16 matmul peaks and `--memory`. Both minimise token
+   cross entropy + 1e-4 logit z-loss (mean over target tokens). Tokens/s counts encoder plus
+   decoder tokens; MFU uses `EncoderDecoderModel.flops_per_step`.
 
 2. Greedy decoding with the KV cache of `--target_length` tokens for `--batch` encoder inputs of
    `--input_length` ids, with the same weights on both sides (moetx's initial parameters,
@@ -29,15 +31,19 @@ relative position bias, gated-GELU MLP, no biases, untied logits; by default the
    call includes encoding the inputs. `same_tokens` is the fraction of generated tokens that agree;
    float differences between XLA and torch can flip an argmax, after which the row diverges.
 
-Each pair of steps/calls is timed alternately (one moetx, one HF, ...) after `--warmup` untimed
-ones per side, median of `--steps`. The f32 matmul rate is measured in the same run (JAX and torch,
-1024^2 and 2048^2); JAX's best is the MFU denominator for both sides, as in train_throughput.py.
+Steps/calls are timed round-robin (one moetx, one of each HF variant, ...) after `--warmup`
+untimed ones per side, median of `--steps`. The f32 and bf16 matmul rates are measured in the
+same run (JAX and torch, 1024^2 and 2048^2); the fastest f32 rate is the MFU denominator for
+every side, as in train_throughput.py.
 
-Prints exactly two JSON lines on stdout, `encdec_train_throughput` then
-`encdec_decode_throughput`, each self-contained; progress goes to stderr. Example:
+Prints two JSON lines on stdout, `encdec_train_throughput` then `encdec_decode_throughput`
+(only the first with `--skip_decode`), each self-contained; progress goes to stderr. Examples:
 
   .venv/bin/python benchmarks/encdec_throughput.py               # tuned XLA CPU flags (default)
   .venv/bin/python benchmarks/encdec_throughput.py --no_xla_tuning
+  .venv/bin/python benchmarks/encdec_throughput.py --d_model 512 --d_ff 1024 --layers 8 \\
+      --heads 6 --vocab 32128 --batch 8 --input_length 512 --target_length 114 --steps 6 \\
+      --warmup 1 --optimizer adamw --skip_decode --memory        # T5.1.1-small's shape
 """
 
 from __future__ import annotations
@@ -49,9 +55,15 @@ import statistics
 import sys
 import time
 
-# Sibling module: the background-load meter and the matmul peak are shared with the
-# decoder-only benchmark (importing it imports neither jax nor torch).
-from train_throughput import CpuLoad, measure_matmuls, reserve_stdout_for_json, time_round_robin
+# Sibling module: the side-by-side helpers (flags, optimizers, HF variants, round-robin timing,
+# matmul peaks, memory children) are shared with the decoder-only benchmark (importing it
+# imports neither jax nor torch).
+from train_throughput import (CpuLoad, add_side_by_side_flags, check_finite,
+                              check_side_by_side_flags, compile_info, environment_fields,
+                              hf_param_count, hf_variants, import_side_libraries, matmul_fields,
+                              measure_matmuls, memory_child_line, moetx_optimizer_factory,
+                              optimizer_settings, peak_rss_mb, reserve_stdout_for_json,
+                              run_memory, side_by_side_fields, time_round_robin, token_loss)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="do not call moetx.util.xla_env.configure_cpu_defaults()")
     p.add_argument("--skip_decode", action="store_true",
                    help="time the training step only (print only the first JSON line)")
+    add_side_by_side_flags(p)
     args = p.parse_args(argv)
     for name in ("d_model", "layers", "heads", "head_dim", "d_ff", "vocab", "batch",
                  "input_length", "target_length", "steps", "threads"):
@@ -84,6 +97,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--warmup must be at least 1 (the first step compiles)")
     if args.vocab < 3:
         p.error("--vocab must be at least 3")
+    check_side_by_side_flags(p, args)
     return args
 
 
@@ -129,15 +143,19 @@ def moetx_config(args):
 
 
 def build_hf(torch, cfg, params_np, train: bool):
-    """T5ForConditionalGeneration from the equivalent config, untied head, moetx's weights."""
+    """T5ForConditionalGeneration from the equivalent config, untied head, moetx's weights
+    `params_np` (None: HF's own initialisation, for the memory child)."""
     import transformers
     from moetx.convert import hf
 
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(hf.t5_config_to_hf(cfg))
     # transformers >= 5 ties T5's lm_head to `shared` in memory even for an untied (T5.1.1)
-    # config (see moetx/convert/hf/); give it its own parameter, as the `hf_t5` helper of tests/convert/conftest.py does.
-    model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
+    # config (see moetx/convert/hf/); give it its own parameter, as the `hf_t5` helper of
+    # tests/convert/conftest.py does.
+    model.lm_head.weight = torch.nn.Parameter(model.shared.weight.detach().clone())
+    if params_np is None:
+        return model.train(train)
     sd = hf.moetx_to_hf_t5(params_np, cfg=cfg)
     # The embed_tokens of both stacks are the `shared` module itself; load them as its copies.
     for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
@@ -148,23 +166,8 @@ def build_hf(torch, cfg, params_np, train: bool):
     return model.train(train)
 
 
-def hf_param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())  # shared parameters counted once
-
-
-def versions(jax, torch) -> dict:
-    import importlib.metadata as md
-
-    out = {"jax": jax.__version__, "torch": torch.__version__}
-    for pkg in ("jaxlib", "flax", "optax", "transformers", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     xla_flags_before = os.environ.get("XLA_FLAGS", "")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -177,22 +180,23 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
     import transformers
-    from transformers.optimization import Adafactor
 
     from moetx.lm import models
-    from moetx.trainer import metrics, optimizers, partitioning, trainer as trainer_lib
+    from moetx.trainer import metrics, partitioning, trainer as trainer_lib
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     log(f"jax {jax.__version__} ({jax.devices()[0].platform}, {len(jax.devices())} device(s)), "
         f"torch {torch.__version__} ({args.threads} threads), transformers "
-        f"{transformers.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        f"{transformers.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+        f"optimizer {args.optimizer}, peer {args.peer}"
+        + (f", only {args.only_side}" if args.only_side else ""))
 
-    log("measuring f32 matmul FLOP/s")
-    with CpuLoad() as mm_load:
-        mm = measure_matmuls(jax, jnp, torch)
-    peak_jax = max(mm["jax_1024"], mm["jax_2048"])
-    peak_torch = max(mm["torch_1024"], mm["torch_2048"])
+    mm = mm_load = None
+    if not args.only_side:
+        log("measuring f32 and bf16 matmul FLOP/s")
+        with CpuLoad() as mm_load:
+            mm = measure_matmuls(jax, jnp, torch)
 
     b, n_in, n_tg = args.batch, args.input_length, args.target_length
     common = {
@@ -203,18 +207,6 @@ def main(argv=None) -> int:
                   "dtype": "float32"},
         "batch": b, "input_length": n_in, "target_length": n_tg,
         "steps": args.steps, "warmup": args.warmup,
-    }
-    meta = {
-        "peak_flops_f32_matmul": peak_jax,
-        "peak_flops_f32_matmul_torch": peak_torch,
-        "matmul_gflops": {k: round(v / 1e9, 1) for k, v in mm.items()},
-        "xla_tuning": not args.no_xla_tuning,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "xla_flags_user": xla_flags_before,
-        "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
-        "versions": versions(jax, torch),
-        "threads": args.threads,
-        "cpu_count": os.cpu_count(),
     }
 
     def emit(result: dict) -> None:
@@ -228,95 +220,101 @@ def main(argv=None) -> int:
     input_shapes = model.input_shapes(b, {"inputs": n_in, "targets": n_tg})
     batch_np = make_batch(np, args)
     tokens = b * (n_in + n_tg)
+    import_side_libraries()
+    baseline_mb = peak_rss_mb()
 
-    log("building moetx")
-    mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    tr = trainer_lib.Trainer(model, optimizers.make_optimizer, mesh,
-                             partitioning.standard_logical_axis_rules(), input_shapes)
-    state = tr.init_state()
-    # A host copy of the initial weights (the train step donates `state`): the HF models start
-    # from them, and the decode benchmark uses them on both sides.
-    params_np = jax.tree_util.tree_map(np.asarray, jax.device_get(state.params))
-    batch = tr.to_global(batch_np)
-    params = metrics.count_params(state.params)
-    flops_per_step = model.flops_per_step(state.params, input_shapes)
+    steps, fallbacks = {}, {}
+    params = flops_per_step = hf_params = attn_impl = params_np = None
+    if args.only_side != "hf":
+        log("building moetx")
+        mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+        tr = trainer_lib.Trainer(model, moetx_optimizer_factory(args.optimizer), mesh,
+                                 partitioning.standard_logical_axis_rules(), input_shapes)
+        state = tr.init_state()
+        if not args.only_side:
+            # A host copy of the initial weights (the train step donates `state`): the HF
+            # models start from them, and the decode benchmark uses them on both sides.
+            params_np = jax.tree_util.tree_map(np.asarray, jax.device_get(state.params))
+        batch = tr.to_global(batch_np)
+        params = metrics.count_params(state.params)
+        flops_per_step = model.flops_per_step(state.params, input_shapes)
 
-    log("building HF T5ForConditionalGeneration (train)")
-    hf_train = build_hf(torch, cfg, params_np, train=True)
-    hf_params = hf_param_count(hf_train)
-    if hf_params != params:
-        log(f"WARNING: parameter counts differ: moetx {params:,} vs HF {hf_params:,}")
-    opt = Adafactor(hf_train.parameters(), lr=1e-2, scale_parameter=True, relative_step=False,
-                    warmup_init=False)
-    enc_t = torch.from_numpy(batch_np["encoder_input_tokens"].astype(np.int64))
-    dec_in_t = torch.from_numpy(batch_np["decoder_input_tokens"].astype(np.int64))
-    targets_t = torch.from_numpy(batch_np["decoder_target_tokens"].astype(np.int64))
-    z_loss = 1e-4
+        def moetx_step() -> float:
+            nonlocal state
+            state, sums = tr.train_step(state, batch)
+            return float(jax.block_until_ready(sums)["loss"])
 
-    def hf_step():
-        opt.zero_grad(set_to_none=True)
-        # No attention mask: no input id is padding, so HF's default all-ones mask is exact.
-        logits = hf_train(input_ids=enc_t, decoder_input_ids=dec_in_t, use_cache=False).logits
-        logits = logits.float()
-        # Token cross entropy + z_loss * (log Z)^2, mean over target tokens (moetx's objective).
-        log_z = torch.logsumexp(logits, dim=-1)
-        target_logit = logits.gather(-1, targets_t.unsqueeze(-1)).squeeze(-1)
-        loss = (log_z - target_logit + z_loss * log_z.square()).mean()
-        loss.backward()
-        opt.step()
-        return loss.detach()
+        steps["moetx"] = moetx_step
 
-    def moetx_step():
-        nonlocal state
-        state, sums = tr.train_step(state, batch)
-        jax.block_until_ready((state, sums))
-        return sums
+    if args.only_side != "moetx":
+        log(f"building HF T5ForConditionalGeneration (train, {args.peer})")
+        enc_t = torch.from_numpy(batch_np["encoder_input_tokens"].astype(np.int64))
+        dec_in_t = torch.from_numpy(batch_np["decoder_input_tokens"].astype(np.int64))
+        targets_t = torch.from_numpy(batch_np["decoder_target_tokens"].astype(np.int64))
 
-    train = time_round_robin({"moetx": moetx_step, "hf": hf_step}, args.steps, args.warmup, log,
-                             "train steps")
-    mx_loss_first = float(train.first_out["moetx"]["loss"])
-    hf_loss_first = float(train.first_out["hf"])
-    log(f"first losses: moetx {mx_loss_first:.4f}, HF {hf_loss_first:.4f}")
-    mx_loss, hf_loss = float(train.last_out["moetx"]["loss"]), train.last_out["hf"]
-    if not (np.isfinite(mx_loss) and np.isfinite(float(hf_loss))):
-        raise FloatingPointError(f"loss is not finite: moetx {mx_loss}, HF {float(hf_loss)}")
-    mx_t, hf_t = (statistics.median(train.times[k]) for k in ("moetx", "hf"))
-    emit({
+        def loss_of(hf_model):
+            # No attention mask: no input id is padding, so HF's default all-ones mask is exact.
+            logits = hf_model(input_ids=enc_t, decoder_input_ids=dec_in_t, use_cache=False).logits
+            return token_loss(torch, logits, targets_t)
+
+        hf_steps, fallbacks = hf_variants(
+            torch, lambda: build_hf(torch, cfg, params_np, train=True), loss_of, args.optimizer,
+            args.peer)
+        steps.update(hf_steps)
+        hf_model = next(iter(hf_steps.values())).model
+        hf_params = hf_param_count(hf_model)
+        attn_impl = hf_model.config._attn_implementation
+        del hf_model
+        if params is not None and hf_params != params:
+            log(f"WARNING: parameter counts differ: moetx {params:,} vs HF {hf_params:,}")
+
+    train = time_round_robin(steps, args.steps, args.warmup, log, "train steps",
+                             fallbacks=fallbacks)
+    check_finite(train)
+    if args.only_side:
+        emit(memory_child_line(args.only_side, args.peer if args.only_side == "hf" else None,
+                               baseline_mb, train))
+        json_out.close()
+        return 0
+
+    mmf = matmul_fields(mm)
+    result = {
         "benchmark": "encdec_train_throughput",
         **common,
         "tokens_per_step": tokens,
+        "optimizer": optimizer_settings(args.optimizer),
+        "peer_modes": args.peer,
         "params": params,
         "hf_params": hf_params,
         "params_match": hf_params == params,
+        "weights_shared": True,
         "model_flops_per_step": flops_per_step,
-        "moetx_step_time_s": mx_t,
-        "moetx_tokens_per_sec": tokens / mx_t,
-        "moetx_mfu": flops_per_step / mx_t / peak_jax,
-        "moetx_first_step_s": train.first["moetx"],
-        "hf_step_time_s": hf_t,
-        "hf_tokens_per_sec": tokens / hf_t,
-        "hf_mfu": flops_per_step / hf_t / peak_jax,
-        "hf_first_step_s": train.first["hf"],
-        "ratio_moetx_over_hf": hf_t / mx_t,
+        **mmf,
         # Same initial weights and batch: the first losses agree to float rounding. The last
-        # ones agree as long as the two Adafactors do: on the default model they follow the same
-        # trajectory; at d_model 32 they did not (plausibly because T5X leaves matrices with no
-        # dimension >= 128 unfactored, where HF factors every matrix).
-        "moetx_loss_first": mx_loss_first,
-        "hf_loss_first": hf_loss_first,
-        "moetx_loss": mx_loss,
-        "hf_loss": float(hf_loss),
-        "hf_attn_implementation": hf_train.config._attn_implementation,
-        **meta,
+        # ones agree as long as the two optimizers do: with Adafactor on the demo model they
+        # follow the same trajectory; at d_model 32 they did not (plausibly because T5X leaves
+        # matrices with no dimension >= 128 unfactored, where HF factors every matrix).
+        **side_by_side_fields(train, tokens, flops_per_step, mmf),
+        "hf_attn_implementation": attn_impl,
+    }
+    if "hf_compile" in steps:
+        result["hf_compile"] = compile_info(torch)
+    result.update(environment_fields(args, jax, torch, xla_flags_before))
+    result.update({
         # CPU use (in cores) of other processes while timing: anything well above 0 means the
         # run shared the cores. own_cpu_cores: this process.
         "background_cpu_cores": {"matmul": mm_load.cores, "steps": train.load.cores},
         "own_cpu_cores": train.load.own_cores,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     })
-    log(f"train: moetx {tokens / mx_t:,.0f} tok/s ({mx_t * 1e3:.0f} ms/step), HF "
-        f"{tokens / hf_t:,.0f} tok/s ({hf_t * 1e3:.0f} ms/step), ratio {hf_t / mx_t:.2f}")
-    del state, tr, hf_train, opt, batch
+    log(f"train: moetx {result['moetx_tokens_per_sec']:,.0f} tok/s, peer {result['peer']} "
+        f"{result['peer_tokens_per_sec']:,.0f} tok/s, ratio {result['ratio_moetx_over_peer']:.2f}")
+    steps.clear()  # free the training models (the children and the decode measure their own)
+    fallbacks.clear()
+    del state, tr, batch
+    if args.memory:
+        run_memory(result, args, argv, os.path.abspath(__file__), xla_flags_before, log)
+    emit(result)
     if args.skip_decode:
         json_out.close()
         return 0
@@ -408,7 +406,8 @@ def main(argv=None) -> int:
         "max_abs_logit": float(np.abs(hf_logits).max()),
         "distinct_tokens_generated": int(np.unique(mx_tokens).size),
         "hf_attn_implementation": hf_eval.config._attn_implementation,
-        **meta,
+        **mmf,
+        **environment_fields(args, jax, torch, xla_flags_before),
         "background_cpu_cores": {"matmul": mm_load.cores, "decode": dec.load.cores},
         "own_cpu_cores": dec.load.own_cores,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

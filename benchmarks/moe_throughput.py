@@ -2,8 +2,9 @@
 """Mixture-of-Experts training-step throughput: MoE vs dense, dispatch paths, moetx vs HF Switch.
 
 Three measurements in one run, each printed as one self-contained JSON line on stdout (progress
-on stderr), all timing full training steps (forward, backward, T5X-default Adafactor, lr 1e-2
-from the rsqrt schedule) of `moetx.trainer.trainer.Trainer.train_step` on one device:
+on stderr), all timing full training steps (forward, backward, optimizer: `--optimizer`
+adafactor, T5X's defaults with lr 1e-2 from the rsqrt schedule, or adamw, see
+train_throughput.py) of `moetx.trainer.trainer.Trainer.train_step` on one device:
 
 1. `moe_vs_dense`: the `moe_primer_small` decoder-only model (moetx/gin/models/
    moe_primer_small.gin: d_model 256, 4 layers, 4 heads x 64, d_ff 512 squared ReLU, Primer
@@ -24,21 +25,27 @@ from the rsqrt schedule) of `moetx.trainer.trainer.Trainer.train_step` on one de
    other two compute E * capacity buffer rows per group (capacity factor 1.25) and drop the
    overflow.
 
-3. `moetx_vs_hf_switch`: a small Switch Transformer (top-1) encoder-decoder: d_model 256, 4+4
-   layers, 4 heads x 64, d_ff 512 ReLU experts and dense MLPs, 8 experts in every 2nd layer of
-   both stacks, vocab 8192, logits tied to the embedding (rescaled by d_model^-0.5), batch 8,
-   128 input and 32 target tokens, no dropout, no router jitter, load-balancing loss 1e-2, no
-   router z-loss, token cross entropy + 1e-4 logit z-loss.
+3. `moetx_vs_hf_switch`: a Switch Transformer (top-1) encoder-decoder, by default small:
+   d_model 256, 4+4 layers (`--switch_layers`), 4 heads x 64, d_ff 512 ReLU experts and dense
+   MLPs, 8 experts (`--switch_experts`) in every 2nd layer of both stacks, vocab 8192, logits
+   tied to the embedding (rescaled by d_model^-0.5), batch 8, 128 input and 32 target tokens,
+   no dropout, no router jitter, load-balancing loss 1e-2, no router z-loss, token cross
+   entropy + 1e-4 logit z-loss. (HF's Switch experts are ungated, hence ReLU rather than
+   T5.1.1's gated GELU.)
      moetx  `EncoderDecoderModel` with `MoeConfig(num_selected_experts=1, group_size=
             --input_length)`, so an encoder routing group is one sequence.
-     HF     `transformers.SwitchTransformersForConditionalGeneration` (its own init) with
-            `expert_capacity` = moetx's capacity of a group of one input sequence
-            (max(round(1.25 * input_length / E), 4)), `router_jitter_noise=0`, trained with
-            `transformers.optimization.Adafactor(lr=1e-2, scale_parameter=True,
-            relative_step=False, warmup_init=False)`; loss = cross entropy + 1e-4 logit z-loss
-            + 1e-2 (encoder + decoder load-balancing loss from `output_router_logits=True`).
+     HF     `transformers.SwitchTransformersForConditionalGeneration` from
+            `moetx.convert.hf.switch_config_to_hf`, loaded with moetx's initial weights
+            (`moetx_to_hf_switch`), `expert_capacity` = moetx's capacity of a group of one
+            input sequence (max(round(1.25 * input_length / E), 4)), no router jitter; loss =
+            cross entropy + 1e-4 logit z-loss + 1e-2 (encoder + decoder load-balancing loss
+            from `output_router_logits=True`). Trained eagerly and under `torch.compile`
+            (`--peer`; the faster is the `peer`), as in train_throughput.py, which also
+            describes `--memory` (this measurement only).
    HF routes every sequence as its own group with one capacity for both stacks; moetx's decoder
-   groups hold `group_size` tokens (here 128 / target_length sequences). Both are reported.
+   groups hold `group_size` tokens (here 128 / target_length sequences), so the encoders drop
+   the same tokens but the decoders may not, and the first losses can differ slightly. Both
+   groupings are reported.
 
 Within each measurement the variants are timed round-robin (one step of each, repeated) after
 `--warmup` untimed steps each (compilation), median of `--steps`. The f32 matmul rate of JAX
@@ -48,6 +55,9 @@ Within each measurement the variants are timed round-robin (one step of each, re
   .venv/bin/python benchmarks/moe_throughput.py                 # tuned XLA CPU flags (default)
   .venv/bin/python benchmarks/moe_throughput.py --experts 8 --top_k 1 --layers 8
   .venv/bin/python benchmarks/moe_throughput.py --only dispatch_paths --no_xla_tuning
+  .venv/bin/python benchmarks/moe_throughput.py --only moetx_vs_hf_switch --d_model 512 \\
+      --d_ff 1024 --heads 6 --vocab 32128 --switch_layers 8 --switch_batch 8 \\
+      --input_length 512 --target_length 114 --steps 6 --warmup 1 --memory  # T5.1.1-small
 """
 
 from __future__ import annotations
@@ -59,11 +69,17 @@ import statistics
 import sys
 import time
 
-# Sibling module: the background-load meter, matmul peak and decoder batch are shared with the
-# dense benchmark (importing it imports neither jax nor torch).
+# Sibling modules: the side-by-side helpers (flags, optimizers, HF variants, round-robin timing,
+# matmul peaks, memory children) and the batches are shared with the dense benchmarks
+# (importing them imports neither jax nor torch).
 from encdec_throughput import encdec_batch
-from train_throughput import (CpuLoad, make_batch, measure_matmuls, reserve_stdout_for_json,
-                              time_round_robin)
+from train_throughput import (CpuLoad, add_side_by_side_flags, check_finite,
+                              check_side_by_side_flags, compile_info, environment_fields,
+                              hf_param_count, hf_variants, import_side_libraries, make_batch,
+                              matmul_fields, measure_matmuls, memory_child_line,
+                              moetx_optimizer_factory, optimizer_settings, peak_rss_mb,
+                              reserve_stdout_for_json, run_memory, side_by_side_fields,
+                              time_round_robin, token_loss)
 
 MEASUREMENTS = ("moe_vs_dense", "dispatch_paths", "moetx_vs_hf_switch")
 
@@ -101,6 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run only these measurements (repeatable)")
     p.add_argument("--no_xla_tuning", action="store_true",
                    help="do not call moetx.util.xla_env.configure_cpu_defaults()")
+    add_side_by_side_flags(p)
     args = p.parse_args(argv)
     for name in ("d_model", "layers", "heads", "head_dim", "d_ff", "vocab", "experts", "top_k",
                  "sparse_every", "group_size", "batch", "length", "switch_experts",
@@ -115,7 +132,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     s, k = args.sparse_every, args.top_k
     if args.dense_mlp == "equal_flops" and (args.d_ff * (s - 1 + k)) % s:
         p.error("d_ff * (sparse_every - 1 + k) / sparse_every is not an integer")
-    args.only = tuple(args.only or MEASUREMENTS)
+    check_side_by_side_flags(p, args)
+    if args.switch_layers < 2:
+        p.error("--switch_layers must be at least 2 (every 2nd layer is sparse)")
+    # --memory and its --only_side children concern the moetx-vs-HF measurement only.
+    args.only = (("moetx_vs_hf_switch",) if args.only_side
+                 else tuple(dict.fromkeys(args.only or MEASUREMENTS)))
     return args
 
 
@@ -130,13 +152,13 @@ def log(msg: str) -> None:
 class MoetxRunner:
     """A moetx model, its Trainer and state, one batch: `step()` runs one train step."""
 
-    def __init__(self, jax, model, batch_np, input_shapes):
-        from moetx.trainer import metrics, optimizers, partitioning, trainer as trainer_lib
+    def __init__(self, jax, model, batch_np, input_shapes, optimizer: str = "adafactor"):
+        from moetx.trainer import metrics, partitioning, trainer as trainer_lib
 
         self.jax = jax
         self.model = model
         mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-        self.tr = trainer_lib.Trainer(model, optimizers.make_optimizer, mesh,
+        self.tr = trainer_lib.Trainer(model, moetx_optimizer_factory(optimizer), mesh,
                                       partitioning.standard_logical_axis_rules(), input_shapes)
         self.state = self.tr.init_state()
         self.batch = self.tr.to_global(batch_np)
@@ -145,12 +167,13 @@ class MoetxRunner:
         self.sums = None
         self.first_loss = None  # loss of the first step (initial parameters)
 
-    def step(self):
+    def step(self) -> float:
         self.state, self.sums = self.tr.train_step(self.state, self.batch)
         self.jax.block_until_ready((self.state, self.sums))
         if self.first_loss is None:
             self.first_loss = float(self.sums["loss"])
             self.first_sums = self.jax.device_get(self.sums)
+        return float(self.sums["loss"])
 
     def loss(self) -> float:
         return float(self.sums["loss"])
@@ -200,16 +223,12 @@ def capacity_info(args, moe, tokens: int) -> dict:
             "routed_rows_per_layer": tokens * moe.num_selected_experts}
 
 
-def common_fields(args, jax, torch, peak, mm, mm_load) -> dict:
+def common_fields(args, jax, torch, mm_fields: dict, mm_load, xla_flags_user: str) -> dict:
     return {
         "steps": args.steps, "warmup": args.warmup,
-        "peak_flops_f32_matmul": peak,
-        "matmul_gflops": {k: round(v / 1e9, 1) for k, v in mm.items()},
-        "xla_tuning": not args.no_xla_tuning,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "jax_version": jax.__version__,
-        "torch_version": torch.__version__,
-        "cpu_count": os.cpu_count(),
+        "optimizer_name": args.optimizer,
+        **mm_fields,
+        **environment_fields(args, jax, torch, xla_flags_user),
         "background_cpu_cores_matmul": mm_load.cores,
     }
 
@@ -222,9 +241,10 @@ def measure_moe_vs_dense(args, jax, np, runners: dict) -> dict:
     shapes = decoder_model(args).input_shapes(args.batch, args.length)
     log(f"building MoE (masked) and dense (mlp_dim {dense_mlp}) models")
     moe = runners.get("masked") or MoetxRunner(
-        jax, decoder_model(args, moe_config(args, "masked")), batch_np, shapes)
+        jax, decoder_model(args, moe_config(args, "masked")), batch_np, shapes, args.optimizer)
     runners["masked"] = moe
-    dense = MoetxRunner(jax, decoder_model(args, mlp_dim=dense_mlp), batch_np, shapes)
+    dense = MoetxRunner(jax, decoder_model(args, mlp_dim=dense_mlp), batch_np, shapes,
+                        args.optimizer)
     first, times, load, *_ = time_round_robin({"moe": moe.step, "dense": dense.step}, args.steps,
                                                args.warmup, log)
     tokens = args.batch * args.length
@@ -271,7 +291,7 @@ def measure_dispatch_paths(args, jax, np, runners: dict) -> dict:
         if d not in runners:
             log(f"building MoE model, dispatch={d}")
             runners[d] = MoetxRunner(jax, decoder_model(args, moe_config(args, d)), batch_np,
-                                     shapes)
+                                     shapes, args.optimizer)
     paths = ("masked", "scatter", "dropless")
     first, times, load, *_ = time_round_robin({d: runners[d].step for d in paths}, args.steps,
                                                args.warmup, log)
@@ -288,7 +308,8 @@ def measure_dispatch_paths(args, jax, np, runners: dict) -> dict:
         "params": runners["masked"].params,
         "note": "dropless has no capacity: nothing is dropped and its expert matmuls see "
                 "k*tokens rows (ragged_dot); masked/scatter compute E*capacity rows per group "
-                "and drop overflow, so dropless's loss differs; masked and scatter first-step losses should agree",
+                "and drop overflow, so dropless's loss differs; masked and scatter first-step "
+                "losses should agree",
         **{f"{d}_step_time_s": med[d] for d in paths},
         **{f"{d}_tokens_per_sec": tokens / med[d] for d in paths},
         **{f"{d}_first_step_s": first[d] for d in paths},
@@ -300,51 +321,49 @@ def measure_dispatch_paths(args, jax, np, runners: dict) -> dict:
     }
 
 
-def build_hf_switch(args, torch, batch_np, capacity: int):
-    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
-    from transformers.optimization import Adafactor
+def build_hf_switch(torch, cfg, params_np, capacity: int):
+    """SwitchTransformersForConditionalGeneration of `cfg` in train mode, with moetx's initial
+    weights `params_np` (None: HF's own initialisation, for the memory child)."""
+    import numpy as np
+    import transformers
+
+    from moetx.convert import hf
 
     torch.manual_seed(0)
-    L = args.switch_layers
-    config = SwitchTransformersConfig(
-        vocab_size=args.vocab, d_model=args.d_model, d_kv=args.head_dim, d_ff=args.d_ff,
-        expert_capacity=capacity, num_layers=L, num_decoder_layers=L,
-        num_sparse_encoder_layers=L // 2, num_sparse_decoder_layers=L // 2,
-        num_heads=args.heads, num_experts=args.switch_experts, router_bias=False,
-        router_jitter_noise=0.0, router_dtype="float32", relative_attention_num_buckets=32,
-        relative_attention_max_distance=128, dropout_rate=0.0, router_z_loss_coef=0.0,
-        router_aux_loss_coef=1e-2, dense_act_fn="relu", tie_word_embeddings=True,
-        use_cache=False)
-    model = SwitchTransformersForConditionalGeneration(config)
-    model.train()
-    sparse = {"encoder": [i for i, blk in enumerate(model.encoder.block) if blk.is_sparse],
-              "decoder": [i for i, blk in enumerate(model.decoder.block) if blk.is_sparse]}
-    params = sum(p.numel() for p in model.parameters())
-    opt = Adafactor(model.parameters(), lr=1e-2, scale_parameter=True, relative_step=False,
-                    warmup_init=False)
+    hf_cfg = hf.switch_config_to_hf(cfg, expert_capacity=capacity)
+    hf_cfg.use_cache = False
+    model = transformers.SwitchTransformersForConditionalGeneration(hf_cfg)
+    if params_np is not None:
+        sd = hf.moetx_to_hf_switch(params_np, cfg)
+        # The converter leaves out the tied copies of the embedding (as save_pretrained does);
+        # a strict load wants them.
+        copies = ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
+        if cfg.logits_via_embedding:
+            copies.append("lm_head.weight")
+        sd.update({k: sd["shared.weight"] for k in copies})
+        model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
+                               for k, v in sd.items()}, strict=True)
+    return model.train()
+
+
+def switch_loss_fn(torch, batch_np, aux_loss_factor: float):
+    """`loss_of(model)`: cross entropy + 1e-4 logit z-loss + aux_loss_factor * (encoder +
+    decoder load-balancing loss), as moetx's objective."""
     enc = torch.from_numpy(batch_np["encoder_input_tokens"].astype("int64"))
     dec_in = torch.from_numpy(batch_np["decoder_input_tokens"].astype("int64"))
     targets = torch.from_numpy(batch_np["decoder_target_tokens"].astype("int64"))
-    z_loss = 1e-4
-    state = {}
 
-    def step():
-        opt.zero_grad(set_to_none=True)
+    def loss_of(model):
         out = model(input_ids=enc, decoder_input_ids=dec_in, output_router_logits=True,
                     use_cache=False)
-        logits = out.logits.float()
-        log_z = torch.logsumexp(logits, dim=-1)
-        target_logit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        loss = (log_z - target_logit + z_loss * log_z.square()).mean()
-        loss = loss + 1e-2 * (out.encoder_aux_loss + out.decoder_aux_loss)
-        loss.backward()
-        opt.step()
-        state.setdefault("first_loss", float(loss.detach()))
+        return (token_loss(torch, out.logits, targets)
+                + aux_loss_factor * (out.encoder_aux_loss + out.decoder_aux_loss))
 
-    return step, state, params, sparse, config._attn_implementation
+    return loss_of
 
 
-def measure_switch(args, jax, np, torch) -> dict:
+def measure_switch(args, jax, np, torch, mm_fields: dict | None) -> dict:
+    """The moetx-vs-HF Switch line; with `--only_side`, the memory child's line instead."""
     from moetx.lm import models, transformer
     from moetx.moe import layers as moe_layers, routing
 
@@ -354,7 +373,7 @@ def measure_switch(args, jax, np, torch) -> dict:
         num_experts=E, num_selected_experts=1, dispatch=args.switch_dispatch,
         train_capacity_factor=1.25, eval_capacity_factor=2.0, min_expert_capacity=4,
         group_size=n, jitter_noise=0.0, aux_loss_factor=1e-2, router_z_loss_factor=0.0,
-        sparse_every=2)
+        batch_prioritized_routing=False, sparse_every=2)
     cfg = transformer.TransformerConfig(
         vocab_size=args.vocab, emb_dim=args.d_model, num_heads=args.heads,
         head_dim=args.head_dim, mlp_dim=args.d_ff, num_encoder_layers=args.switch_layers,
@@ -365,21 +384,43 @@ def measure_switch(args, jax, np, torch) -> dict:
                                        loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
     batch_np = encdec_batch(np, args.vocab, b, n, t)
     shapes = model.input_shapes(b, {"inputs": n, "targets": t})
-    log("building moetx Switch encoder-decoder")
-    mx = MoetxRunner(jax, model, batch_np, shapes)
     capacity = routing.expert_capacity(n, E, 1.25, 4)  # a group of one input sequence
-    log(f"building HF SwitchTransformersForConditionalGeneration (expert_capacity {capacity})")
-    hf_step, hf_state, hf_params, hf_sparse, attn_impl = build_hf_switch(args, torch, batch_np,
-                                                                         capacity)
+    import_side_libraries()
+    baseline_mb = peak_rss_mb()
+    steps, fallbacks = {}, {}
+    mx = params_np = hf_params = attn_impl = hf_sparse = None
+    if args.only_side != "hf":
+        log("building moetx Switch encoder-decoder")
+        mx = MoetxRunner(jax, model, batch_np, shapes, args.optimizer)
+        steps["moetx"] = mx.step
+        if not args.only_side:
+            params_np = jax.tree_util.tree_map(np.asarray, jax.device_get(mx.state.params))
+    if args.only_side != "moetx":
+        log(f"building HF SwitchTransformersForConditionalGeneration (expert_capacity "
+            f"{capacity}, {args.peer})")
+        hf_steps, fallbacks = hf_variants(
+            torch, lambda: build_hf_switch(torch, cfg, params_np, capacity),
+            switch_loss_fn(torch, batch_np, moe.aux_loss_factor), args.optimizer, args.peer)
+        steps.update(hf_steps)
+        hf_model = next(iter(hf_steps.values())).model
+        hf_params = hf_param_count(hf_model)
+        attn_impl = hf_model.config._attn_implementation
+        hf_sparse = {"encoder": [i for i, blk in enumerate(hf_model.encoder.block)
+                                 if blk.is_sparse],
+                     "decoder": [i for i, blk in enumerate(hf_model.decoder.block)
+                                 if blk.is_sparse]}
+        del hf_model
+        if mx is not None and hf_params != mx.params:
+            log(f"WARNING: parameter counts differ: moetx {mx.params:,} vs HF {hf_params:,}")
+    timed = time_round_robin(steps, args.steps, args.warmup, log, fallbacks=fallbacks)
+    check_finite(timed)
+    if args.only_side:
+        return memory_child_line(args.only_side, args.peer if args.only_side == "hf" else None,
+                                 baseline_mb, timed)
     mx_sparse = {s: [i for i in range(args.switch_layers) if moe.is_sparse(i)]
                  for s in ("encoder", "decoder")}
-    if hf_params != mx.params:
-        log(f"WARNING: parameter counts differ: moetx {mx.params:,} vs HF {hf_params:,}")
-    first, times, load, *_ = time_round_robin({"moetx": mx.step, "hf": hf_step}, args.steps,
-                                               args.warmup, log)
     tokens = b * (n + t)
-    tm, th = statistics.median(times["moetx"]), statistics.median(times["hf"])
-    return {
+    result = {
         "benchmark": "moetx_vs_hf_switch",
         "model": {"d_model": args.d_model, "encoder_layers": args.switch_layers,
                   "decoder_layers": args.switch_layers, "heads": args.heads,
@@ -389,6 +430,8 @@ def measure_switch(args, jax, np, torch) -> dict:
                   "moetx_dispatch": args.switch_dispatch},
         "batch": b, "input_length": n, "target_length": t,
         "tokens_per_step": tokens,
+        "optimizer": optimizer_settings(args.optimizer),
+        "peer_modes": args.peer,
         "sparse_layers_moetx": mx_sparse, "sparse_layers_hf": hf_sparse,
         "moetx_groups": {
             "encoder": capacity_info(args, moe, b * n),
@@ -398,38 +441,49 @@ def measure_switch(args, jax, np, torch) -> dict:
                      f"{capacity} in both stacks",
         "moetx_params": mx.params, "hf_params": hf_params,
         "params_match": hf_params == mx.params,
+        "weights_shared": True,
         "model_flops_per_step": mx.flops_per_step,
-        "moetx_step_time_s": tm, "hf_step_time_s": th,
-        "moetx_tokens_per_sec": tokens / tm, "hf_tokens_per_sec": tokens / th,
-        "ratio_moetx_over_hf": th / tm,
-        "moetx_mfu": mx.flops_per_step / tm / args.peak,
-        "hf_mfu": mx.flops_per_step / th / args.peak,
-        "moetx_first_step_s": first["moetx"], "hf_first_step_s": first["hf"],
-        "moetx_first_loss": mx.first_loss, "hf_first_loss": hf_state["first_loss"],
+        **side_by_side_fields(timed, tokens, mx.flops_per_step, mm_fields),
         "moetx_fraction_dropped": _dropped(mx),
         "hf_attn_implementation": attn_impl, "threads": args.threads,
-        "background_cpu_cores": load.cores, "own_cpu_cores": load.own_cores,
+        "background_cpu_cores": timed.load.cores, "own_cpu_cores": timed.load.own_cores,
     }
+    if "hf_compile" in steps:
+        result["hf_compile"] = compile_info(torch)
+    return result
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    xla_flags_before = os.environ.get("XLA_FLAGS", "")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     out = reserve_stdout_for_json(xla_tuning=not args.no_xla_tuning)
 
     import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
+    import transformers
 
+    transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     log(f"jax {jax.__version__}, torch {torch.__version__}; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; measurements {list(args.only)}")
-    log("measuring f32 matmul FLOP/s")
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; measurements {list(args.only)}; "
+        f"optimizer {args.optimizer}, peer {args.peer}"
+        + (f", only {args.only_side}" if args.only_side else ""))
+    if args.only_side:
+        out.write(json.dumps(measure_switch(args, jax, np, torch, None)) + "\n")
+        out.close()
+        return 0
+    log("measuring f32 and bf16 matmul FLOP/s")
     with CpuLoad() as mm_load:
         mm = measure_matmuls(jax, jnp, torch)
-    args.peak = max(mm["jax_1024"], mm["jax_2048"])
-    common = common_fields(args, jax, torch, args.peak, mm, mm_load)
+    mm_fields = matmul_fields(mm)
+    args.peak = mm_fields["peak_flops_f32_matmul"]
+    common = common_fields(args, jax, torch, mm_fields, mm_load, xla_flags_before)
 
     runners: dict = {}
     for name in args.only:
@@ -444,12 +498,13 @@ def main(argv=None) -> int:
                                         for d in ("masked", "scatter", "dropless")))
         else:
             runners.clear()  # free the decoder-only models
-            result = measure_switch(args, jax, np, torch)
-            log(f"Switch: moetx {result['moetx_step_time_s'] * 1e3:.0f} ms vs HF "
-                f"{result['hf_step_time_s'] * 1e3:.0f} ms (HF / moetx "
-                f"{result['ratio_moetx_over_hf']:.2f})")
-        for key in ("moe_first_loss", "dense_first_loss", "masked_first_loss",
-                    "moetx_first_loss"):
+            result = measure_switch(args, jax, np, torch, mm_fields)
+            log(f"Switch: moetx {result['moetx_tokens_per_sec']:,.0f} tok/s, peer "
+                f"{result['peer']} {result['peer_tokens_per_sec']:,.0f} tok/s, ratio "
+                f"{result['ratio_moetx_over_peer']:.2f}")
+            if args.memory:
+                run_memory(result, args, argv, os.path.abspath(__file__), xla_flags_before, log)
+        for key in ("moe_first_loss", "dense_first_loss", "masked_first_loss"):
             if key in result and not np.isfinite(result[key]):
                 raise FloatingPointError(f"{key} is {result[key]}")
         result.update(common)

@@ -1,0 +1,346 @@
+#!/usr/bin/env python
+"""The README's benchmark table and scaling plot, generated from run_all.py's results.
+
+Reads one or more results files (JSON lines, as `benchmarks/run_all.py` appends them; a later
+line of the same row replaces an earlier one) and prints a markdown table with one line per
+benchmark row: moetx's throughput, the peer's (for the HF training rows the faster of HF eager
+and HF under torch.compile, chosen here from the raw figures), their ratio, MFU, first-step
+time and peak RSS of both, followed by a caption naming the sources, dates and matmul peaks.
+
+  --write README.md   also replace the text between `<!-- bench-table:start -->` and
+                      `<!-- bench-table:end -->` in that file with the table (nothing else in
+                      the file changes; a missing marker is an error).
+  --plot PATH.png     also draw tokens/s and MFU against d_model for moetx and the peer, from
+                      the `--sweep` rows (`sweep_*`) in the results.
+
+Only the standard library is needed for the table; the plot needs matplotlib.
+
+  .venv/bin/python benchmarks/readme_table.py benchmarks/results/2026-12-05.jsonl
+  .venv/bin/python benchmarks/readme_table.py benchmarks/results/*.jsonl --write README.md \\
+      --plot docs/bench_scaling.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Iterable, NamedTuple
+
+START = "<!-- bench-table:start -->"
+END = "<!-- bench-table:end -->"
+DASH = "–"
+
+# The HF training variants, as named in the JSON lines, and how the table names them.
+HF_VARIANTS = {"hf_eager": "HF eager", "hf_compile": "HF torch.compile"}
+
+
+class TableRow(NamedTuple):
+    """One line of the table; numbers are None where a benchmark has no such figure."""
+
+    label: str
+    optimizer: str
+    unit: str  # "tok/s" or "img/s"
+    moetx: float
+    peer_label: str
+    peer: float
+    mfu_moetx: float | None
+    mfu_peer: float | None
+    first_moetx: float | None
+    first_peer: float | None
+    rss_moetx: float | None
+    rss_peer: float | None
+
+    @property
+    def ratio(self) -> float:
+        """moetx's throughput over the peer's."""
+        return self.moetx / self.peer
+
+
+# ------------------------------------------------------------------------------- reading
+def load_results(paths: Iterable[str]) -> list[dict]:
+    """Every JSON line of the files, in order (blank lines skipped)."""
+    records = []
+    for path in paths:
+        with open(path) as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not a JSON line ({e.msg})") from None
+                rec.setdefault("_source", os.path.basename(path))
+                records.append(rec)
+    return records
+
+
+def _identity(rec: dict) -> tuple:
+    """Which measurement a line is: its run_all row and benchmark, or (for lines run by hand)
+    the benchmark and its shape."""
+    if "row" in rec:
+        return rec["row"], rec.get("benchmark")
+    shape = {k: rec.get(k) for k in ("model", "arch", "batch", "length", "input_length",
+                                     "target_length", "image_size", "optimizer")}
+    return None, rec.get("benchmark"), json.dumps(shape, sort_keys=True)
+
+
+def latest(records: list[dict]) -> list[dict]:
+    """One line per measurement, the latest, in the order each measurement first appeared."""
+    order, by_id = [], {}
+    for rec in records:
+        key = _identity(rec)
+        if key not in by_id:
+            order.append(key)
+        by_id[key] = rec
+    return [by_id[k] for k in order]
+
+
+def is_sweep(rec: dict) -> bool:
+    return str(rec.get("row", "")).startswith("sweep_") or str(
+        rec.get("run_all", {}).get("mode", "")).endswith("sweep")
+
+
+def choose_peer(rec: dict) -> tuple[str, str] | None:
+    """(field prefix, table label) of the faster HF variant of a training line, by tokens/s.
+    Lines from before the eager/compile split have a single `hf_*` peer."""
+    found = {name: rec[f"{name}_tokens_per_sec"] for name in HF_VARIANTS
+             if rec.get(f"{name}_tokens_per_sec") is not None}
+    if not found:
+        return ("hf", "HF eager") if rec.get("hf_tokens_per_sec") is not None else None
+    best = max(found, key=found.get)
+    label = HF_VARIANTS[best]
+    if best == "hf_eager" and rec.get("hf_compile_error"):
+        label += " (compile failed)"
+    return best, label
+
+
+def _optimizer(rec: dict) -> str:
+    opt = rec.get("optimizer")
+    if isinstance(opt, dict):
+        return opt.get("name", DASH)
+    return rec.get("optimizer_name") or opt or "adafactor"
+
+
+def _shape(rec: dict) -> str:
+    m = rec.get("model", {})
+    d = m.get("d_model")
+    if "input_length" in rec:
+        return (f"d {d}, {m.get('encoder_layers')}+{m.get('decoder_layers')} layers, "
+                f"{rec.get('batch')} × {rec.get('input_length')}→{rec.get('target_length')}")
+    return f"d {d}, {m.get('layers')} layers, {rec.get('batch')} × {rec.get('length')}"
+
+
+def to_row(rec: dict) -> TableRow | None:
+    """The table line of one JSON line, or None for lines the table does not show."""
+    kind = rec.get("benchmark")
+    opt = _optimizer(rec)
+    if kind in ("train_throughput", "encdec_train_throughput", "moetx_vs_hf_switch"):
+        peer = choose_peer(rec)
+        if peer is None:
+            return None
+        p, peer_label = peer
+        m = rec.get("model", {})
+        if kind == "train_throughput":
+            arch = ("Llama (RoPE, SwiGLU)" if rec.get("arch", m.get("arch")) == "llama"
+                    else "T5.1.1")
+            label = f"Decoder-only {arch} ({_shape(rec)})"
+        elif kind == "encdec_train_throughput":
+            label = f"T5.1.1 enc-dec ({_shape(rec)})"
+        else:
+            label = (f"Switch enc-dec, {m.get('experts')} experts top-{m.get('top_k', 1)} "
+                     f"({_shape(rec)})")
+        rss_peer = rec.get(f"{p}_peak_rss_mb", rec.get("hf_peak_rss_mb"))
+        return TableRow(label, opt, "tok/s", rec["moetx_tokens_per_sec"], peer_label,
+                        rec[f"{p}_tokens_per_sec"], rec.get("moetx_mfu"), rec.get(f"{p}_mfu"),
+                        rec.get("moetx_first_step_s"), rec.get(f"{p}_first_step_s"),
+                        rec.get("moetx_peak_rss_mb"), rss_peer)
+    if kind == "encdec_decode_throughput":
+        return TableRow(f"Greedy decode, T5.1.1 enc-dec ({_shape(rec)})", DASH, "tok/s",
+                        rec["moetx_generated_tokens_per_sec"], "HF generate",
+                        rec["hf_generated_tokens_per_sec"], None, None,
+                        rec.get("moetx_first_call_s"), rec.get("hf_first_call_s"), None, None)
+    if kind == "moe_vs_dense":
+        m = rec.get("model", {})
+        label = (f"MoE top-{m.get('top_k')} of {m.get('experts')} vs dense of equal FLOPs, "
+                 f"decoder ({_shape(rec)})")
+        return TableRow(label, opt, "tok/s", rec["moe_tokens_per_sec"], "moetx dense",
+                        rec["dense_tokens_per_sec"], rec.get("moe_mfu"), rec.get("dense_mfu"),
+                        rec.get("moe_first_step_s"), rec.get("dense_first_step_s"), None, None)
+    if kind == "vision_throughput":
+        label = (f"Vision {rec.get('model')} ({rec.get('image_size')}², "
+                 f"batch {rec.get('batch')})")
+        return TableRow(label, "sgd", "img/s", rec["moetx_images_per_sec"], "timm",
+                        rec["timm_images_per_sec"], None, None, rec.get("moetx_first_step_s"),
+                        rec.get("timm_first_step_s"), None, None)
+    return None
+
+
+# ------------------------------------------------------------------------------ rendering
+def _rate(v: float, unit: str) -> str:
+    return f"{v:,.0f} {unit}" if v >= 100 else f"{v:,.1f} {unit}"
+
+
+def _pair(a: float | None, b: float | None, fmt: str, suffix: str = "") -> str:
+    if a is None and b is None:
+        return DASH
+    f = lambda x: DASH if x is None else format(x, fmt)  # noqa: E731
+    return f"{f(a)} / {f(b)}{suffix}"
+
+
+HEADER = ("| benchmark | optimizer | moetx | peer | moetx / peer | MFU moetx / peer "
+          "| first step moetx / peer | peak RSS moetx / peer |")
+RULE = "| --- | --- | --- | --- | --- | --- | --- | --- |"
+
+
+def render_row(r: TableRow) -> str:
+    cells = [r.label, r.optimizer, _rate(r.moetx, r.unit),
+             f"{r.peer_label}: {_rate(r.peer, r.unit)}", f"{r.ratio:.2f}×",
+             _pair(r.mfu_moetx, r.mfu_peer, ".1%"), _pair(r.first_moetx, r.first_peer, ".1f", " s"),
+             _pair(r.rss_moetx, r.rss_peer, ",.0f", " MiB")]
+    return "| " + " | ".join(cells) + " |"
+
+
+def caption(records: list[dict]) -> str:
+    """What the table was made from: files, dates, mode, matmul peaks, background load,
+    failed rows."""
+    sources = sorted({rec.get("_source", "?") for rec in records})
+    dates = sorted(rec["date"] for rec in records if rec.get("date"))
+    f32 = [rec["peak_flops_f32_matmul"] / 1e9 for rec in records
+           if rec.get("peak_flops_f32_matmul")]
+    bf16 = [rec["peak_flops_bf16_matmul"] / 1e9 for rec in records
+            if rec.get("peak_flops_bf16_matmul")]
+    loads = []
+    for rec in records:
+        bg = rec.get("background_cpu_cores")
+        loads += [v for v in (bg.values() if isinstance(bg, dict) else [bg]) if v is not None]
+    def span(xs: list[float]) -> str:
+        lo, hi = f"{min(xs):,.0f}", f"{max(xs):,.0f}"
+        return lo if lo == hi else f"{lo}–{hi}"
+
+    parts = [f"Generated by `benchmarks/readme_table.py` from {', '.join(sources)}"
+             + (f" ({dates[0]} to {dates[-1]})" if dates else "") + "."]
+    if any(str(rec.get("run_all", {}).get("mode", "")).startswith("quick") for rec in records):
+        parts.append("Quick mode: tiny shapes, a check that the rows run, not a measurement.")
+    parts.append("Peer: the faster of Hugging Face eager and under `torch.compile` (inductor), "
+                 "timed round-robin with moetx in the same run.")
+    if f32:
+        parts.append(f"MFU: model FLOPs per second over the fastest f32 matmul measured in the "
+                     f"same run ({span(f32)} GFLOP/s"
+                     + (f"; bf16: {span(bf16)} GFLOP/s" if bf16 else "") + ").")
+    baselines = [v for rec in records for v in (rec.get("rss_baseline_mb") or {}).values()]
+    if baselines:
+        parts.append("Peak RSS: each side alone in a child process (2 steps) that first imports "
+                     "the libraries of both sides (moetx's bring TensorFlow through SeqIO), "
+                     f"{span(baselines)} MiB before any model is built.")
+    if loads:
+        parts.append(f"Background load while timing: up to {max(loads):.2f} cores.")
+    failed = [rec.get("row", "?") for rec in records if rec.get("benchmark") == "run_all_failure"]
+    if failed:
+        parts.append(f"Failed rows (see the results file): {', '.join(failed)}.")
+    return " ".join(parts)
+
+
+def make_table(records: list[dict]) -> str:
+    """The markdown table (sweep rows excluded) and its caption."""
+    current = [rec for rec in latest(records) if not is_sweep(rec)]
+    rows = [r for r in (to_row(rec) for rec in current) if r is not None]
+    if not rows:
+        raise ValueError("no benchmark rows in the results (run benchmarks/run_all.py first)")
+    return "\n".join([HEADER, RULE, *map(render_row, rows), "", caption(current)])
+
+
+def rewrite(text: str, table: str, name: str = "README") -> str:
+    """`text` with everything between the two markers replaced by `table`."""
+    for marker in (START, END):
+        n = text.count(marker)
+        if n != 1:
+            raise ValueError(f"{name}: marker {marker!r} " + ("not found; add it around the "
+                             "benchmark table" if n == 0 else f"found {n} times, expected once"))
+    i, j = text.index(START) + len(START), text.index(END)
+    if j < i:
+        raise ValueError(f"{name}: {END!r} comes before {START!r}")
+    return text[:i] + "\n" + table + "\n" + text[j:]
+
+
+# ----------------------------------------------------------------------------------- plot
+def sweep_points(records: list[dict]) -> list[dict]:
+    """The sweep's decoder-only lines that have a peer, by d_model."""
+    pts = [rec for rec in latest(records)
+           if is_sweep(rec) and rec.get("benchmark") == "train_throughput" and choose_peer(rec)]
+    return sorted(pts, key=lambda rec: rec["model"]["d_model"])
+
+
+def plot_scaling(records: list[dict], path: str) -> None:
+    """Writes a PNG of tokens/s and MFU against d_model, moetx and the peer, from the sweep."""
+    pts = sweep_points(records)
+    if not pts:
+        raise ValueError("no sweep rows in the results (run benchmarks/run_all.py --sweep)")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = [rec["model"]["d_model"] for rec in pts]
+    peers = [choose_peer(rec)[0] for rec in pts]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, field, title in ((ax_t, "tokens_per_sec", "training tokens/s"),
+                             (ax_m, "mfu", "MFU (of the measured f32 matmul peak)")):
+        ax.plot(d, [rec[f"moetx_{field}"] for rec in pts], "o-", label="moetx")
+        ax.plot(d, [rec[f"{p}_{field}"] for rec, p in zip(pts, peers)], "s--",
+                label="HF (faster of eager / torch.compile)")
+        ax.set_xlabel("d_model")
+        ax.set_xticks(d)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax_t.set_yscale("log")
+    ax_m.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax_t.legend()
+    m = pts[0]["model"]
+    fig.suptitle(f"Decoder-only T5.1.1, {m.get('layers')} layers, {pts[0].get('batch')} × "
+                 f"{pts[0].get('length')} tokens, {pts[0].get('optimizer', {}).get('name', '')}"
+                 f" ({pts[0].get('date', '')[:10]})")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", help="results files (JSON lines)")
+    p.add_argument("--write", metavar="README", help="rewrite the table between the markers")
+    p.add_argument("--plot", metavar="PNG", help="also write the scaling plot here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        records = load_results(args.results)
+        table = make_table(records)
+        if args.write:
+            with open(args.write) as f:
+                text = f.read()
+            new = rewrite(text, table, args.write)
+        if args.plot:
+            plot_scaling(records, args.plot)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"readme_table.py: error: {e}") from None
+    print(table)
+    if args.write and new != text:
+        with open(args.write, "w") as f:
+            f.write(new)
+    if args.write:
+        print(f"{args.write}: table {'rewritten' if new != text else 'unchanged'}",
+              file=sys.stderr)
+    if args.plot:
+        print(f"{args.plot}: written", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
