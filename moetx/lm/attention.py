@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from moetx.nn.layers import DenseGeneral, constrain
+from moetx.nn.layers import DenseGeneral, constrain, gathered
 
 Array = jax.Array
 
@@ -139,7 +139,7 @@ class DepthwiseConv(nn.Module):
 
         kernel = self.param("kernel", nn.with_logical_partitioning(
             init, ("conv_window", self.channel_axis)), (taps, channels), jnp.float32)
-        kernel = jnp.asarray(kernel, self.dtype)
+        kernel = gathered(kernel, ("conv_window", self.channel_axis), self.dtype)
         if decode:
             is_initialized = self.has_variable("cache", "prev")
             prev = self.variable("cache", "prev", jnp.zeros,

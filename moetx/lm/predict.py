@@ -182,7 +182,7 @@ class Predictor:
         kw = dict(eos_id=self.eos_id, temperature=float(temperature), topk=int(topk),
                   topp=float(topp), num_beams=int(num_beams), alpha=float(alpha))
         out: list[Generation] = []
-        with self.mesh, nn.logical_axis_rules(self.rules):
+        with partitioning.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             for start in range(0, len(rows), self.batch_size):
                 chunk = rows[start:start + self.batch_size]
                 rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
@@ -239,7 +239,7 @@ class Predictor:
             enc_rows, tgt_rows = None, [x + eos for x in first]
             _check_lengths(tgt_rows, length, "text", "max_length (gin MAX_LENGTH)")
         scores = np.zeros((len(tgt_rows),), np.float32)
-        with self.mesh, nn.logical_axis_rules(self.rules):
+        with partitioning.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             for start in range(0, len(tgt_rows), self.batch_size):
                 stop = min(start + self.batch_size, len(tgt_rows))
                 tgt = _pad(tgt_rows[start:stop], self.batch_size, length)

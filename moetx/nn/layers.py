@@ -55,8 +55,28 @@ class DenseGeneral(nn.Module):
             (x.shape[-1], self.features),
             self.param_dtype,
         )
-        kernel = jnp.asarray(kernel, self.dtype)
+        kernel = gathered(kernel, self.kernel_axes, self.dtype)
         return jnp.einsum("...i,io->...o", jnp.asarray(x, self.dtype), kernel)
+
+
+#: The logical axis the trainer's FSDP rules shard parameters along (over the batch axes; see
+#: `moetx.trainer.partitioning.standard_logical_axis_rules(fsdp=True)`).
+FSDP_AXIS = "embed"
+
+
+def gathered(param: Array, axes: Sequence[str | None], dtype) -> Array:
+    """A parameter as a layer computes with it: in `dtype`, and all-gathered along its FSDP axis
+    while its other axes keep their sharding (heads, mlp, vocab over `model`; experts over
+    `expert`). Without FSDP (or outside a mesh) this is only the cast.
+
+    Left to itself, XLA's sharding propagation meets a batch-sharded activation and a kernel
+    sharded along `embed` over the same mesh axis by re-laying the activation out (all-gathering
+    the whole batch and reducing partial sums of activation size, 10-100x the bytes of the
+    kernel) instead of gathering the kernel; constraining the kernel to its gathered layout is
+    FSDP's intended collective: one all-gather of the weights forward, one reduce-scatter of
+    their gradient backward.
+    """
+    return constrain(jnp.asarray(param, dtype), tuple(None if a == FSDP_AXIS else a for a in axes))
 
 
 class RMSNorm(nn.Module):
@@ -76,7 +96,7 @@ class RMSNorm(nn.Module):
             "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis,)),
             (x.shape[-1],)
         )
-        return y * jnp.asarray(scale, self.dtype)
+        return y * gathered(scale, (self.axis,), self.dtype)
 
 
 class PrimerNorm(nn.Module):
@@ -98,7 +118,8 @@ class PrimerNorm(nn.Module):
         bias = self.param(
             "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (x.shape[-1],)
         )
-        return y * jnp.asarray(scale, self.dtype) + jnp.asarray(bias, self.dtype)
+        return (y * gathered(scale, ("embed",), self.dtype)
+                + gathered(bias, ("embed",), self.dtype))
 
 
 class Embed(nn.Module):
@@ -121,11 +142,12 @@ class Embed(nn.Module):
         """ids: <int32>[batch, length] -> <dtype>[batch, length, embed]."""
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"Embed expects integer token ids, got dtype {ids.dtype}.")
-        return jnp.take(jnp.asarray(self.embedding, self.dtype), ids, axis=0)
+        return jnp.take(gathered(self.embedding, ("vocab", "embed"), self.dtype), ids, axis=0)
 
     def attend(self, x: Array) -> Array:
         """x: [batch, length, embed] -> logits [batch, length, vocab] with the shared matrix."""
-        return jnp.einsum("...d,vd->...v", x, jnp.asarray(self.embedding, self.dtype))
+        return jnp.einsum("...d,vd->...v", x,
+                          gathered(self.embedding, ("vocab", "embed"), self.dtype))
 
 
 def relative_position_bucket(

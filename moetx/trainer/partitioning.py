@@ -15,9 +15,10 @@ of the same array already uses is skipped, so activations stay batch-sharded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import gin
@@ -64,6 +65,16 @@ def standard_logical_axis_rules(fsdp: bool = False) -> tuple[tuple[str, Any], ..
     else:
         rules.append(("embed", None))
     return tuple(rules)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh) -> Iterator[None]:
+    """The context steps are traced and run in: JAX's concrete-mesh context (`jax.set_mesh`)
+    and the older `with mesh:` one. Flax's logical sharding constraints (`constrain`, i.e.
+    `nn.with_logical_constraint`) read the former; under `with mesh:` alone they are silently
+    skipped, and XLA's sharding propagation alone decides every activation's layout."""
+    with mesh, jax.set_mesh(mesh):
+        yield
 
 
 @gin.configurable

@@ -109,12 +109,8 @@ def compile_train_step(trainer, batch_shapes: dict[str, jax.ShapeDtypeStruct],
     """`plan`, plus the compiled train step's own per-device argument size (abstract inputs:
     nothing is allocated)."""
     result = plan(trainer, batch_shapes, top)
-    batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=trainer.batch_shardings[k])
-             for k, x in batch_shapes.items()}
     start = time.perf_counter()
-    with trainer.mesh:
-        lowered = trainer._train_step.lower(trainer.abstract_state_with_shardings(), batch)
-    compiled = lowered.compile()
+    compiled = trainer.lower_train_step(batch_shapes).compile()
     result.compile_seconds = time.perf_counter() - start
     result.compiled_argument_bytes = int(compiled.memory_analysis().argument_size_in_bytes)
     state_shardings = compiled.input_shardings[0][0]

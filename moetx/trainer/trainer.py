@@ -151,13 +151,27 @@ class Trainer:
                               opt_state=self.optimizer.tx.init(params),
                               model_state=model_state, ema=ema)
 
-        with self.mesh, nn.logical_axis_rules(self.rules):
+        with partitioning.use_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return jax.jit(init, out_shardings=self.state_shardings)()
 
     def abstract_state_with_shardings(self) -> TrainState:
         return jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
             self.abstract_state, self.state_shardings)
+
+    def lower_train_step(self, batch_shapes: Mapping[str, jax.ShapeDtypeStruct] | None = None):
+        """The train step lowered for abstract inputs on this trainer's mesh, allocating
+        nothing: the state as `abstract_state_with_shardings()` and a batch of `batch_shapes`
+        (by default int32 features of `input_shapes`), each in its batch sharding. `.compile()`
+        on the result gives XLA's program (`memory_analysis()`, `as_text()`); simulated CPU
+        devices (`--xla_force_host_platform_device_count`) stand in for a pod."""
+        if batch_shapes is None:
+            batch_shapes = {k: jax.ShapeDtypeStruct(s, jnp.int32)
+                            for k, s in self.input_shapes.items()}
+        batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.batch_shardings[k])
+                 for k, x in batch_shapes.items()}
+        with partitioning.use_mesh(self.mesh):
+            return self._train_step.lower(self.abstract_state_with_shardings(), batch)
 
     def eval_variables(self, state: TrainState, use_ema: bool = True) -> tuple[Any, Any]:
         """(params, model_state) to evaluate: the EMA's when kept (and `use_ema`), with the live
@@ -256,11 +270,11 @@ class Trainer:
             return self.model.eval_fn(params, batch, model_state=model_state)
 
     def train_step(self, state: TrainState, batch: Mapping[str, Array]):
-        with self.mesh:
+        with partitioning.use_mesh(self.mesh):
             return self._train_step(state, batch)
 
     def eval_step(self, params, batch: Mapping[str, Array], model_state: Any = None):
-        with self.mesh:
+        with partitioning.use_mesh(self.mesh):
             return self._eval_step(params, {} if model_state is None else model_state, batch)
 
     # ------------------------------------------------------------------------------ batches

@@ -32,7 +32,8 @@ print(json.dumps({"dir": where, "hits": len(hits),
 def _run(tmp_path, setting, **env_overrides):
     env = {k: v for k, v in os.environ.items()
            if k not in ("JAX_COMPILATION_CACHE_DIR", compile_cache.ENV_VAR,
-                        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+                        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                        "JAX_COMPILATION_CACHE_MAX_SIZE")}
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
     env.update(env_overrides)
     import json
