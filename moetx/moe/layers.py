@@ -40,6 +40,9 @@ from moetx.moe import routing
 
 Array = jax.Array
 
+# Dtypes the router's logits may be computed in (`MoeConfig.router_dtype`).
+ROUTER_DTYPES = ("float32", "bfloat16")
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,10 @@ class MoeConfig:
       renormalize_top_k_gates, second_expert_policy, second_expert_threshold: Mesh-TF top-2.
       aux_loss_factor: load-balancing loss weight (1e-2).
       router_z_loss_factor: router z-loss weight (1e-3, ST-MoE-32B).
+      router_dtype: 'float32' (default) or 'bfloat16': the dtype of the router's logits
+        computation (its input and kernel are cast to it); the softmax and the router losses
+        stay in float32 either way. 'bfloat16' is the ST-MoE paper's "bfloat16 router"
+        ablation, which it found unstable.
       sparse_every: layer i is sparse iff i % sparse_every == sparse_every - 1 (0: no MoE).
       extra_mlp: ST-MoE's extra dense FFN after each sparse FFN.
     """
@@ -87,6 +94,7 @@ class MoeConfig:
     second_expert_threshold: float = 0.2
     aux_loss_factor: float = 1e-2
     router_z_loss_factor: float = 1e-3
+    router_dtype: str = "float32"
     sparse_every: int = 4
     extra_mlp: bool = False
 
@@ -106,6 +114,9 @@ class MoeConfig:
             raise ValueError("experts_choose routing has only the masked dispatch path.")
         if self.grouping not in ("mesh", "fixed"):
             raise ValueError(f"grouping must be 'mesh' or 'fixed', got {self.grouping!r}.")
+        if self.router_dtype not in ROUTER_DTYPES:
+            raise ValueError(f"router_dtype must be one of {', '.join(ROUTER_DTYPES)}, got "
+                             f"{self.router_dtype!r}.")
         if self.sparse_every < 0 or self.group_size < 1:
             raise ValueError("sparse_every must be >= 0 and group_size >= 1.")
 
@@ -230,7 +241,8 @@ class MoeLayer(nn.Module):
             raise ValueError("batch_prioritized_routing sorts tokens by confidence, which lets "
                              "later tokens take capacity from earlier ones: not allowed in a "
                              "causal decoder. Set MoeConfig.batch_prioritized_routing=False.")
-        common = dict(num_experts=cfg.num_experts, jitter_noise=cfg.jitter_noise)
+        common = dict(num_experts=cfg.num_experts, jitter_noise=cfg.jitter_noise,
+                      logits_dtype=jnp.dtype(cfg.router_dtype))
         if cfg.router_type == "experts_choose":
             self.router = routing.ExpertsChooseMaskedRouter(**common)
         else:

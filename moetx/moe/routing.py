@@ -9,8 +9,8 @@ Read top to bottom:
      `tokens_choose_scatter` -> `RouterIndices` (expert index and buffer position per choice).
   4. `experts_choose_masked`: each expert picks its tokens (encoders only).
   5. `sort_tokens_by_expert`: the dropless path, feeding `jax.lax.ragged_dot`.
-  6. Flax modules: `Router` (float32 logits with optional input jitter) and the three routers
-     that pair it with one routing function.
+  6. Flax modules: `Router` (float32 logits, bfloat16 as an ablation; optional input jitter)
+     and the three routers that pair it with one routing function.
 
 Tokens are routed in groups (`num_groups` G, `tokens_per_group` T). Each expert owns a buffer of
 `capacity` C slots per group; choices beyond it are dropped, which makes the dropped token's MoE
@@ -581,16 +581,18 @@ class RouterWeights(nn.Module):
     """The router's projection, kernel `w/kernel <float32>[embed, num_experts]`, no bias.
 
     Logical axes ('embed', 'unmodeled'): the kernel is small and its expert axis is not
-    sharded over the mesh's `expert` axis, so every device routes its own tokens.
+    sharded over the mesh's `expert` axis, so every device routes its own tokens. `dtype` is
+    the computation dtype: the input and the (float32-stored) kernel are cast to it.
     """
 
     num_experts: int
     kernel_init: Initializer = nn.initializers.normal(stddev=2e-2)
+    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, token_inputs: Array) -> Array:
-        """token_inputs: <float32>[G, T, d] -> logits <float32>[G, T, num_experts]."""
-        dense = DenseGeneral(self.num_experts, ("embed", "unmodeled"), dtype=jnp.float32,
+        """token_inputs: <float32>[G, T, d] -> logits <dtype>[G, T, num_experts]."""
+        dense = DenseGeneral(self.num_experts, ("embed", "unmodeled"), dtype=self.dtype,
                              param_dtype=jnp.float32, kernel_init=self.kernel_init, name="w")
         return dense(token_inputs)
 
@@ -606,18 +608,25 @@ class Router(nn.Module):
     'dropout', which is why flaxformer's gins had to set the noise to 0). During `init` a missing
     rng is tolerated: parameter shapes do not depend on it.
 
+    `logits_dtype` bfloat16 is the one exception, the ST-MoE paper's ablation: the logits
+    matmul (input and kernel) runs in bfloat16, and its result is cast back to float32 before
+    the softmax, so the probabilities and losses are float32 math on bfloat16-rounded logits.
+
     Attributes:
       num_experts: E.
       jitter_noise: eps; 0 disables jitter.
       kernel_init: router kernel initialiser, normal(stddev=0.02) as in flaxformer's gins.
+      logits_dtype: the dtype of the logits computation (float32, or bfloat16 for the ablation).
     """
 
     num_experts: int
     jitter_noise: float = 0.0
     kernel_init: Initializer = nn.initializers.normal(stddev=2e-2)
+    logits_dtype: jnp.dtype = jnp.float32
 
     def setup(self):
-        self.router_weights = RouterWeights(self.num_experts, self.kernel_init)
+        self.router_weights = RouterWeights(self.num_experts, self.kernel_init,
+                                            self.logits_dtype)
 
     def __call__(self, token_inputs: Array, deterministic: bool = True) -> tuple[Array, Array]:
         """token_inputs: <any float>[G, T, d] -> (logits, probs), both <float32>[G, T, E]."""
@@ -630,7 +639,7 @@ class Router(nn.Module):
             if key is not None:
                 eps = self.jitter_noise
                 x = x * jax.random.uniform(key, x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
-        logits = self.router_weights(x)
+        logits = self.router_weights(x).astype(jnp.float32)
         return logits, jax.nn.softmax(logits, axis=-1)
 
     def _router_rng(self, purpose: str) -> Array | None:

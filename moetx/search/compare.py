@@ -16,6 +16,12 @@ arm), then writes:
 
     python -m moetx.search.run_compare --gin_file=search/nos_transfer.gin \\
         --gin.OUTPUT_DIR="'runs/nos_transfer'"
+
+The pieces are public for the richer runner of `moetx.experiments` (arms with their own model
+gin files, resume by finished run, wall-time curves, mean and spread over seeds):
+`matched_steps` (the steps a FLOPs budget buys), `train_run` (one run, divergence as a result),
+`run_losses` (a run's loss curves from its scalars), `steps_to_reach`, `speedup` and
+`mean_spread`.
 """
 
 from __future__ import annotations
@@ -32,12 +38,15 @@ from moetx.search import fitness as fitness_lib, report
 from moetx.trainer import train as train_lib
 
 
-def _loss_tag(tags: Mapping[str, Any]) -> str:
+def loss_tag(tags: Mapping[str, Any]) -> str:
+    """The loss scalar of a run: `cross_ent_loss` when the model reports it (a language model's
+    loss without its z-loss), else `loss`."""
     return "cross_ent_loss" if "cross_ent_loss" in tags else "loss"
 
 
-def _steps_to_reach(curve: Sequence[tuple[float, float]], target: float) -> float | None:
-    """The first x at which the (x, loss) curve reaches `target`, linearly interpolated."""
+def steps_to_reach(curve: Sequence[tuple[float, float]], target: float) -> float | None:
+    """The first x at which the (x, loss) curve reaches `target`, linearly interpolated between
+    the point before and the first point at or below it; None when it never does."""
     prev = None
     for x, y in curve:
         if y <= target:
@@ -49,10 +58,52 @@ def _steps_to_reach(curve: Sequence[tuple[float, float]], target: float) -> floa
     return None
 
 
-def _mean_spread(values: Sequence[float]) -> dict[str, float]:
+def speedup(baseline: Sequence[tuple[float, float]], arm: Sequence[tuple[float, float]],
+            target: float) -> float | None:
+    """The baseline's x (steps, FLOPs or seconds) to reach `target` divided by the arm's; None
+    when either curve never reaches it (or the arm reaches it at x = 0)."""
+    ref, got = steps_to_reach(baseline, target), steps_to_reach(arm, target)
+    return None if ref is None or not got else ref / got
+
+
+def mean_spread(values: Sequence[float]) -> dict[str, Any]:
+    """{'mean', 'spread' (half the range; 0 for one value), 'values'}."""
     return {"mean": statistics.fmean(values),
             "spread": (max(values) - min(values)) / 2 if len(values) > 1 else 0.0,
             "values": list(values)}
+
+
+def matched_steps(flops_per_step: float, train_steps: int | None = None,
+                  train_flops: float | None = None, arm: str = "") -> int:
+    """The steps of a budget: `train_steps`, or floor(train_flops / flops_per_step), so arms
+    of different sizes train for the same compute. Raises ValueError when the FLOPs buy no
+    step."""
+    if (train_steps is None) == (train_flops is None):
+        raise ValueError("Give exactly one budget: train_steps or train_flops.")
+    steps = int(train_steps) if train_steps is not None else int(train_flops // flops_per_step)
+    if steps < 1:
+        raise ValueError(f"Arm {arm!r}: the FLOPs budget {train_flops:.3g} buys no step "
+                         f"({flops_per_step:.3g} FLOPs per step).")
+    return steps
+
+
+def train_run(fitness: fitness_lib.TrainingFitness, bindings: Sequence[str], run_dir: str,
+              steps: int) -> str | None:
+    """Trains one run of `fitness`'s configuration plus `bindings` to step `steps` in `run_dir`
+    (resuming from its checkpoints). Returns None, or the first line of the error when the run
+    diverged (a diverged run is a result of its arm, not an error of the comparison)."""
+    fitness.parse(list(bindings), run_dir, steps)
+    try:
+        train_lib.train()
+    except FloatingPointError as e:
+        return str(e).splitlines()[0]
+    return None
+
+
+def run_losses(run_dir: str) -> tuple[list, list]:
+    """(eval loss curve, train loss curve) of a run directory, each [(step, loss)]."""
+    ev, tr = (report.read_scalars(os.path.join(run_dir, d)) for d in ("eval", "train"))
+    return ev.get(loss_tag(ev), []), tr.get(loss_tag(tr), [])
 
 
 @gin.configurable("compare")
@@ -82,35 +133,23 @@ def compare(output_dir: str = gin.REQUIRED, gin_files: Sequence[str] = gin.REQUI
     curves: dict[str, dict] = {}
     for arm, arm_bindings in arms.items():
         arm_bindings = list(arm_bindings)
-        probe_dir = os.path.join(output_dir, arm)
-        base.parse(arm_bindings, probe_dir, 1)
+        base.parse(arm_bindings, os.path.join(output_dir, arm), 1)
         fps = base.planned_flops_per_step()
-        steps = train_steps if train_steps is not None else int(train_flops // fps)
-        if steps < 1:
-            raise ValueError(f"Arm {arm!r}: the FLOPs budget buys no step ({fps:.3g} per step).")
+        steps = matched_steps(fps, train_steps, train_flops, arm)
         curves[arm] = {"flops_per_step": fps, "steps": steps, "seeds": {}}
         for seed in seeds:
             run_dir = os.path.join(output_dir, arm, f"seed_{seed}")
             print(f"[compare] {arm} seed {seed}: {steps} steps of {fps:.3g} FLOPs",
                   file=sys.stderr, flush=True)
-            base.parse([*arm_bindings, f"SEED = {seed}"], run_dir, steps)
-            try:
-                train_lib.train()
-                failure = None
-            except FloatingPointError as e:  # a diverged arm is a result, not an error
-                failure = str(e).splitlines()[0]
+            failure = train_run(base, [*arm_bindings, f"SEED = {seed}"], run_dir, steps)
+            if failure:
                 print(f"[compare] {arm} seed {seed}: {failure}", file=sys.stderr, flush=True)
-            ev, tr = (report.read_scalars(os.path.join(run_dir, d)) for d in ("eval", "train"))
-            ev_curve = ev.get(_loss_tag(ev), [])
-            tr_curve = tr.get(_loss_tag(tr), [])
+            ev_curve, tr_curve = run_losses(run_dir)
             curves[arm]["seeds"][str(seed)] = {
                 "eval_loss": ev_curve, "train_loss": tr_curve,
-                "final_eval_loss": ev_curve[-1][1] if ev_curve else None,
-                "final_train_loss": tr_curve[-1][1] if tr_curve else None,
+                "final_eval_loss": ev_curve[-1][1] if ev_curve and not failure else None,
+                "final_train_loss": tr_curve[-1][1] if tr_curve and not failure else None,
                 "failure": failure}
-            if failure:
-                run = curves[arm]["seeds"][str(seed)]
-                run["final_eval_loss"] = run["final_train_loss"] = None
     summary = summarize(curves)
     with open(os.path.join(output_dir, "curves.json"), "w") as f:
         json.dump(curves, f, indent=1)
@@ -144,16 +183,13 @@ def summarize(curves: dict[str, dict]) -> dict[str, Any]:
             ref = baseline["seeds"].get(seed)
             if not ref or ref["final_eval_loss"] is None:
                 continue
-            target = ref["final_eval_loss"]
-            ref_flops = _steps_to_reach(
-                [(s * baseline["flops_per_step"], y) for s, y in ref["eval_loss"]], target)
-            arm_flops = _steps_to_reach(
-                [(s * c["flops_per_step"], y) for s, y in run["eval_loss"]], target)
-            speedups.append(None if arm_flops is None or not arm_flops else
-                            ref_flops / arm_flops)
+            speedups.append(speedup(
+                [(s * baseline["flops_per_step"], y) for s, y in ref["eval_loss"]],
+                [(s * c["flops_per_step"], y) for s, y in run["eval_loss"]],
+                ref["final_eval_loss"]))
         out[arm] = {"steps": c["steps"], "flops_per_step": c["flops_per_step"],
                     "failures": [r["failure"] for r in runs if r.get("failure")],
-                    "final_eval_loss": _mean_spread(finals) if finals else None,
-                    "final_train_loss": _mean_spread(trains) if trains else None,
+                    "final_eval_loss": mean_spread(finals) if finals else None,
+                    "final_train_loss": mean_spread(trains) if trains else None,
                     "flops_speedup_to_baseline_loss": speedups}
     return out
