@@ -13,7 +13,7 @@ time and peak RSS of both, followed by a caption naming the sources, dates and m
   --plot PATH.png     also draw tokens/s and MFU against d_model for moetx and the peer, from
                       the `--sweep` rows (`sweep_*`) in the results.
 
-Only the standard library is needed for the table; the plot needs matplotlib.
+The table needs only the standard library (and moetx.util.markdown); the plot needs matplotlib.
 
   .venv/bin/python benchmarks/readme_table.py benchmarks/results/2026-12-05.jsonl
   .venv/bin/python benchmarks/readme_table.py benchmarks/results/*.jsonl --write README.md \\
@@ -27,6 +27,8 @@ import json
 import os
 import sys
 from typing import Iterable, NamedTuple
+
+from moetx.util import markdown
 
 START = "<!-- bench-table:start -->"
 END = "<!-- bench-table:end -->"
@@ -253,15 +255,7 @@ def make_table(records: list[dict]) -> str:
 
 def rewrite(text: str, table: str, name: str = "README") -> str:
     """`text` with everything between the two markers replaced by `table`."""
-    for marker in (START, END):
-        n = text.count(marker)
-        if n != 1:
-            raise ValueError(f"{name}: marker {marker!r} " + ("not found; add it around the "
-                             "benchmark table" if n == 0 else f"found {n} times, expected once"))
-    i, j = text.index(START) + len(START), text.index(END)
-    if j < i:
-        raise ValueError(f"{name}: {END!r} comes before {START!r}")
-    return text[:i] + "\n" + table + "\n" + text[j:]
+    return markdown.replace_between(text, START, END, table, name)
 
 
 # ----------------------------------------------------------------------------------- plot

@@ -4,5 +4,6 @@ FLOPs and wall time, mean and spread over seeds, speed-ups to equal loss, plots 
 
 `experiment` (the definition and the FLOPs matching), `curves` (pure functions from a run's
 scalars to its record, and the aggregation over seeds), `runner` (the loop and the outputs),
-`plots`; `python -m moetx.experiments.run` is the command.
+`plots`, `claims` (the README's table of the papers' claims, verdicts by fixed rules);
+`python -m moetx.experiments.run` is the command.
 """

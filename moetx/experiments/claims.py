@@ -1,0 +1,309 @@
+"""The papers' claims, one row each, from the experiments' summaries: the paper's figure, moetx's
+measured figure with its spread over seeds, and a verdict given by a fixed rule, so the README's
+table is generated from the runs and never typed.
+
+    python -m moetx.experiments.claims --runs runs/experiments --write README.md \\
+        --plots docs/claims
+
+reads `<runs>/<experiment>/summary.json` for each experiment the claims name (an experiment not
+run yet gives a row saying so), prints the table, and with `--write` replaces the text between
+`<!-- claims-table:start -->` and `<!-- claims-table:end -->` in that file; `--plots DIR` copies
+each experiment's `loss_vs_flops.png` there as `<experiment>_loss_vs_flops.png`.
+
+The verdicts (the same words for every claim):
+- a speed-up claim (an arm reaches the baseline's final eval loss with less training compute):
+  *reproduced* when every seed's FLOPs speed-up is above 1 and their mean reaches the paper's
+  lower figure; *smaller* when every seed's is above 1 but the mean falls short of the paper's;
+  *not seen at this scale* otherwise (a seed at or below 1, or one that never reaches the loss).
+- a quality claim (arm A ends at a lower eval loss than arm B): *reproduced* when A's mean is
+  lower by more than the two spreads together (the seed ranges do not overlap); *smaller* when
+  A's mean is lower but within the spreads; *not seen at this scale* when it is not lower.
+- a stability claim (the method removes divergences): *reproduced* when some run without it
+  diverges and none with it does; *smaller* when no run diverges either way but the runs with it
+  have fewer loss spikes; *not seen at this scale* otherwise (nothing to remove, or no better).
+- the capacity claim (train at 1.25, evaluate at 2.0): *reproduced* when 1.25's eval loss is
+  within the spreads of 2.0's (dropping its tokens costs no measurable quality) and below
+  1.0's by more than the spreads; *smaller* when within 2.0's spreads but not clearly below
+  1.0's; *not seen at this scale* when it is clearly worse than 2.0.
+
+Spread is half the range over seeds, as everywhere in `moetx.experiments`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+from moetx.util import markdown
+
+START = "<!-- claims-table:start -->"
+END = "<!-- claims-table:end -->"
+
+REPRODUCED, SMALLER, NOT_SEEN, NOT_RUN = (
+    "reproduced", "smaller", "not seen at this scale", "not run yet")
+
+Summary = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One row: `judge(summary) -> (measured text, verdict)` over the experiment's summary."""
+
+    experiment: str
+    claim: str
+    paper: str
+    judge: Callable[[Summary], tuple[str, str]]
+
+
+# ------------------------------------------------------------------------------ formatting
+def _pm(stats: Mapping[str, Any] | None, fmt: str = ".3f") -> str:
+    return "–" if stats is None else f"{stats['mean']:{fmt}} ± {stats['spread']:{fmt}}"
+
+
+def _speedup_text(axis_stats: Mapping[str, Any]) -> str:
+    values = [v for v in axis_stats["per_seed"].values() if v is not None]
+    if axis_stats["mean"] is None:
+        return f"not reached ({axis_stats['reached']} seeds reach it)"
+    return f"{axis_stats['mean']:.2f}× ({min(values):.2f}–{max(values):.2f})"
+
+
+def _arm(summary: Summary, name: str) -> Mapping[str, Any]:
+    try:
+        return summary["arms"][name]
+    except KeyError:
+        raise ValueError(f"experiment {summary.get('name')!r} has no arm {name!r}; its arms: "
+                         f"{sorted(summary.get('arms', {}))}") from None
+
+
+def _loss(summary: Summary, name: str) -> Mapping[str, Any]:
+    stats = _arm(summary, name)["final_eval_loss"]
+    if stats is None:
+        raise ValueError(f"arm {name!r} of {summary.get('name')!r} has no final eval loss")
+    return stats
+
+
+# --------------------------------------------------------------------------------- rules
+def speedup_verdict(axis_stats: Mapping[str, Any], paper_min: float) -> str:
+    """The speed-up rule (module docstring) on one axis's `{'per_seed', 'mean'}`."""
+    values = list(axis_stats["per_seed"].values())
+    if not values or any(v is None or v <= 1.0 for v in values):
+        return NOT_SEEN
+    return REPRODUCED if axis_stats["mean"] >= paper_min else SMALLER
+
+
+def lower_loss_verdict(better: Mapping[str, Any], worse: Mapping[str, Any]) -> str:
+    """The quality rule: does `better` (mean/spread stats) end below `worse`?"""
+    gap = worse["mean"] - better["mean"]
+    if gap <= 0:
+        return NOT_SEEN
+    return REPRODUCED if gap > better["spread"] + worse["spread"] else SMALLER
+
+
+def _instability(summary: Summary, arms: Sequence[str]) -> tuple[int, int, int]:
+    """(diverged runs, loss spikes, runs) over `arms`."""
+    diverged = spikes = runs = 0
+    for name in arms:
+        a = _arm(summary, name)
+        diverged += len(a["failures"])
+        spikes += sum(a["loss_spikes"].values())
+        runs += len(a["loss_spikes"])
+    return diverged, spikes, runs
+
+
+def stability_verdict(without: tuple[int, int, int], with_: tuple[int, int, int]) -> str:
+    """The stability rule on (diverged, spikes, runs) of the arms without and with the method."""
+    if without[0] > 0 and with_[0] == 0:
+        return REPRODUCED
+    if without[0] == 0 and with_[0] == 0 and with_[1] < without[1]:
+        return SMALLER
+    return NOT_SEEN
+
+
+def capacity_verdict(cf10, cf125, cf20) -> str:
+    """The capacity rule on the three arms' final eval-loss stats."""
+    if cf125["mean"] - cf20["mean"] > cf125["spread"] + cf20["spread"]:
+        return NOT_SEEN
+    return REPRODUCED if lower_loss_verdict(cf125, cf10) == REPRODUCED else SMALLER
+
+
+# -------------------------------------------------------------------------------- judges
+def speedup_claim(arm: str, paper_min: float) -> Callable[[Summary], tuple[str, str]]:
+    """An arm's speed-up to the baseline's final loss, in FLOPs (the verdict's axis) and wall
+    time, with both final losses."""
+
+    def judge(summary: Summary) -> tuple[str, str]:
+        a, base = _arm(summary, arm), summary["baseline"]
+        text = (f"{_speedup_text(a['speedup']['flops'])} in FLOPs, "
+                f"{_speedup_text(a['speedup']['seconds'])} in wall time; eval loss "
+                f"{_pm(_loss(summary, arm))} vs {_pm(_loss(summary, base))}")
+        return text, speedup_verdict(a["speedup"]["flops"], paper_min)
+
+    return judge
+
+
+def lower_loss_claim(better: str, worse: str) -> Callable[[Summary], tuple[str, str]]:
+    """`better` ends at a lower eval loss than `worse`."""
+
+    def judge(summary: Summary) -> tuple[str, str]:
+        b, w = _loss(summary, better), _loss(summary, worse)
+        text = (f"eval loss {_pm(b)} vs {_pm(w)} (difference "
+                f"{w['mean'] - b['mean']:+.3f} in its favour)")
+        return text, lower_loss_verdict(b, w)
+
+    return judge
+
+
+def stability_claim(without: Sequence[str], with_: Sequence[str]
+                    ) -> Callable[[Summary], tuple[str, str]]:
+    """The arms `with_` the method diverge and spike less than the arms `without` it."""
+
+    def judge(summary: Summary) -> tuple[str, str]:
+        wo, wi = _instability(summary, without), _instability(summary, with_)
+        text = (f"without: {wo[0]}/{wo[2]} runs diverged, {wo[1]} loss spikes; "
+                f"with: {wi[0]}/{wi[2]} diverged, {wi[1]} spikes")
+        return text, stability_verdict(wo, wi)
+
+    return judge
+
+
+def capacity_claim(cf10: str, cf125: str, cf20: str) -> Callable[[Summary], tuple[str, str]]:
+    def judge(summary: Summary) -> tuple[str, str]:
+        cells = []
+        for label, name in (("1.0", cf10), ("1.25", cf125), ("2.0", cf20)):
+            a = _arm(summary, name)
+            cells.append(f"{label}: loss {_pm(_loss(summary, name))}, dropped "
+                         f"{_pm(a['train_fraction_dropped'])} in training, "
+                         f"{_pm(a['eval_fraction_dropped'])} at eval")
+        return "; ".join(cells), capacity_verdict(
+            _loss(summary, cf10), _loss(summary, cf125), _loss(summary, cf20))
+
+    return judge
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("primer", "Primer-EZ reaches the vanilla Transformer's quality with less compute",
+          "3–4× less compute on C4 (So et al. 2021)", speedup_claim("primer_ez", 3.0)),
+    Claim("primer", "Primer reaches the vanilla Transformer's quality with less compute",
+          "3–4× less compute on C4 (So et al. 2021)", speedup_claim("primer", 3.0)),
+    Claim("moe_vs_dense", "Switch (top-1, 8 experts) beats dense at equal FLOPs per token",
+          "several times faster to equal quality, up to 7× with 128 experts (Fedus et al.)",
+          speedup_claim("switch_top1_e8", 2.0)),
+    Claim("moe_vs_dense", "Switch (top-1, 16 experts) beats dense at equal FLOPs per token",
+          "several times faster, more experts faster still (Fedus et al.)",
+          speedup_claim("switch_top1_e16", 2.0)),
+    Claim("moe_vs_dense", "ST-MoE (top-2, 8 experts) beats dense at equal active FLOPs",
+          "several times faster (ST-MoE, Switch)", speedup_claim("st_moe_top2_e8", 2.0)),
+    Claim("moe_vs_dense", "ST-MoE (top-2, 16 experts) beats dense at equal active FLOPs",
+          "several times faster (ST-MoE, Switch)", speedup_claim("st_moe_top2_e16", 2.0)),
+    Claim("moe_vs_dense", "top-2 routing beats top-1 (8 experts)",
+          "top-2 better than top-1 (ST-MoE routing ablation)",
+          lower_loss_claim("st_moe_top2_e8", "switch_top1_e8")),
+    Claim("router_zloss", "router z-loss removes divergences (bfloat16 activations)",
+          "z-loss makes training stable where it diverged without (ST-MoE)",
+          stability_claim(("no_zloss_f32_router", "no_zloss_bf16_router"),
+                          ("zloss_f32_router", "zloss_bf16_router"))),
+    Claim("router_zloss", "router z-loss slightly improves quality (float32 router)",
+          "slightly better quality with z-loss (ST-MoE)",
+          lower_loss_claim("zloss_f32_router", "no_zloss_f32_router")),
+    Claim("router_zloss", "a float32 router is more stable than a bfloat16 one (no z-loss)",
+          "bfloat16 router logits diverge; float32 router is needed (Switch, selective "
+          "precision)", stability_claim(("no_zloss_bf16_router",), ("no_zloss_f32_router",))),
+    Claim("capacity", "train capacity factor 1.25 with 2.0 at eval is enough",
+          "train CF 1.25, eval CF 2.0 recommended (ST-MoE)",
+          capacity_claim("train_cf1.0", "train_cf1.25", "train_cf2.0")),
+    Claim("upcycling", "sparse upcycling beats continuing the dense run for the same extra "
+          "compute", "upcycled MoE ahead of continued dense training (Komatsuzaki et al. 2022)",
+          lower_loss_claim("upcycled_top2_e8", "dense_continued")),
+)
+
+
+# --------------------------------------------------------------------------------- table
+HEADER = ("| claim | paper | moetx (mean ± spread over seeds) | verdict | regenerate |\n"
+          "|---|---|---|---|---|")
+
+
+def load_summaries(runs_dir: str, experiments: Sequence[str]) -> dict[str, Summary]:
+    """`{experiment: summary}` for those whose `summary.json` exists under `runs_dir`."""
+    out = {}
+    for name in experiments:
+        path = os.path.join(runs_dir, name, "summary.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                out[name] = json.load(f)
+    return out
+
+
+def make_table(summaries: Mapping[str, Summary], claims: Sequence[Claim] = CLAIMS) -> str:
+    """The Markdown table, one row per claim (a claim whose experiment has no summary says it
+    has not run), and a caption with each experiment's seeds and budget."""
+    rows = [HEADER]
+    for c in claims:
+        command = f"`python -m moetx.experiments.run --gin_file=experiments/{c.experiment}.gin`"
+        if c.experiment in summaries:
+            measured, verdict = c.judge(summaries[c.experiment])
+        else:
+            measured, verdict = "–", NOT_RUN
+        rows.append(f"| {c.claim} | {c.paper} | {measured} | **{verdict}** | {command} |")
+    notes = []
+    for name in dict.fromkeys(c.experiment for c in claims):
+        s = summaries.get(name)
+        if s is None:
+            continue
+        budgets = sorted({a["budget"] for a in s["arms"].values()})
+        steps = sorted({a["steps"] for a in s["arms"].values()})
+        notes.append(f"{name}: {len(s['seeds'])} seeds, {'/'.join(f'{b:.3g}' for b in budgets)}"
+                     f" training FLOPs per run ({min(steps)}–{max(steps)} steps), baseline "
+                     f"{s['baseline']}")
+    caption = ("Verdicts by the rules in `moetx/experiments/claims.py`; speed-ups are the "
+               "baseline's compute to its final eval loss over the arm's, per seed (mean, "
+               "min–max). " + "; ".join(notes) + ".")
+    return "\n".join(rows) + "\n\n" + caption
+
+
+def copy_plots(runs_dir: str, experiments: Sequence[str], dest: str) -> list[str]:
+    """Copies each run experiment's `loss_vs_flops.png` to `dest/<experiment>_loss_vs_flops.png`."""
+    os.makedirs(dest, exist_ok=True)
+    copied = []
+    for name in experiments:
+        src = os.path.join(runs_dir, name, "loss_vs_flops.png")
+        if os.path.exists(src):
+            dst = os.path.join(dest, f"{name}_loss_vs_flops.png")
+            shutil.copyfile(src, dst)
+            copied.append(dst)
+    return copied
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moetx.experiments.claims",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default="runs/experiments",
+                   help="the directory holding each experiment's OUTPUT_DIR")
+    p.add_argument("--write", metavar="README", help="replace the table between the markers")
+    p.add_argument("--plots", metavar="DIR", help="copy the loss-vs-FLOPs plots here")
+    args = p.parse_args(argv)
+    experiments = list(dict.fromkeys(c.experiment for c in CLAIMS))
+    summaries = load_summaries(args.runs, experiments)
+    table = make_table(summaries)
+    print(table)
+    if args.write:
+        with open(args.write) as f:
+            text = f.read()
+        try:
+            text = markdown.replace_between(text, START, END, table, args.write)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        with open(args.write, "w") as f:
+            f.write(text)
+    if args.plots:
+        for path in copy_plots(args.runs, experiments, args.plots):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
