@@ -16,15 +16,16 @@ The verdicts (the same words for every claim):
   lower figure; *smaller* when every seed's is above 1 but the mean falls short of the paper's;
   *not seen at this scale* otherwise (a seed at or below 1, or one that never reaches the loss).
 - a quality claim (arm A ends at a lower eval loss than arm B): *reproduced* when A's mean is
-  lower by more than the two spreads together (the seed ranges do not overlap); *smaller* when
-  A's mean is lower but within the spreads; *not seen at this scale* when it is not lower.
+  lower by more than the two spreads together (the seed ranges do not overlap); *the opposite
+  at this scale* when it is higher by more than the spreads; *not seen at this scale* otherwise
+  (a difference within the seeds' spread is no evidence either way; the measured text says
+  which way it went).
 - a stability claim (the method removes divergences): *reproduced* when some run without it
   diverges and none with it does; *smaller* when no run diverges either way but the runs with it
   have fewer loss spikes; *not seen at this scale* otherwise (nothing to remove, or no better).
 - the capacity claim (train at 1.25, evaluate at 2.0): *reproduced* when 1.25's eval loss is
   within the spreads of 2.0's (dropping its tokens costs no measurable quality) and below
-  1.0's by more than the spreads; *smaller* when within 2.0's spreads but not clearly below
-  1.0's; *not seen at this scale* when it is clearly worse than 2.0.
+  1.0's by more than the spreads (the capacity matters); *not seen at this scale* otherwise.
 
 Spread is half the range over seeds, as everywhere in `moetx.experiments`.
 """
@@ -44,8 +45,9 @@ from moetx.util import markdown
 START = "<!-- claims-table:start -->"
 END = "<!-- claims-table:end -->"
 
-REPRODUCED, SMALLER, NOT_SEEN, NOT_RUN = (
-    "reproduced", "smaller", "not seen at this scale", "not run yet")
+REPRODUCED, SMALLER, NOT_SEEN, OPPOSITE, NOT_RUN = (
+    "reproduced", "smaller", "not seen at this scale", "the opposite at this scale",
+    "not run yet")
 
 Summary = Mapping[str, Any]
 
@@ -98,10 +100,8 @@ def speedup_verdict(axis_stats: Mapping[str, Any], paper_min: float) -> str:
 
 def lower_loss_verdict(better: Mapping[str, Any], worse: Mapping[str, Any]) -> str:
     """The quality rule: does `better` (mean/spread stats) end below `worse`?"""
-    gap = worse["mean"] - better["mean"]
-    if gap <= 0:
-        return NOT_SEEN
-    return REPRODUCED if gap > better["spread"] + worse["spread"] else SMALLER
+    gap, noise = worse["mean"] - better["mean"], better["spread"] + worse["spread"]
+    return REPRODUCED if gap > noise else OPPOSITE if -gap > noise else NOT_SEEN
 
 
 def _instability(summary: Summary, arms: Sequence[str]) -> tuple[int, int, int]:
@@ -128,7 +128,7 @@ def capacity_verdict(cf10, cf125, cf20) -> str:
     """The capacity rule on the three arms' final eval-loss stats."""
     if cf125["mean"] - cf20["mean"] > cf125["spread"] + cf20["spread"]:
         return NOT_SEEN
-    return REPRODUCED if lower_loss_verdict(cf125, cf10) == REPRODUCED else SMALLER
+    return REPRODUCED if lower_loss_verdict(cf125, cf10) == REPRODUCED else NOT_SEEN
 
 
 # -------------------------------------------------------------------------------- judges
@@ -151,21 +151,25 @@ def lower_loss_claim(better: str, worse: str) -> Callable[[Summary], tuple[str, 
 
     def judge(summary: Summary) -> tuple[str, str]:
         b, w = _loss(summary, better), _loss(summary, worse)
-        text = (f"eval loss {_pm(b)} vs {_pm(w)} (difference "
-                f"{w['mean'] - b['mean']:+.3f} in its favour)")
+        gap = w["mean"] - b["mean"]
+        within = " (within the seeds' spread)" if abs(gap) <= b["spread"] + w["spread"] else ""
+        text = (f"eval loss {_pm(b)} vs {_pm(w)}: {'lower' if gap > 0 else 'higher'} by "
+                f"{abs(gap):.3f}{within}")
         return text, lower_loss_verdict(b, w)
 
     return judge
 
 
-def stability_claim(without: Sequence[str], with_: Sequence[str]
+def stability_claim(without: Sequence[str], with_: Sequence[str],
+                    labels: tuple[str, str] = ("without", "with")
                     ) -> Callable[[Summary], tuple[str, str]]:
-    """The arms `with_` the method diverge and spike less than the arms `without` it."""
+    """The arms `with_` the method diverge and spike less than the arms `without` it; `labels`
+    name the two groups in the measured text."""
 
     def judge(summary: Summary) -> tuple[str, str]:
         wo, wi = _instability(summary, without), _instability(summary, with_)
-        text = (f"without: {wo[0]}/{wo[2]} runs diverged, {wo[1]} loss spikes; "
-                f"with: {wi[0]}/{wi[2]} diverged, {wi[1]} spikes")
+        text = (f"{labels[0]}: {wo[0]}/{wo[2]} runs diverged, {wo[1]} loss spikes; "
+                f"{labels[1]}: {wi[0]}/{wi[2]} diverged, {wi[1]} spikes")
         return text, stability_verdict(wo, wi)
 
     return judge
@@ -212,7 +216,8 @@ CLAIMS: tuple[Claim, ...] = (
           lower_loss_claim("zloss_f32_router", "no_zloss_f32_router")),
     Claim("router_zloss", "a float32 router is more stable than a bfloat16 one (no z-loss)",
           "bfloat16 router logits diverge; float32 router is needed (Switch, selective "
-          "precision)", stability_claim(("no_zloss_bf16_router",), ("no_zloss_f32_router",))),
+          "precision)", stability_claim(("no_zloss_bf16_router",), ("no_zloss_f32_router",),
+                                        ("bfloat16 router", "float32 router"))),
     Claim("capacity", "train capacity factor 1.25 with 2.0 at eval is enough",
           "train CF 1.25, eval CF 2.0 recommended (ST-MoE)",
           capacity_claim("train_cf1.0", "train_cf1.25", "train_cf2.0")),

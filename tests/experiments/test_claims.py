@@ -45,9 +45,10 @@ def test_speedup_rule(per_seed, verdict):
 
 @pytest.mark.parametrize("better, worse, verdict", [
     (stats(5.0, 0.02), stats(5.1, 0.03), claims.REPRODUCED),  # gap 0.1 > 0.05
-    (stats(5.0, 0.06), stats(5.1, 0.05), claims.SMALLER),     # gap 0.1 < 0.11
+    (stats(5.0, 0.06), stats(5.1, 0.05), claims.NOT_SEEN),    # gap 0.1 < 0.11: noise
     (stats(5.1, 0.0), stats(5.1, 0.0), claims.NOT_SEEN),
-    (stats(5.2, 0.0), stats(5.1, 0.0), claims.NOT_SEEN),
+    (stats(5.2, 0.0), stats(5.1, 0.0), claims.OPPOSITE),
+    (stats(5.14, 0.03), stats(5.1, 0.02), claims.NOT_SEEN),   # higher, but within the spreads
 ])
 def test_lower_loss_rule(better, worse, verdict):
     assert claims.lower_loss_verdict(better, worse) == verdict
@@ -66,7 +67,7 @@ def test_stability_rule(without, with_, verdict):
 
 @pytest.mark.parametrize("cf10, cf125, cf20, verdict", [
     (stats(5.3, 0.01), stats(5.1, 0.01), stats(5.09, 0.01), claims.REPRODUCED),
-    (stats(5.11, 0.01), stats(5.1, 0.01), stats(5.09, 0.01), claims.SMALLER),
+    (stats(5.11, 0.01), stats(5.1, 0.01), stats(5.09, 0.01), claims.NOT_SEEN),
     (stats(5.3, 0.01), stats(5.2, 0.01), stats(5.0, 0.01), claims.NOT_SEEN),
 ])
 def test_capacity_rule(cf10, cf125, cf20, verdict):
@@ -94,6 +95,23 @@ def test_a_row_holds_the_figures_and_the_verdict():
     zloss = [line for line in table.splitlines() if "z-loss" in line]
     assert zloss and all(f"**{claims.NOT_RUN}**" in line for line in zloss)
     assert "primer: 3 seeds, 4e+12 training FLOPs per run" in table
+
+
+def test_a_quality_row_says_which_way_and_whether_within_the_spread():
+    summary = {"name": "moe_vs_dense", "seeds": [0, 1, 2], "baseline": "dense", "arms": {
+        "dense": arm(5.946, 0.022, flops=axis(1.0, 1.0, 1.0)),
+        "switch_top1_e8": arm(5.965, 0.018, flops=axis(None, None, None)),
+        "switch_top1_e16": arm(5.964, 0.019, flops=axis(None, None, None)),
+        "st_moe_top2_e8": arm(6.030, 0.007, flops=axis(None, None, None)),
+        "st_moe_top2_e16": arm(6.037, 0.008, flops=axis(None, None, None))}}
+    table = claims.make_table({"moe_vs_dense": summary})
+    row = next(line for line in table.splitlines() if line.startswith("| top-2 routing"))
+    assert "eval loss 6.030 ± 0.007 vs 5.965 ± 0.018: higher by 0.065 |" in row
+    assert f"**{claims.OPPOSITE}**" in row
+    summary["arms"]["st_moe_top2_e8"] = arm(5.960, 0.007, flops=axis(1.1, 1.1, 1.1))
+    row = next(line for line in claims.make_table({"moe_vs_dense": summary}).splitlines()
+               if line.startswith("| top-2 routing"))
+    assert "lower by 0.005 (within the seeds' spread)" in row and claims.NOT_SEEN in row
 
 
 def test_a_missing_arm_is_named():
