@@ -127,9 +127,16 @@ def side_by_side_rows(s: dict, memory: bool, quick: bool) -> list[Row]:
                         _cost(s["d_model"], s["d_ff"], 2 * s["layers"], s["vocab"], enc_tokens,
                               runs, 3, memory)))
         for arch in ("t5", "llama"):
+            # A Llama's width is its heads x head_dim (LlamaConfig cannot express T5.1.1-small's
+            # 6 x 64 heads at d_model 512), so the Llama row keeps head_dim and the width and
+            # takes d_model / head_dim heads: 8 x 64 at d_model 512.
+            arch_common = common if arch == "t5" else (
+                *_flags(d_model=s["d_model"], d_ff=s["d_ff"], heads=s["d_model"] // s["head_dim"],
+                        head_dim=s["head_dim"], vocab=s["vocab"]),
+                "--optimizer", opt, *timing, *mem)
             rows.append(Row(f"decoder_{arch}_{opt}", "train_throughput.py",
                             (*_flags(arch=arch, layers=s["layers"], batch=s["batch"],
-                                     length=s["length"]), *common),
+                                     length=s["length"]), *arch_common),
                             _cost(s["d_model"], s["d_ff"], s["layers"], s["vocab"], dec_tokens,
                                   runs, 3, memory)))
         rows.append(Row(f"switch_{opt}", "moe_throughput.py",
