@@ -238,7 +238,12 @@ def caption(records: list[dict]) -> str:
                      f"{span(baselines)} MiB before any model is built.")
     if loads:
         parts.append(f"Background load while timing: up to {max(loads):.2f} cores.")
-    failed = [rec.get("row", "?") for rec in records if rec.get("benchmark") == "run_all_failure"]
+    # A row failed when its last line is a failure; a later successful run of it supersedes.
+    last_failed: dict[str, bool] = {}
+    for rec in records:
+        if "row" in rec or rec.get("benchmark") == "run_all_failure":
+            last_failed[rec.get("row", "?")] = rec.get("benchmark") == "run_all_failure"
+    failed = [row for row, f in last_failed.items() if f]
     if failed:
         parts.append(f"Failed rows (see the results file): {', '.join(failed)}.")
     return " ".join(parts)

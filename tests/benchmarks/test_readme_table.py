@@ -119,6 +119,13 @@ def test_table_is_exactly_the_expected_markdown(results):
     assert rt.make_table(rt.load_results([str(results)])) == EXPECTED_TABLE
 
 
+def test_a_failed_row_run_again_successfully_is_no_longer_listed_as_failed():
+    llama_failed = {**FAILURE, "row": LLAMA["row"]}
+    listed = rt.caption([FAILURE, llama_failed, LLAMA])
+    assert "Failed rows (see the results file): switch_adamw." in listed
+    assert "decoder_llama_adamw" in rt.caption([LLAMA, llama_failed])
+
+
 def test_peer_is_the_faster_hf_variant_and_ratio_is_moetx_over_it():
     # compile faster: chosen although the line's own `peer` field says eager.
     row = rt.to_row(encdec_line(371.0, "d"))
