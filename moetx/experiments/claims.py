@@ -2,13 +2,17 @@
 measured figure with its spread over seeds, and a verdict given by a fixed rule, so the README's
 table is generated from the runs and never typed.
 
-    python -m moetx.experiments.claims --runs runs/experiments --write README.md \\
-        --plots docs/claims
+    python -m moetx.experiments.claims --runs runs/experiments --runs docs/claims \\
+        --write README.md --archive docs/claims
 
-reads `<runs>/<experiment>/summary.json` for each experiment the claims name (an experiment not
-run yet gives a row saying so), prints the table, and with `--write` replaces the text between
-`<!-- claims-table:start -->` and `<!-- claims-table:end -->` in that file; `--plots DIR` copies
-each experiment's `loss_vs_flops.png` there as `<experiment>_loss_vs_flops.png`.
+reads `<runs>/<experiment>/summary.json` for each experiment the claims name, from the first
+`--runs` directory that has it (an experiment run nowhere gives a row saying so), prints the
+table, and with `--write` replaces the text between `<!-- claims-table:start -->` and
+`<!-- claims-table:end -->` in that file. `--archive DIR` copies what the table and the README
+use of each experiment found (`summary.json`, `summary.md`, `curves.json`, `loss_vs_flops.png`)
+to `DIR/<experiment>/`: the runs themselves (checkpoints, logs) stay out of the repository, and
+the archive alone regenerates the table (`--runs DIR`), so an experiment rerun at a larger
+budget replaces its own rows and leaves the others as they were.
 
 The verdicts (the same words for every claim):
 - a speed-up claim (an arm reaches the baseline's final eval loss with less training compute):
@@ -232,14 +236,28 @@ HEADER = ("| claim | paper | moetx (mean ± spread over seeds) | verdict | regen
           "|---|---|---|---|---|")
 
 
-def load_summaries(runs_dir: str, experiments: Sequence[str]) -> dict[str, Summary]:
-    """`{experiment: summary}` for those whose `summary.json` exists under `runs_dir`."""
+def find_runs(runs_dirs: Sequence[str], experiments: Sequence[str]) -> dict[str, str]:
+    """`{experiment: directory}`: for each experiment, the first of `runs_dirs` holding
+    `<experiment>/summary.json` (experiments found in none are left out)."""
     out = {}
     for name in experiments:
-        path = os.path.join(runs_dir, name, "summary.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                out[name] = json.load(f)
+        for root in runs_dirs:
+            if os.path.exists(os.path.join(root, name, "summary.json")):
+                out[name] = os.path.join(root, name)
+                break
+    return out
+
+
+def load_summaries(runs_dirs: str | Sequence[str], experiments: Sequence[str]
+                   ) -> dict[str, Summary]:
+    """`{experiment: summary}` from the first of `runs_dirs` (one or several directories)
+    holding each experiment's `summary.json`."""
+    if isinstance(runs_dirs, str):
+        runs_dirs = [runs_dirs]
+    out = {}
+    for name, directory in find_runs(runs_dirs, experiments).items():
+        with open(os.path.join(directory, "summary.json")) as f:
+            out[name] = json.load(f)
     return out
 
 
@@ -270,29 +288,43 @@ def make_table(summaries: Mapping[str, Summary], claims: Sequence[Claim] = CLAIM
     return "\n".join(rows) + "\n\n" + caption
 
 
-def copy_plots(runs_dir: str, experiments: Sequence[str], dest: str) -> list[str]:
-    """Copies each run experiment's `loss_vs_flops.png` to `dest/<experiment>_loss_vs_flops.png`."""
-    os.makedirs(dest, exist_ok=True)
-    copied = []
-    for name in experiments:
-        src = os.path.join(runs_dir, name, "loss_vs_flops.png")
-        if os.path.exists(src):
-            dst = os.path.join(dest, f"{name}_loss_vs_flops.png")
-            shutil.copyfile(src, dst)
-            copied.append(dst)
-    return copied
+#: What `--archive` keeps of an experiment's output directory.
+ARCHIVED = ("summary.json", "summary.md", "curves.json", "loss_vs_flops.png")
+
+
+def archive(found: Mapping[str, str], dest: str) -> list[str]:
+    """Copies the `ARCHIVED` files of each experiment in `found` (`{name: its directory}`, as
+    `find_runs` gives) to `dest/<name>/`; a directory already inside `dest` is left as it is.
+    Returns the paths written."""
+    written = []
+    for name, src_dir in found.items():
+        dst_dir = os.path.join(dest, name)
+        if os.path.abspath(src_dir) == os.path.abspath(dst_dir):
+            continue
+        os.makedirs(dst_dir, exist_ok=True)
+        for file in ARCHIVED:
+            src = os.path.join(src_dir, file)
+            if os.path.exists(src):
+                shutil.copyfile(src, os.path.join(dst_dir, file))
+                written.append(os.path.join(dst_dir, file))
+    return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m moetx.experiments.claims",
                                 description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", default="runs/experiments",
-                   help="the directory holding each experiment's OUTPUT_DIR")
+    p.add_argument("--runs", action="append", metavar="DIR",
+                   help="a directory holding experiments' OUTPUT_DIRs (or an archive); may be "
+                        "given several times, the first holding an experiment is used "
+                        "(default: runs/experiments)")
     p.add_argument("--write", metavar="README", help="replace the table between the markers")
-    p.add_argument("--plots", metavar="DIR", help="copy the loss-vs-FLOPs plots here")
+    p.add_argument("--archive", metavar="DIR",
+                   help="copy each experiment's summary, curves and loss-vs-FLOPs plot to "
+                        "DIR/<experiment>/")
     args = p.parse_args(argv)
     experiments = list(dict.fromkeys(c.experiment for c in CLAIMS))
-    summaries = load_summaries(args.runs, experiments)
+    runs = args.runs or ["runs/experiments"]
+    summaries = load_summaries(runs, experiments)
     table = make_table(summaries)
     print(table)
     if args.write:
@@ -304,8 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(str(e)) from None
         with open(args.write, "w") as f:
             f.write(text)
-    if args.plots:
-        for path in copy_plots(args.runs, experiments, args.plots):
+    if args.archive:
+        for path in archive(find_runs(runs, experiments), args.archive):
             print(f"wrote {path}", file=sys.stderr)
     return 0
 

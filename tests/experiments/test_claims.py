@@ -121,23 +121,46 @@ def test_a_missing_arm_is_named():
         claims.make_table({"primer": summary})
 
 
-def test_main_rewrites_only_the_marked_section_and_copies_the_plot(tmp_path, capsys):
+def test_main_rewrites_only_the_marked_section_and_archives_what_regenerates_it(tmp_path):
     runs = tmp_path / "runs"
     (runs / "primer").mkdir(parents=True)
     (runs / "primer" / "summary.json").write_text(json.dumps(primer_summary()))
+    (runs / "primer" / "curves.json").write_text("{}")
     (runs / "primer" / "loss_vs_flops.png").write_bytes(b"png")
+    (runs / "primer" / "checkpoint_130").mkdir()  # runs are not archived, only their results
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{claims.START}\nold\n{claims.END}\nafter\n")
+    docs = tmp_path / "docs"
     assert claims.main(["--runs", str(runs), "--write", str(readme),
-                        "--plots", str(tmp_path / "docs")]) == 0
+                        "--archive", str(docs)]) == 0
     text = readme.read_text()
     assert text.startswith(f"before\n{claims.START}\n| claim |") and "old" not in text
     assert text.endswith(f"{claims.END}\nafter\n")
-    assert (tmp_path / "docs" / "primer_loss_vs_flops.png").read_bytes() == b"png"
+    assert sorted(p.name for p in (docs / "primer").iterdir()) == [
+        "curves.json", "loss_vs_flops.png", "summary.json"]
+    # The archive alone regenerates the same table once the runs are gone.
+    table = claims.make_table(claims.load_summaries(str(runs), ["primer"]))
+    assert claims.make_table(claims.load_summaries(str(docs), ["primer"])) == table
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="not found"):
         claims.main(["--runs", str(runs), "--write", str(readme)])
     assert readme.read_text() == "no markers\n"
+
+
+def test_the_first_runs_directory_holding_an_experiment_wins(tmp_path):
+    new, old = tmp_path / "new", tmp_path / "archive"
+    longer = primer_summary()
+    longer["arms"]["primer"]["steps"] = 1300
+    for root, summary in ((new, longer), (old, primer_summary())):
+        (root / "primer").mkdir(parents=True)
+        (root / "primer" / "summary.json").write_text(json.dumps(summary))
+    (old / "capacity").mkdir()
+    (old / "capacity" / "summary.json").write_text(json.dumps({"name": "capacity"}))
+    found = claims.find_runs([str(new), str(old)], ["primer", "capacity", "upcycling"])
+    assert found == {"primer": str(new / "primer"), "capacity": str(old / "capacity")}
+    loaded = claims.load_summaries([str(new), str(old)], ["primer", "capacity"])
+    assert loaded["primer"]["arms"]["primer"]["steps"] == 1300
+    assert loaded["capacity"] == {"name": "capacity"}
 
 
 def test_every_claim_names_arms_of_its_experiment_file(tmp_path, clean_gin):
