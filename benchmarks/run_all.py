@@ -108,46 +108,49 @@ VISION = (("resnet_rs", {"model": "resnet_rs/50"}),
 
 def side_by_side_rows(s: dict, memory: bool, quick: bool) -> list[Row]:
     """The moetx-vs-HF training rows (and decode, MoE-vs-dense, vision) at shape `s`."""
-    width = _flags(d_model=s["d_model"], d_ff=s["d_ff"], heads=s["heads"],
-                   head_dim=s["head_dim"], vocab=s["vocab"])
+    def width(heads: int) -> tuple[str, ...]:
+        return _flags(d_model=s["d_model"], d_ff=s["d_ff"], heads=heads,
+                      head_dim=s["head_dim"], vocab=s["vocab"])
+
+    # A Llama's width is its heads x head_dim (LlamaConfig cannot express T5.1.1-small's 6 x 64
+    # heads at d_model 512), so the Llama row keeps head_dim and the width and takes
+    # d_model / head_dim heads: 8 x 64 at d_model 512.
+    heads = {"t5": s["heads"], "llama": s["d_model"] // s["head_dim"]}
+
     timing = _flags(steps=s["steps"], warmup=s["warmup"])
     mem = ("--memory",) if memory else ()
+
+    def common(opt: str, arch: str = "t5") -> tuple[str, ...]:
+        return (*width(heads[arch]), "--optimizer", opt, *timing, *mem)
+
     runs = s["steps"] + s["warmup"]
     enc_tokens = s["batch"] * (s["input_length"] + s["target_length"])
     dec_tokens = s["batch"] * s["length"]
     rows = []
     for opt in ("adafactor", "adamw"):
-        common = (*width, "--optimizer", opt, *timing, *mem)
         # Greedy decoding is timed once, in the Adafactor row (it does not train).
         decode = () if opt == "adafactor" else ("--skip_decode",)
         rows.append(Row(f"encdec_{opt}", "encdec_throughput.py",
                         (*_flags(layers=s["layers"], batch=s["batch"],
                                  input_length=s["input_length"],
-                                 target_length=s["target_length"]), *common, *decode),
+                                 target_length=s["target_length"]), *common(opt), *decode),
                         _cost(s["d_model"], s["d_ff"], 2 * s["layers"], s["vocab"], enc_tokens,
                               runs, 3, memory)))
         for arch in ("t5", "llama"):
-            # A Llama's width is its heads x head_dim (LlamaConfig cannot express T5.1.1-small's
-            # 6 x 64 heads at d_model 512), so the Llama row keeps head_dim and the width and
-            # takes d_model / head_dim heads: 8 x 64 at d_model 512.
-            arch_common = common if arch == "t5" else (
-                *_flags(d_model=s["d_model"], d_ff=s["d_ff"], heads=s["d_model"] // s["head_dim"],
-                        head_dim=s["head_dim"], vocab=s["vocab"]),
-                "--optimizer", opt, *timing, *mem)
             rows.append(Row(f"decoder_{arch}_{opt}", "train_throughput.py",
                             (*_flags(arch=arch, layers=s["layers"], batch=s["batch"],
-                                     length=s["length"]), *arch_common),
+                                     length=s["length"]), *common(opt, arch)),
                             _cost(s["d_model"], s["d_ff"], s["layers"], s["vocab"], dec_tokens,
                                   runs, 3, memory)))
         rows.append(Row(f"switch_{opt}", "moe_throughput.py",
                         ("--only", "moetx_vs_hf_switch",
                          *_flags(switch_layers=s["layers"], switch_batch=s["batch"],
                                  switch_experts=s["experts"], input_length=s["input_length"],
-                                 target_length=s["target_length"]), *common),
+                                 target_length=s["target_length"]), *common(opt)),
                         _cost(s["d_model"], s["d_ff"], 2 * s["layers"], s["vocab"], enc_tokens,
                               runs, 3, memory)))
     rows.append(Row("moe_vs_dense", "moe_throughput.py",
-                    ("--only", "moe_vs_dense", *width,
+                    ("--only", "moe_vs_dense", *width(heads["t5"]),
                      *_flags(layers=s["layers"], batch=s["batch"], length=s["length"],
                              experts=s["experts"], top_k=1, sparse_every=2), *timing),
                     _cost(s["d_model"], s["d_ff"], s["layers"], s["vocab"], dec_tokens, runs,
