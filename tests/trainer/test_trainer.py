@@ -89,6 +89,36 @@ def test_checkpoints_from_before_model_state_and_ema_still_restore(tmp_path):
         ckpt.restore(0, with_ema.abstract_state_with_shardings())
 
 
+def test_replicated_arrays_are_split_among_replicas_for_writing_only_when_large(
+        tmp_path, monkeypatch):
+    """Orbax slices each replicated array on device to split its writing among the replicas (a
+    program compiled per shape at the first save: seconds for a small model); small arrays are
+    written whole, large ones still split, and both restore exactly."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from moetx.trainer import checkpoints
+
+    slices = []
+    real = jax.lax.slice_in_dim
+    monkeypatch.setattr(jax.lax, "slice_in_dim",
+                        lambda x, *a, **k: slices.append(x.shape) or real(x, *a, **k))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    per_replica = checkpoints.MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL
+    small = np.arange(1024, dtype=np.float32).reshape(16, 64)  # splittable 8 ways
+    large = np.arange(8 * per_replica // 4, dtype=np.float32).reshape(-1, 1024)
+    state = {"small": jax.device_put(small, replicated),
+             "large": jax.device_put(large, replicated)}
+    ckpt = checkpoints.Checkpointer(str(tmp_path), save_interval_steps=1)
+    ckpt.save(0, state, {"batches": 0})
+    assert slices and set(slices) == {large.shape}
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
+                for k, v in state.items()}
+    restored, _ = ckpt.restore(0, abstract)
+    np.testing.assert_array_equal(np.asarray(restored["small"]), small)
+    np.testing.assert_array_equal(np.asarray(restored["large"]), large)
+
+
 def test_language_model_protocol_members():
     """The LM fills unpacked batches as the trainer used to (one segment per row, zeros), counts
     encoder + decoder target tokens, averages the router metrics and prints its eval line."""
