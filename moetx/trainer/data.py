@@ -200,6 +200,11 @@ class DataIterator:
         self._it = iter(dataset.skip(self.batches_consumed).as_numpy_iterator())
         self._ahead: list[dict[str, np.ndarray]] = []
 
+    @property
+    def dataset(self):
+        """The tf.data pipeline read from (from its first batch)."""
+        return self._dataset
+
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self
 

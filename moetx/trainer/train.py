@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moetx.trainer import (
     checkpoints,
@@ -70,6 +71,32 @@ def evaluation_batches(trainer, cfg: data.DatasetConfig):
     it, local_bs = make_batches(trainer, cfg, 0, num_epochs=1)
     for batch in it:
         yield data.pad_batch(batch, local_bs)
+
+
+class EvaluationBatches:
+    """The evaluation split's batches (as `evaluation_batches`) each time this is iterated, for
+    the evaluations of one run. The SeqIO pipeline is built once, on the first iteration, and
+    read again from its start after that: building it traces every preprocessor into a
+    tf.data graph, seconds of host time that each in-loop evaluation would otherwise spend
+    again. An unshuffled pipeline gives the same batches on every pass. A shuffled one is built
+    anew each time (tf.data reshuffles a pipeline between passes, and every evaluation of a run
+    must see the same batches), as is the indexed pipeline, which has nothing to trace."""
+
+    def __init__(self, trainer, cfg: data.DatasetConfig):
+        self._trainer, self._cfg = trainer, cfg
+        self._dataset = None
+        self._local_bs = 0
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        cfg = self._cfg
+        if cfg.shuffle or cfg.pipeline == "indexed":
+            yield from evaluation_batches(self._trainer, cfg)
+            return
+        if self._dataset is None:
+            it, self._local_bs = make_batches(self._trainer, cfg, 0, num_epochs=1)
+            self._dataset = it.dataset
+        for batch in self._dataset.as_numpy_iterator():
+            yield data.pad_batch(batch, self._local_bs)
 
 
 @gin.configurable
@@ -257,11 +284,14 @@ def train(
                 + " | ".join(f"{k} {v:.4g}" for k, v in sorted(m.items())))
             return m
 
+        if eval_dataset_cfg is not None:
+            eval_batches = EvaluationBatches(trainer, eval_dataset_cfg)
+
         def run_eval(step: int, st, label: str) -> dict[str, float]:
             params, model_state = trainer.eval_variables(st, eval_with_ema)
             try:
-                m = trainer.evaluate(params, evaluation_batches(trainer, eval_dataset_cfg),
-                                     eval_steps, model_state=model_state)
+                m = trainer.evaluate(params, iter(eval_batches), eval_steps,
+                                     model_state=model_state)
             except trainer_lib.NoEvaluationBatches:
                 data.check_not_empty(eval_dataset_cfg, preprocessed=True)  # says why
                 raise

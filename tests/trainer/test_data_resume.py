@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from moetx.trainer import data, indexed_data
+from moetx.trainer import train as train_lib
 from moetx.trainer.train import evaluation_batches, make_batches
 from tests.conftest import register_integer_lm_task
 
@@ -146,6 +147,31 @@ def test_unshuffled_evaluation_gives_the_seqio_paths_batches(index_root):
     assert len(halves[0]) == len(halves[1]) == len(indexed)
     for a, b, whole in zip(*halves, indexed):
         _assert_same(_concat([a, b]), whole)
+
+
+@pytest.mark.usefixtures("tiny_task")
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_every_evaluation_of_a_run_reads_the_same_batches(monkeypatch, shuffle):
+    """A run's evaluations share one SeqIO pipeline when it is unshuffled (built once, read from
+    its start each time); a shuffled one, which tf.data would reorder between passes, is built
+    for each evaluation. Either way every pass gives `evaluation_batches`' batches."""
+    cfg = _cfg("seqio", split="validation", shuffle=shuffle, seed=0)
+    built = []
+    real = train_lib.make_batches
+    monkeypatch.setattr(train_lib, "make_batches",
+                        lambda *a, **k: built.append(1) or real(*a, **k))
+    reference = list(evaluation_batches(_trainer(_shard(1, 2)), cfg))
+    built.clear()
+    batches = train_lib.EvaluationBatches(_trainer(_shard(1, 2)), cfg)
+    passes = [list(batches) for _ in range(3)]
+    assert len(built) == (3 if shuffle else 1)
+    assert len(reference) >= 2 and all(len(p) == len(reference) for p in passes)
+    for p in passes:
+        for a, b in zip(p, reference):
+            _assert_same(a, b)
+    # A pass stopped early (an evaluation of eval_steps batches) leaves the next one whole.
+    next(iter(batches))
+    assert len(list(batches)) == len(reference)
 
 
 @pytest.mark.usefixtures("tiny_task")
