@@ -4,15 +4,6 @@ import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
-# LLVM's optimisation level 0 for the code XLA emits: the tests' tiny programs compile about
-# 40% faster (the tiny MoE's init, train and eval steps: 10.5 s -> 6.3 s) and run as fast,
-# since their time is in compiling, not running (ten parity, scan, MoE and multi-host test
-# files: 243 s -> 185 s in 2 workers). XLA's own passes over the program are the
-# same, so are the results (the tiny MoE's loss curve to every printed digit); benchmarks and
-# users keep the default level. MOETX_TEST_XLA_OPT=default turns this off.
-if os.environ.get("MOETX_TEST_XLA_OPT", "0") != "default" \
-        and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
