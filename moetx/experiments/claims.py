@@ -248,12 +248,9 @@ def find_runs(runs_dirs: Sequence[str], experiments: Sequence[str]) -> dict[str,
     return out
 
 
-def load_summaries(runs_dirs: str | Sequence[str], experiments: Sequence[str]
-                   ) -> dict[str, Summary]:
-    """`{experiment: summary}` from the first of `runs_dirs` (one or several directories)
-    holding each experiment's `summary.json`."""
-    if isinstance(runs_dirs, str):
-        runs_dirs = [runs_dirs]
+def load_summaries(runs_dirs: Sequence[str], experiments: Sequence[str]) -> dict[str, Summary]:
+    """`{experiment: summary}` from the first of `runs_dirs` holding each experiment's
+    `summary.json`."""
     out = {}
     for name, directory in find_runs(runs_dirs, experiments).items():
         with open(os.path.join(directory, "summary.json")) as f:

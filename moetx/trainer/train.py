@@ -92,10 +92,12 @@ class EvaluationBatches:
         if cfg.shuffle or cfg.pipeline == "indexed":
             yield from evaluation_batches(self._trainer, cfg)
             return
-        if self._dataset is None:
-            it, self._local_bs = make_batches(self._trainer, cfg, 0, num_epochs=1)
-            self._dataset = it.dataset
-        for batch in self._dataset.as_numpy_iterator():
+        if self._dataset is None:  # the first pass reads the iterator the pipeline came with
+            batches, self._local_bs = make_batches(self._trainer, cfg, 0, num_epochs=1)
+            self._dataset = batches.dataset
+        else:
+            batches = self._dataset.as_numpy_iterator()
+        for batch in batches:
             yield data.pad_batch(batch, self._local_bs)
 
 

@@ -139,8 +139,8 @@ def test_main_rewrites_only_the_marked_section_and_archives_what_regenerates_it(
     assert sorted(p.name for p in (docs / "primer").iterdir()) == [
         "curves.json", "loss_vs_flops.png", "summary.json"]
     # The archive alone regenerates the same table once the runs are gone.
-    table = claims.make_table(claims.load_summaries(str(runs), ["primer"]))
-    assert claims.make_table(claims.load_summaries(str(docs), ["primer"])) == table
+    table = claims.make_table(claims.load_summaries([str(runs)], ["primer"]))
+    assert claims.make_table(claims.load_summaries([str(docs)], ["primer"])) == table
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="not found"):
         claims.main(["--runs", str(runs), "--write", str(readme)])
