@@ -24,6 +24,8 @@ Modes:
                           (ReLU experts: HF Switch has no gated experts; tied logits);
                moe_vs_dense  moetx's decoder with 8 experts top-1 in every 2nd layer vs the
                           dense model of equal active FLOPs (no HF side);
+               profile_encdec  where the enc-dec Adafactor step's time goes per op family,
+                          moetx beside HF eager (profile_step.py; the README's profile table);
                vision_*   the vision rows against timm (vision_throughput.py's shapes).
              Minutes per row on a 2-core machine: run it on an idle one.
   --quick    the same rows at tiny shapes (d_model 64, 2 layers, batch 2, 32 tokens, 2 steps):
@@ -154,6 +156,15 @@ def side_by_side_rows(s: dict, memory: bool, quick: bool) -> list[Row]:
                      *_flags(layers=s["layers"], batch=s["batch"], length=s["length"],
                              experts=s["experts"], top_k=1, sparse_every=2), *timing),
                     _cost(s["d_model"], s["d_ff"], s["layers"], s["vocab"], dec_tokens, runs,
+                          2)))
+    # Where the enc-dec step's time goes, per op family, beside torch's (the README's profile
+    # table): one warmup, one timed and one profiled step per side.
+    rows.append(Row("profile_encdec", "profile_step.py",
+                    (*width(heads["t5"]),
+                     *_flags(layers=s["layers"], batch=s["batch"],
+                             input_length=s["input_length"], target_length=s["target_length"],
+                             steps=1, warmup=1)),
+                    _cost(s["d_model"], s["d_ff"], 2 * s["layers"], s["vocab"], enc_tokens, 3,
                           2)))
     vision = VISION[:1] if quick else VISION
     for name, kw in vision:

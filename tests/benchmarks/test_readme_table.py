@@ -187,3 +187,53 @@ def test_plot_writes_a_png_from_the_sweep_rows(results, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     with pytest.raises(ValueError, match="no sweep rows"):
         rt.plot_scaling([LLAMA], str(tmp_path / "none.png"))
+
+
+def profile_line(moetx_mlp_ms: float, date: str) -> dict:
+    """A profile_step line: every family 10 ms on both sides but moetx's MLP and the hosts."""
+    fams = lambda mlp, total: {  # noqa: E731
+        f: {"ms": mlp if f == "mlp" else 10.0,
+            "share": (mlp if f == "mlp" else 10.0) / total} for f in rt.FAMILY_LABELS
+        if f != "host"}
+    mx_total, hf_total = 90.0 + moetx_mlp_ms, 100.0
+    return {"benchmark": "profile_step", "row": "profile_encdec",
+            "run_all": {"mode": "side_by_side"},
+            "model": {"d_model": 512, "layers": 8, "heads": 6, "head_dim": 64, "d_ff": 1024,
+                      "vocab": 32128}, "batch": 8, "input_length": 512, "target_length": 114,
+            "table_ms_per_step": {},
+            "moetx": {"step_wall_ms": 150.0, "step_unprofiled_ms": 140.0, "host_ms": 25.0,
+                      "concurrency": 1.25, "families": fams(moetx_mlp_ms, mx_total),
+                      "op_kinds_ms": {"dot": 60.0, "fusion": 30.5, "copy": 4.0}},
+            "hf": {"step_wall_ms": 110.0, "step_unprofiled_ms": 105.0, "host_ms": 5.0,
+                   "families": fams(10.0, hf_total)},
+            "background_cpu_cores": {"moetx": 0.02, "hf": 0.01}, "date": date}
+
+
+def test_profile_line_becomes_its_own_table_and_stays_out_of_the_main_one(results, tmp_path):
+    lines = [profile_line(99.0, "2026-12-05 08:00:00 UTC"),
+             profile_line(40.0, "2026-12-05 09:00:00 UTC")]  # the later line wins
+    with open(results, "a") as f:
+        f.write("".join(json.dumps(rec) + "\n" for rec in lines))
+    records = rt.load_results([str(results)])
+    assert rt.make_table(records) == EXPECTED_TABLE  # neither its row nor its date or load
+    table = rt.make_profile_table(records).split("\n")
+    assert table[0].startswith("| op family | moetx ms/step")
+    assert len(table) == 2 + len(rt.FAMILY_LABELS) + 2
+    assert table[2] == ("| attention scores + softmax (QKᵀ, mask and bias add, softmax, AV) "
+                        "| 10 | 7.7% | 10 | 10.0% | +0 |")
+    assert table[5] == "| MLP (gated GELU) | 40 | 30.8% | 10 | 10.0% | +30 |"
+    assert table[12] == "| host (step wall time not covered by ops) | 25 | – | 5 | – | +20 |"
+    assert "(2026-12-05 09:00:00 UTC)" in table[-1] and "1.25" in table[-1]
+    assert "moetx 150 ms a profiled step (140 unprofiled), HF eager 110 (105)" in table[-1]
+    assert "dot 60, fusion 30, copy 4" in table[-1]
+    # --write fills both sections; a README without the profile markers is refused.
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{rt.START}\n{rt.END}\ntext\n{rt.PROFILE_START}\nold\n{rt.PROFILE_END}\n")
+    assert rt.main([str(results), "--write", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith(f"{rt.START}\n{EXPECTED_TABLE}\n{rt.END}\ntext\n")
+    assert "\n".join(table) in text and "old" not in text
+    readme.write_text(f"{rt.START}\n{rt.END}\n")
+    with pytest.raises(SystemExit, match="profile-table:start"):
+        rt.main([str(results), "--write", str(readme)])
+    assert rt.make_profile_table(rt.load_results([str(results)])[:3]) is None
