@@ -24,6 +24,8 @@ Modes:
                           (ReLU experts: HF Switch has no gated experts; tied logits);
                moe_vs_dense  moetx's decoder with 8 experts top-1 in every 2nd layer vs the
                           dense model of equal active FLOPs (no HF side);
+               means      the means of issue 16 one by one (bf16 activations, remat
+                          policies, scanned layers) on moetx's enc-dec step (means.py);
                profile_encdec  where the enc-dec Adafactor step's time goes per op family,
                           moetx beside HF eager (profile_step.py; the README's profile table);
                vision_*   the vision rows against timm (vision_throughput.py's shapes).
@@ -166,6 +168,14 @@ def side_by_side_rows(s: dict, memory: bool, quick: bool) -> list[Row]:
                              steps=1, warmup=1)),
                     _cost(s["d_model"], s["d_ff"], 2 * s["layers"], s["vocab"], enc_tokens, 3,
                           2)))
+    # The means of issue 16 one by one on the Adafactor enc-dec step (moetx only).
+    rows.append(Row("means", "means.py",
+                    (*width(heads["t5"]),
+                     *_flags(layers=s["layers"], batch=s["batch"],
+                             input_length=s["input_length"], target_length=s["target_length"],
+                             steps=min(3, s["steps"]), warmup=1)),
+                    _cost(s["d_model"], s["d_ff"], 2 * s["layers"], s["vocab"], enc_tokens, 4,
+                          6)))
     vision = VISION[:1] if quick else VISION
     for name, kw in vision:
         if quick:

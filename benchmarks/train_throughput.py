@@ -467,6 +467,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def current_rss_mb() -> float:
+    """This process's resident set size now, in MiB (`VmRSS`; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def release_freed_memory() -> None:
+    """Gives the heap's free pages back to the kernel (glibc `malloc_trim`; nothing elsewhere)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def import_side_libraries() -> None:
     """Imports what either side's build imports: moetx's models (which bring TensorFlow
     through SeqIO, ~0.8 GB of RSS here), trainer and converters, and transformers' T5, Llama and
@@ -539,7 +561,16 @@ def peer_memory(result: dict) -> None:
 
 def run_memory(result: dict, args, argv: list[str], script: str, xla_flags_user: str,
                log) -> None:
-    """`--memory`: measure moetx's and each successfully timed HF variant's peak RSS."""
+    """`--memory`: measure moetx's and each successfully timed HF variant's peak RSS.
+
+    Returns this process's freed memory to the system first: the allocator setting keeps
+    freed blocks, and the timed models' ~10 GB at T5.1.1-small's shape beside a child's made
+    the kernel kill this process (24 GiB machine, decoder AdamW row)."""
+    import gc
+
+    gc.collect()
+    release_freed_memory()
+    log(f"memory: this process holds {current_rss_mb():,.0f} MiB while the children run")
     modes = [k[len("hf_"):-len("_step_time_s")] for k in result
              if k.startswith("hf_") and k.endswith("_step_time_s")]
     result.update(measure_memory(script, argv, modes, xla_flags_user, log))
@@ -824,6 +855,7 @@ def main(argv=None) -> int:
     if args.memory:
         steps.clear()  # free the models before the children run
         fallbacks.clear()
+        state = tr = batch = params_np = None  # noqa: F841 (the moetx step's own references)
         run_memory(result, args, argv, os.path.abspath(__file__), xla_flags_before, log)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -237,3 +237,38 @@ def test_profile_line_becomes_its_own_table_and_stays_out_of_the_main_one(result
     with pytest.raises(SystemExit, match="profile-table:start"):
         rt.main([str(results), "--write", str(readme)])
     assert rt.make_profile_table(rt.load_results([str(results)])[:3]) is None
+
+
+def means_line(date: str) -> dict:
+    """A means.py line: bf16 twice as fast, remat slower, the baseline 10% slower at the end."""
+    def variant(s: float, loss: float) -> dict:
+        return {"seconds_per_step": s, "tokens_per_sec": 5008 / s, "first_step_s": 20.0,
+                "mfu_f32": 1.0 / s / 2, "mfu_bf16": 1.0 / s / 8, "loss_last": loss,
+                "speedup_vs_baseline": 10.5 / s}
+    return {"benchmark": "means", "row": "means", "run_all": {"mode": "side_by_side"},
+            "model": {"d_model": 512, "layers": 8, "heads": 6, "head_dim": 64, "d_ff": 1024,
+                      "vocab": 32128}, "batch": 8, "input_length": 512, "target_length": 114,
+            "steps": 3, "optimizer": {"name": "adafactor"},
+            "variants": {"baseline": variant(10.0, 9.5), "bf16": variant(5.25, 9.5012),
+                         "remat_full": variant(14.0, 9.5), "baseline_again": variant(11.0, 9.5)},
+            "baseline_drift": 1.1, "peak_flops_f32_matmul": 270e9,
+            "peak_flops_bf16_matmul": 1000e9, "background_cpu_cores": {"matmul": 0.0},
+            "date": date}
+
+
+def test_means_line_becomes_its_own_table(results, tmp_path):
+    with open(results, "a") as f:
+        f.write(json.dumps(means_line("2026-12-05 09:30:00 UTC")) + "\n")
+    records = rt.load_results([str(results)])
+    assert rt.make_table(records) == EXPECTED_TABLE
+    assert rt.make_profile_table(records) is None
+    table = rt.make_means_table(records).split("\n")
+    assert table[2] == ("| as shipped (float32, no remat, unrolled layers) | 10.00 | 501 | 1.05× "
+                        "| 5.0% / 1.2% | 20.0 s | 9.5000 |")
+    assert table[3].startswith("| bfloat16 activations") and "| 2.00× |" in table[3]
+    assert table[5].startswith("| as shipped, measured again last | 11.00 |")
+    assert "differ by 10.0%" in table[-1] and "f32 270, bf16 1,000 GFLOP/s" in table[-1]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{rt.START}\n{rt.END}\n{rt.MEANS_START}\n{rt.MEANS_END}\n")
+    assert rt.main([str(results), "--write", str(readme)]) == 0
+    assert "\n".join(table) in readme.read_text()

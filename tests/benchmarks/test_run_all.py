@@ -41,3 +41,21 @@ def test_the_llama_rows_are_expressible_as_hf_llama(run_all, quick):
             assert heads * head_dim == d_model, r.name
         else:  # the T5.1.1 rows keep T5.1.1-small's heads
             assert heads == shape["heads"], r.name
+
+
+@pytest.mark.parametrize("mode", ["realistic", "quick", "sweep"])
+def test_every_row_passes_flags_its_script_accepts(run_all, mode, monkeypatch):
+    """A row whose flags its script rejects fails only when `make bench` reaches it, minutes in;
+    each script's own parser checks them here (the scripts import jax and torch lazily)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    rows = (run_all.sweep_rows(quick=False) if mode == "sweep" else run_all.side_by_side_rows(
+        run_all.TINY if mode == "quick" else run_all.REALISTIC, memory=True,
+        quick=mode == "quick"))
+    assert {"means", "profile_encdec"} <= {r.name for r in rows} or mode == "sweep"
+    for r in rows:
+        script = importlib.import_module(r.script.removesuffix(".py"))
+        args = script.parse_args(list(r.args))
+        if "--d_model" in r.args:
+            assert args.d_model == flag(r.args, "d_model"), r.name

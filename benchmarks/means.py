@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""The means of issue 16, measured one by one on moetx's encoder-decoder training step.
+
+Each variant is the T5.1.1 encoder-decoder of `encdec_throughput.py` (by default at T5.1.1-small's
+shape: d_model 512, d_ff 1024 gated-GELU, 8+8 layers, 6 heads x 64, vocab 32128, batch 8 x
+(512 -> 114), Adafactor) with one `TransformerConfig` field changed:
+
+  baseline        as shipped: float32 activations, no rematerialisation, layers unrolled;
+  bf16            bfloat16 activations and matmul inputs (float32 parameters, Adafactor and
+                  loss; `ACTIVATION_DTYPE = 'bfloat16'` in gin);
+  remat_full      every layer rematerialised in the backward pass (`remat_policy='full'`);
+  remat_save_dots rematerialised except the matmul outputs (`'save_dots'`);
+  scan            the layers under `flax.linen.scan` (`scan_layers=True`).
+
+The variants run one after another in this process (not round-robin: each holds a compiled
+T5.1.1-small step and its state), each compiled, warmed up and then timed for `--steps` steps on
+the same batch from the same initial weights; the baseline runs first and again last
+(`baseline_again`), so a drift of the machine's speed during the run shows as the difference
+between the two. Each variant records its seconds per step (median), tokens/s, MFU against the
+f32 and the bf16 matmul peaks measured first in the same run, its first (compiling) step, and
+its first and last loss (the same weights and batch, so the variants' losses must agree up to
+their precision). Prints one JSON line (`means`), which `readme_table.py` turns into the
+README's means table; progress goes to stderr.
+
+Means of the issue measured elsewhere: buffer donation (the train step always donates its
+state), input prefetching (the trainer's input pipeline; not part of a step on fixed data),
+sequence packing (a data setting; it changes the tokens per step, not the step).
+
+  .venv/bin/python benchmarks/means.py                              # T5.1.1-small shape
+  .venv/bin/python benchmarks/means.py --d_model 64 --d_ff 128 --layers 2 --heads 2 \\
+      --head_dim 32 --vocab 256 --batch 2 --input_length 32 --target_length 16 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+from encdec_throughput import make_batch, moetx_config
+from train_throughput import (CpuLoad, environment_fields, matmul_fields, measure_matmuls,
+                              moetx_optimizer_factory, reserve_stdout_for_json)
+
+# name -> the TransformerConfig fields it changes.
+VARIANTS = {
+    "baseline": {},
+    "bf16": {"dtype": "bfloat16"},
+    "remat_full": {"remat_policy": "full"},
+    "remat_save_dots": {"remat_policy": "save_dots"},
+    "scan": {"scan_layers": True},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d_model", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8, help="encoder layers = decoder layers")
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--head_dim", type=int, default=64)
+    p.add_argument("--d_ff", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=32128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--input_length", type=int, default=512)
+    p.add_argument("--target_length", type=int, default=114)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant (compile)")
+    p.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
+    p.add_argument("--only", action="append", choices=sorted(VARIANTS), metavar="VARIANT",
+                   help=f"measure only these (and the baseline); of {sorted(VARIANTS)}")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (matmul peak)")
+    p.add_argument("--no_xla_tuning", action="store_true",
+                   help="do not call moetx.util.xla_env.configure_cpu_defaults()")
+    args = p.parse_args(argv)
+    for name in ("d_model", "layers", "heads", "head_dim", "d_ff", "vocab", "batch",
+                 "input_length", "target_length", "steps", "warmup", "threads"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    return args
+
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[means {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def measure_variant(name: str, changes: dict, args, batch_np) -> dict:
+    """Builds, compiles and times one variant's training step; returns its figures."""
+    import jax
+    import numpy as np
+
+    from moetx.lm import models
+    from moetx.trainer import partitioning, trainer as trainer_lib
+
+    cfg = dataclasses.replace(moetx_config(args), **changes)
+    model = models.EncoderDecoderModel(config=cfg, z_loss=1e-4,
+                                       loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
+    input_shapes = model.input_shapes(args.batch, {"inputs": args.input_length,
+                                                   "targets": args.target_length})
+    mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    tr = trainer_lib.Trainer(model, moetx_optimizer_factory(args.optimizer), mesh,
+                             partitioning.standard_logical_axis_rules(), input_shapes)
+    state = tr.init_state()
+    flops = model.flops_per_step(state.params, input_shapes)
+    batch = tr.to_global(batch_np)
+
+    def step() -> float:
+        nonlocal state
+        state, sums = tr.train_step(state, batch)
+        return float(jax.block_until_ready(sums)["loss"])
+
+    t0 = time.perf_counter()
+    losses = [step()]
+    first = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
+        losses.append(step())
+    times = []
+    with CpuLoad() as load:
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            losses.append(step())
+            times.append(time.perf_counter() - t0)
+    if not np.all(np.isfinite(losses)):
+        raise SystemExit(f"means.py: {name}: non-finite loss {losses}")
+    s = statistics.median(times)
+    log(f"{name}: {s:.3f} s/step (first step {first:.1f} s), loss {losses[0]:.4f} -> "
+        f"{losses[-1]:.4f}")
+    return {"changes": changes, "seconds_per_step": s, "step_seconds": times,
+            "first_step_s": first, "flops_per_step": flops, "loss_first": losses[0],
+            "loss_last": losses[-1], "background_cpu_cores": load.cores}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    xla_flags_before = os.environ.get("XLA_FLAGS", "")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    json_out = reserve_stdout_for_json(xla_tuning=not args.no_xla_tuning)
+
+    import gc
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    log("measuring f32 and bf16 matmul FLOP/s")
+    with CpuLoad() as mm_load:
+        mmf = matmul_fields(measure_matmuls(jax, jnp, torch))
+    batch_np = make_batch(np, args)
+    tokens = args.batch * (args.input_length + args.target_length)
+    names = ["baseline", *[n for n in VARIANTS if n != "baseline"
+                           and (not args.only or n in args.only)], "baseline_again"]
+    variants = {}
+    for i, name in enumerate(names, 1):
+        log(f"variant {i}/{len(names)}: {name}")
+        v = measure_variant(name, VARIANTS[name.removesuffix("_again")], args, batch_np)
+        v["tokens_per_sec"] = tokens / v["seconds_per_step"]
+        for dt in ("f32", "bf16"):
+            v[f"mfu_{dt}"] = v["flops_per_step"] / v["seconds_per_step"] / mmf[
+                f"peak_flops_{dt}_matmul"]
+        variants[name] = v
+        gc.collect()
+    base = (variants["baseline"]["seconds_per_step"]
+            + variants["baseline_again"]["seconds_per_step"]) / 2
+    for v in variants.values():
+        v["speedup_vs_baseline"] = base / v["seconds_per_step"]
+    json_out.write(json.dumps({
+        "benchmark": "means",
+        "model": {"d_model": args.d_model, "layers": args.layers, "heads": args.heads,
+                  "head_dim": args.head_dim, "d_ff": args.d_ff, "vocab": args.vocab},
+        "batch": args.batch, "input_length": args.input_length,
+        "target_length": args.target_length, "tokens_per_step": tokens, "steps": args.steps,
+        "optimizer": {"name": args.optimizer},
+        "variants": variants,
+        "baseline_drift": (variants["baseline_again"]["seconds_per_step"]
+                           / variants["baseline"]["seconds_per_step"]),
+        **mmf,
+        **environment_fields(args, jax, torch, xla_flags_before),
+        "background_cpu_cores": {"matmul": mm_load.cores,
+                                 **{n: v["background_cpu_cores"] for n, v in variants.items()}},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }) + "\n")
+    json_out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
