@@ -19,8 +19,9 @@ the same batch from the same initial weights; the baseline runs first and again 
 between the two. Each variant records its seconds per step (median), tokens/s, MFU against the
 f32 and the bf16 matmul peaks measured first in the same run, its first (compiling) step, and
 its first and last loss (the same weights and batch, so the variants' losses must agree up to
-their precision). Prints one JSON line (`means`), which `readme_table.py` turns into the
-README's means table; progress goes to stderr.
+their precision; scanned layers draw their initial weights from other random streams, so the
+scan variant's losses differ). Prints one JSON line (`means`), which `readme_table.py` turns into
+the README's means table; progress goes to stderr.
 
 Means of the issue measured elsewhere: buffer donation (the train step always donates its
 state), input prefetching (the trainer's input pipeline; not part of a step on fixed data),

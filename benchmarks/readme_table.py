@@ -265,8 +265,14 @@ def caption(records: list[dict]) -> str:
 
 
 def make_table(records: list[dict]) -> str:
-    """The markdown table (sweep rows excluded) and its caption."""
+    """The markdown table (sweep rows excluded) and its caption. Lines are in the order their
+    run_all row first appeared (a row that failed and then ran keeps its place; the lines of one
+    row stay together); a line run by hand keeps its own place."""
+    first_seen: dict = {}
+    for i, rec in enumerate(records):
+        first_seen.setdefault(rec.get("row", ("line", id(rec))), i)
     current = [rec for rec in latest(records) if not is_sweep(rec) and not is_profile(rec)]
+    current.sort(key=lambda rec: first_seen[rec.get("row", ("line", id(rec)))])
     rows = [r for r in (to_row(rec) for rec in current) if r is not None]
     if not rows:
         raise ValueError("no benchmark rows in the results (run benchmarks/run_all.py first)")
@@ -347,6 +353,10 @@ MEANS_LABELS = {
 }
 
 
+def _seconds(s: float) -> str:
+    return f"{s:.2f}" if s >= 1 else f"{s:.3g}"
+
+
 def make_means_table(records: list[dict]) -> str | None:
     """The table of the latest `means` line (one variant per row: s/step, speed-up over the
     mean of the two baseline runs, MFU, first step, last loss) and its caption; None without
@@ -359,7 +369,7 @@ def make_means_table(records: list[dict]) -> str | None:
            "| first step | loss after the steps |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, v in rec["variants"].items():
         out.append("| " + " | ".join([
-            MEANS_LABELS.get(name, name), f"{v['seconds_per_step']:.2f}",
+            MEANS_LABELS.get(name, name), _seconds(v["seconds_per_step"]),
             _rate(v["tokens_per_sec"], "tok/s").removesuffix(" tok/s"),
             f"{v['speedup_vs_baseline']:.2f}×", f"{v['mfu_f32']:.1%} / {v['mfu_bf16']:.1%}",
             f"{v['first_step_s']:.1f} s", f"{v['loss_last']:.4f}"]) + " |")
@@ -374,8 +384,9 @@ def make_means_table(records: list[dict]) -> str | None:
         f"and timed for {rec['steps']} steps (median) from the same weights on the same batch, "
         f"one after another in one process. The speed-up is over the mean of the two as-shipped "
         f"runs, which differ by {abs(rec['baseline_drift'] - 1):.1%} (the machine's drift "
-        f"during the run). Matmul peaks measured in the same run: f32 "
-        f"{rec['peak_flops_f32_matmul'] / 1e9:,.0f}, bf16 "
+        f"during the run). Scanned layers draw their initial weights from other random "
+        f"streams, so their loss differs from the others'. Matmul peaks measured in the same "
+        f"run: f32 {rec['peak_flops_f32_matmul'] / 1e9:,.0f}, bf16 "
         f"{rec['peak_flops_bf16_matmul'] / 1e9:,.0f} GFLOP/s.")
     if str(rec.get("run_all", {}).get("mode", "")).startswith("quick"):
         caption += " Quick mode: tiny shapes, a check that the row runs, not a measurement."
