@@ -101,6 +101,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# T5.1.1-small's shape on span-corruption lengths (issue 16): the defaults of the scripts that
+# study one enc-dec step at that shape (profile_step.py, means.py, remat.py).
+T5_SMALL_SHAPE = {"d_model": 512, "layers": 8, "heads": 6, "head_dim": 64, "d_ff": 1024,
+                  "vocab": 32128, "batch": 8, "input_length": 512, "target_length": 114}
+
+
+def add_t5_small_shape_flags(p: argparse.ArgumentParser) -> None:
+    """`--d_model ... --target_length`, defaulting to T5_SMALL_SHAPE (`--layers` is the depth
+    of each stack)."""
+    for name, default in T5_SMALL_SHAPE.items():
+        p.add_argument(f"--{name}", type=int, default=default,
+                       help="encoder layers = decoder layers" if name == "layers" else None)
+
+
+def require_positive(p: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """Exits with a usage error unless the shape flags and `names` are all positive."""
+    for name in (*T5_SMALL_SHAPE, *names):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+
+
 _T0 = time.perf_counter()
 
 

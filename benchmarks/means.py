@@ -42,7 +42,8 @@ import statistics
 import sys
 import time
 
-from encdec_throughput import make_batch, moetx_config
+from encdec_throughput import (add_t5_small_shape_flags, make_batch, moetx_config,
+                               require_positive)
 from train_throughput import (CpuLoad, environment_fields, matmul_fields, measure_matmuls,
                               moetx_optimizer_factory, reserve_stdout_for_json)
 
@@ -59,15 +60,7 @@ VARIANTS = {
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d_model", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8, help="encoder layers = decoder layers")
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--head_dim", type=int, default=64)
-    p.add_argument("--d_ff", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=32128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--input_length", type=int, default=512)
-    p.add_argument("--target_length", type=int, default=114)
+    add_t5_small_shape_flags(p)
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant (compile)")
     p.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
@@ -77,10 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_xla_tuning", action="store_true",
                    help="do not call moetx.util.xla_env.configure_cpu_defaults()")
     args = p.parse_args(argv)
-    for name in ("d_model", "layers", "heads", "head_dim", "d_ff", "vocab", "batch",
-                 "input_length", "target_length", "steps", "warmup", "threads"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    require_positive(p, args, "steps", "warmup", "threads")
     return args
 
 

@@ -47,7 +47,7 @@ import time
 
 # Sibling modules: the background-load meter, the round-robin timer and the stdout guard
 # (train_throughput), the random encoder-decoder batch (encdec_throughput).
-from encdec_throughput import encdec_batch
+from encdec_throughput import add_t5_small_shape_flags, encdec_batch, require_positive
 from train_throughput import reserve_stdout_for_json, time_round_robin
 
 POLICIES = ("none", "full", "save_dots", "save_all_dots", "offload")
@@ -58,15 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # Defaults: T5.1.1-small (moetx/gin/models/t5_1_1_small.gin's shape) on span-corruption
     # lengths.
-    p.add_argument("--d_model", type=int, default=512)
-    p.add_argument("--layers", type=int, default=8, help="encoder layers = decoder layers")
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--head_dim", type=int, default=64)
-    p.add_argument("--d_ff", type=int, default=1024)
-    p.add_argument("--vocab", type=int, default=32128)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--input_length", type=int, default=512)
-    p.add_argument("--target_length", type=int, default=114)
+    add_t5_small_shape_flags(p)
     p.add_argument("--policies", default=",".join(POLICIES),
                    help=f"comma-separated remat policies (of {', '.join(POLICIES)})")
     p.add_argument("--steps", type=int, default=5, help="timed steps per policy")
@@ -74,10 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_xla_tuning", action="store_true",
                    help="do not call moetx.util.xla_env.configure_cpu_defaults()")
     args = p.parse_args(argv)
-    for name in ("d_model", "layers", "heads", "head_dim", "d_ff", "vocab", "batch",
-                 "input_length", "target_length", "steps"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    require_positive(p, args, "steps")
     if args.warmup < 1:
         p.error("--warmup must be at least 1")
     if args.vocab < 3:
