@@ -455,13 +455,9 @@ def peak_rss_mb() -> float:
     the parent into it across `execve`, so a child started by a 2 GB parent reports at least
     2 GB whatever it does (seen here). `ru_maxrss` is the fallback where /proc is missing.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except OSError:
-        pass
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
@@ -469,14 +465,19 @@ def peak_rss_mb() -> float:
 
 def current_rss_mb() -> float:
     """This process's resident set size now, in MiB (`VmRSS`; 0 where /proc is missing)."""
+    return _proc_status_mb("VmRSS") or 0.0
+
+
+def _proc_status_mb(field: str) -> float | None:
+    """A kB field of /proc/self/status (e.g. `VmHWM`) in MiB; None where it cannot be read."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) / 1024.0  # kB
     except OSError:
         pass
-    return 0.0
+    return None
 
 
 def release_freed_memory() -> None:
