@@ -163,6 +163,26 @@ def moetx_config(args):
         relative_attention_max_distance=128, dtype="float32")
 
 
+def moetx_encdec_model(args, cfg):
+    """moetx's enc-dec model of config `cfg` with the benchmarks' objective (z-loss 1e-4, loss
+    per real target token) and its input shapes at the flags' batch and lengths."""
+    from moetx.lm import models
+
+    model = models.EncoderDecoderModel(config=cfg, z_loss=1e-4,
+                                       loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
+    return model, model.input_shapes(args.batch, {"inputs": args.input_length,
+                                                  "targets": args.target_length})
+
+
+def moetx_trainer(jax, model, input_shapes, optimizer_factory):
+    """A `Trainer` of `model` on the first device alone (a (1, 1, 1) mesh, standard rules)."""
+    from moetx.trainer import partitioning, trainer as trainer_lib
+
+    mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    return trainer_lib.Trainer(model, optimizer_factory, mesh,
+                               partitioning.standard_logical_axis_rules(), input_shapes)
+
+
 def build_hf(torch, cfg, params_np, train: bool):
     """T5ForConditionalGeneration from the equivalent config, untied head, moetx's weights
     `params_np` (None: HF's own initialisation, for the memory child)."""
@@ -202,8 +222,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from moetx.lm import models
-    from moetx.trainer import metrics, partitioning, trainer as trainer_lib
+    from moetx.trainer import metrics
 
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
@@ -236,9 +255,7 @@ def main(argv=None) -> int:
 
     # ------------------------------------------------------------------ 1. training step
     cfg = moetx_config(args)
-    model = models.EncoderDecoderModel(config=cfg, z_loss=1e-4,
-                                       loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
-    input_shapes = model.input_shapes(b, {"inputs": n_in, "targets": n_tg})
+    model, input_shapes = moetx_encdec_model(args, cfg)
     batch_np = make_batch(np, args)
     tokens = b * (n_in + n_tg)
     import_side_libraries()
@@ -248,9 +265,7 @@ def main(argv=None) -> int:
     params = flops_per_step = hf_params = attn_impl = params_np = None
     if args.only_side != "hf":
         log("building moetx")
-        mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-        tr = trainer_lib.Trainer(model, moetx_optimizer_factory(args.optimizer), mesh,
-                                 partitioning.standard_logical_axis_rules(), input_shapes)
+        tr = moetx_trainer(jax, model, input_shapes, moetx_optimizer_factory(args.optimizer))
         state = tr.init_state()
         if not args.only_side:
             # A host copy of the initial weights (the train step donates `state`): the HF

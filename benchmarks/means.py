@@ -43,7 +43,7 @@ import sys
 import time
 
 from encdec_throughput import (add_t5_small_shape_flags, make_batch, moetx_config,
-                               require_positive)
+                               moetx_encdec_model, moetx_trainer, require_positive)
 from train_throughput import (CpuLoad, environment_fields, matmul_fields, measure_matmuls,
                               moetx_optimizer_factory, reserve_stdout_for_json)
 
@@ -86,17 +86,9 @@ def measure_variant(name: str, changes: dict, args, batch_np) -> dict:
     import jax
     import numpy as np
 
-    from moetx.lm import models
-    from moetx.trainer import partitioning, trainer as trainer_lib
-
-    cfg = dataclasses.replace(moetx_config(args), **changes)
-    model = models.EncoderDecoderModel(config=cfg, z_loss=1e-4,
-                                       loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
-    input_shapes = model.input_shapes(args.batch, {"inputs": args.input_length,
-                                                   "targets": args.target_length})
-    mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    tr = trainer_lib.Trainer(model, moetx_optimizer_factory(args.optimizer), mesh,
-                             partitioning.standard_logical_axis_rules(), input_shapes)
+    model, input_shapes = moetx_encdec_model(
+        args, dataclasses.replace(moetx_config(args), **changes))
+    tr = moetx_trainer(jax, model, input_shapes, moetx_optimizer_factory(args.optimizer))
     state = tr.init_state()
     flops = model.flops_per_step(state.params, input_shapes)
     batch = tr.to_global(batch_np)

@@ -49,7 +49,7 @@ import tempfile
 import time
 
 from encdec_throughput import (add_t5_small_shape_flags, build_hf, make_batch, moetx_config,
-                               require_positive)
+                               moetx_encdec_model, moetx_trainer, require_positive)
 from train_throughput import CpuLoad, reserve_stdout_for_json
 
 FAMILIES = ("attn_scores_softmax", "attn_projections", "relpos_bias", "mlp", "logits_matmul",
@@ -432,18 +432,12 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from moetx.lm import models
-    from moetx.trainer import optimizers, partitioning, trainer as trainer_lib
+    from moetx.trainer import optimizers
 
     cfg = moetx_config(args)
-    model = models.EncoderDecoderModel(config=cfg, z_loss=1e-4,
-                                       loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
-    b, n_in, n_tg = args.batch, args.input_length, args.target_length
-    input_shapes = model.input_shapes(b, {"inputs": n_in, "targets": n_tg})
+    model, input_shapes = moetx_encdec_model(args, cfg)
     batch_np = make_batch(np, args)
-    mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    tr = trainer_lib.Trainer(model, optimizers.make_optimizer, mesh,
-                             partitioning.standard_logical_axis_rules(), input_shapes)
+    tr = moetx_trainer(jax, model, input_shapes, optimizers.make_optimizer)
     state = tr.init_state()
     params_np = jax.tree_util.tree_map(np.asarray, jax.device_get(state.params))
     batch = tr.to_global(batch_np)
@@ -501,7 +495,8 @@ def main(argv=None) -> int:
         "benchmark": "profile_step",
         "model": {"d_model": args.d_model, "layers": args.layers, "heads": args.heads,
                   "head_dim": args.head_dim, "d_ff": args.d_ff, "vocab": args.vocab},
-        "batch": b, "input_length": n_in, "target_length": n_tg, "steps": args.steps,
+        "batch": args.batch, "input_length": args.input_length,
+        "target_length": args.target_length, "steps": args.steps,
         "table_ms_per_step": table,
         "moetx": mx,
         "hf": hf,

@@ -39,6 +39,7 @@ Prints one JSON line per policy on stdout; progress goes to stderr. Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -47,7 +48,8 @@ import time
 
 # Sibling modules: the background-load meter, the round-robin timer and the stdout guard
 # (train_throughput), the random encoder-decoder batch (encdec_throughput).
-from encdec_throughput import add_t5_small_shape_flags, encdec_batch, require_positive
+from encdec_throughput import (add_t5_small_shape_flags, encdec_batch, moetx_config,
+                               moetx_encdec_model, moetx_trainer, require_positive)
 from train_throughput import reserve_stdout_for_json, time_round_robin
 
 POLICIES = ("none", "full", "save_dots", "save_all_dots", "offload")
@@ -85,14 +87,8 @@ def log(msg: str) -> None:
 
 
 def model_config(args, policy: str):
-    from moetx.lm import transformer
-
-    return transformer.TransformerConfig(
-        vocab_size=args.vocab, emb_dim=args.d_model, num_heads=args.heads,
-        head_dim=args.head_dim, mlp_dim=args.d_ff, num_encoder_layers=args.layers,
-        num_decoder_layers=args.layers, dropout_rate=0.0, mlp_activations=("gelu", "linear"),
-        logits_via_embedding=False, relative_attention_num_buckets=32,
-        relative_attention_max_distance=128, dtype="float32", remat_policy=policy)
+    """encdec_throughput's T5.1.1 config with the rematerialisation `policy`."""
+    return dataclasses.replace(moetx_config(args), remat_policy=policy)
 
 
 def memory_figures(compiled) -> dict:
@@ -122,8 +118,7 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from moetx.lm import models, transformer
-    from moetx.trainer import metrics, optimizers, partitioning, trainer as trainer_lib
+    from moetx.trainer import metrics, optimizers, partitioning
 
     unknown = [p for p in args.policies if p not in POLICIES
                and p not in ("dots_with_no_batch_dims", "dots_saveable")]
@@ -152,10 +147,8 @@ def main(argv=None) -> int:
     }
 
     def trainer_for(policy: str):
-        model = models.EncoderDecoderModel(config=model_config(args, policy), z_loss=1e-4,
-                                           loss_normalizing_factor="NUM_REAL_TARGET_TOKENS")
-        return trainer_lib.Trainer(model, optimizers.make_optimizer, mesh, rules,
-                                   model.input_shapes(b, {"inputs": n_in, "targets": n_tg}))
+        return moetx_trainer(jax, *moetx_encdec_model(args, model_config(args, policy)),
+                             optimizers.make_optimizer)
 
     def compile_gradient(model, params):
         """The forward and backward pass alone (the loss's gradient, no optimizer): where the
@@ -185,7 +178,8 @@ def main(argv=None) -> int:
             state = jax.tree_util.tree_map(lambda x: x.copy(), state0)
             log(f"{policy}: compiling the train step")
             t0 = time.perf_counter()
-            lowered = jax.jit(tr.train_step, donate_argnums=(0,)).lower(state, batch)
+            lowered = tr.lower_train_step(
+                {k: jax.ShapeDtypeStruct(x.shape, x.dtype) for k, x in batch.items()})
             compiled = lowered.compile()
             compile_s = time.perf_counter() - t0
         except ValueError as e:  # e.g. 'offload' without host-memory offload
