@@ -26,6 +26,9 @@ Modes:
                           dense model of equal active FLOPs (no HF side);
                means      the means of issue 16 one by one (bf16 activations, remat
                           policies, scanned layers) on moetx's enc-dec step (means.py);
+               step_ops   attention and the logits head + loss alone, in each way of computing
+                          them (blocked / chunked, layouts, jax.nn.dot_product_attention),
+                          beside torch's (step_ops.py);
                profile_encdec  where the enc-dec Adafactor step's time goes per op family,
                           moetx beside HF eager (profile_step.py; the README's profile table);
                vision_*   the vision rows against timm (vision_throughput.py's shapes).
@@ -176,6 +179,15 @@ def side_by_side_rows(s: dict, memory: bool, quick: bool) -> list[Row]:
                              steps=min(3, s["steps"]), warmup=1)),
                     _cost(s["d_model"], s["d_ff"], 2 * s["layers"], s["vocab"], enc_tokens, 4,
                           6)))
+    # The attention path and the loss head alone, variant by variant, beside torch's.
+    rows.append(Row("step_ops", "step_ops.py",
+                    (*width(heads["t5"]),
+                     *_flags(layers=s["layers"], batch=s["batch"],
+                             input_length=s["input_length"], target_length=s["target_length"],
+                             chunk=s["input_length"] // 4, loss_chunk=s["input_length"] // 4,
+                             steps=2 * s["steps"], warmup=s["warmup"])),
+                    _cost(s["d_model"], s["d_ff"], 2, s["vocab"], enc_tokens,
+                          3 * (2 * s["steps"] + s["warmup"]), 8)))
     vision = VISION[:1] if quick else VISION
     for name, kw in vision:
         if quick:

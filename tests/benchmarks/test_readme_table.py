@@ -282,3 +282,45 @@ def test_means_line_becomes_its_own_table(results, tmp_path):
     readme.write_text(f"{rt.START}\n{rt.END}\n{rt.MEANS_START}\n{rt.MEANS_END}\n")
     assert rt.main([str(results), "--write", str(readme)]) == 0
     assert "\n".join(table) in readme.read_text()
+
+
+def ops_line(date: str) -> dict:
+    """A step_ops.py line: two attention variants at two shapes, two loss-head variants."""
+    def shape(lq: int, lk: int, einsum_ms: float, chunk_ms: float) -> dict:
+        variant = lambda ms: {"median_ms": ms, "per_step_ms": 8 * ms,  # noqa: E731
+                              "speedup_vs_first": einsum_ms / ms}
+        return {"query_length": lq, "key_length": lk, "layers": 8,
+                "variants": {"einsum": variant(einsum_ms), "query_chunks": variant(chunk_ms)}}
+    return {"benchmark": "step_ops", "row": "step_ops", "run_all": {"mode": "side_by_side"},
+            "batch": 8, "heads": 6, "head_dim": 64, "chunk": 128, "loss_chunk": 128, "steps": 10,
+            "attention": {"encoder_self": shape(512, 512, 100.0, 80.0),
+                          "cross": shape(114, 512, 20.0, 20.0)},
+            "loss_head": {"tokens": 912, "d_model": 512, "vocab": 32128,
+                          "variants": {"full": {"median_ms": 60.0, "speedup_vs_first": 1.0},
+                                       "chunked": {"median_ms": 75.0,
+                                                   "speedup_vs_first": 0.8}}},
+            "date": date}
+
+
+def test_step_ops_line_becomes_its_own_tables(results, tmp_path):
+    with open(results, "a") as f:
+        f.write(json.dumps(ops_line("2026-12-05 13:00:00 UTC")) + "\n")
+    records = rt.load_results([str(results)])
+    assert rt.make_table(records) == EXPECTED_TABLE  # not a row of the main table
+    table = rt.make_ops_table(records).split("\n")
+    assert table[0] == ("| attention, forward + backward | encoder self 512×512 (ms) "
+                        "| cross 114×512 (ms) | per step (ms) | vs einsum |")
+    # per step: (100 + 20) x 8 = 960 against (80 + 20) x 8 = 800.
+    assert table[2] == "| einsum (moetx today) | 100.0 | 20.0 | 960 | 1.00× |"
+    assert table[3] == "| query-blocked, rematerialised | 80.0 | 20.0 | 800 | 1.20× |"
+    assert "| token-chunked, rematerialised | 75.0 | 0.80× |" in table
+    assert "912 tokens × 512 → 32,128" in table[5]
+    assert "each attention shape × 8 layers" in table[-1]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{rt.START}\n{rt.END}\n{rt.OPS_START}\nold\n{rt.OPS_END}\n")
+    assert rt.main([str(results), "--write", str(readme)]) == 0
+    text = readme.read_text()
+    assert "\n".join(table) in text and "old" not in text
+    readme.write_text(f"{rt.START}\n{rt.END}\n")
+    with pytest.raises(SystemExit, match="ops-table:start"):
+        rt.main([str(results), "--write", str(readme)])

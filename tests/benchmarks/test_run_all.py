@@ -53,7 +53,7 @@ def test_every_row_passes_flags_its_script_accepts(run_all, mode, monkeypatch):
     rows = (run_all.sweep_rows(quick=False) if mode == "sweep" else run_all.side_by_side_rows(
         run_all.TINY if mode == "quick" else run_all.REALISTIC, memory=True,
         quick=mode == "quick"))
-    assert {"means", "profile_encdec"} <= {r.name for r in rows} or mode == "sweep"
+    assert {"means", "profile_encdec", "step_ops"} <= {r.name for r in rows} or mode == "sweep"
     for r in rows:
         script = importlib.import_module(r.script.removesuffix(".py"))
         args = script.parse_args(list(r.args))
