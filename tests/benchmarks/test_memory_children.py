@@ -1,0 +1,27 @@
+"""benchmarks/train_throughput.py's memory-child line: it records the child's losses, NaN
+included (a child started from HF's own initialisation may diverge; its memory is still the
+measurement), while the timed run's `check_finite` refuses a NaN."""
+
+import math
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
+import train_throughput as tt  # noqa: E402
+
+
+def timed(loss: float) -> tt.RoundRobin:
+    return tt.RoundRobin(first={"hf_eager": 1.0}, times={"hf_eager": [0.5]}, load=None,
+                         first_out={"hf_eager": 10.0}, last_out={"hf_eager": loss})
+
+
+def test_child_line_records_a_nan_loss_and_the_peak():
+    line = tt.memory_child_line("hf", "eager", 100.0, timed(float("nan")))
+    assert math.isnan(line["final_losses"]["hf_eager"])
+    assert line["steps_run"] == {"hf_eager": 2}
+    assert line["peak_rss_mb"] > 0 and line["rss_over_baseline_mb"] == line["peak_rss_mb"] - 100
+    with pytest.raises(FloatingPointError, match="hf_eager loss is nan"):
+        tt.check_finite(timed(float("nan")))
+    tt.check_finite(timed(2.5))
