@@ -30,6 +30,9 @@ relative position bias, gated-GELU MLP, no biases, untied logits; by default the
    min_new_tokens would otherwise mask HF's EOS id 1, which moetx could still pick). Each timed
    call includes encoding the inputs. `same_tokens` is the fraction of generated tokens that agree;
    float differences between XLA and torch can flip an argmax, after which the row diverges.
+   Where a call's time goes: both sides also decode one token in the same round-robin
+   (`*_one_token_s`: encoding, set-up and one step); the rest of a call, over its T - 1 further
+   steps, is the cost of one cached decoder step (`*_per_token_step_ms`).
 
 Steps/calls are timed round-robin (one moetx, one of each HF variant, ...) after `--warmup`
 untimed ones per side, median of `--steps`. The f32 and bf16 matmul rates are measured in the
@@ -364,8 +367,8 @@ def main(argv=None) -> int:
                       static_argnames=("max_decode_length", "eos_id", "temperature"))
     rng = jax.random.PRNGKey(0)
 
-    def moetx_decode():
-        out = predict(params_dev, enc_dev, max_decode_length=n_tg, rng=rng, eos_id=eos_id,
+    def moetx_decode(length: int = n_tg):
+        out = predict(params_dev, enc_dev, max_decode_length=length, rng=rng, eos_id=eos_id,
                       temperature=0.0)
         return np.asarray(jax.block_until_ready(out))
 
@@ -374,16 +377,17 @@ def main(argv=None) -> int:
     enc_long = torch.from_numpy(enc_np.astype(np.int64))
     attention_mask = torch.ones_like(enc_long)
 
-    def hf_decode():
+    def hf_decode(length: int = n_tg):
         with torch.inference_mode():
             out = hf_eval.generate(
                 input_ids=enc_long, attention_mask=attention_mask, do_sample=False, num_beams=1,
-                max_new_tokens=n_tg, min_new_tokens=n_tg, use_cache=True, eos_token_id=eos_id,
-                pad_token_id=0, decoder_start_token_id=0)
+                max_new_tokens=length, min_new_tokens=length, use_cache=True,
+                eos_token_id=eos_id, pad_token_id=0, decoder_start_token_id=0)
         return out.numpy()
 
-    dec = time_round_robin({"moetx": moetx_decode, "hf": hf_decode}, args.steps, args.warmup,
-                           log, "decodes")
+    dec = time_round_robin({"moetx": moetx_decode, "hf": hf_decode,
+                            "moetx_one": lambda: moetx_decode(1), "hf_one": lambda: hf_decode(1)},
+                           args.steps, args.warmup, log, "decodes")
     mx_tokens, hf_out = dec.first_out["moetx"], dec.first_out["hf"]
 
     # Every row decodes all target_length tokens: moetx's loop stops only when every row has
@@ -394,7 +398,10 @@ def main(argv=None) -> int:
     hf_tokens = hf_out[:, 1:]
     all_decoded = bool(not (mx_tokens == eos_id).any() and not (hf_tokens == eos_id).any())
 
-    mx_dt, hf_dt = (statistics.median(dec.times[k]) for k in ("moetx", "hf"))
+    mx_dt, hf_dt, mx_one, hf_one = (statistics.median(dec.times[k])
+                                    for k in ("moetx", "hf", "moetx_one", "hf_one"))
+    per_token_ms = {side: (full - one) / max(n_tg - 1, 1) * 1e3
+                    for side, full, one in (("moetx", mx_dt, mx_one), ("hf", hf_dt, hf_one))}
     generated = b * n_tg
 
     # Agreement, and why it fails where it does: the teacher-forced logits of both models on
@@ -432,6 +439,10 @@ def main(argv=None) -> int:
         "hf_generated_tokens_per_sec": generated / hf_dt,
         "hf_first_call_s": dec.first["hf"],
         "ratio_moetx_over_hf": hf_dt / mx_dt,
+        "moetx_one_token_s": mx_one,
+        "hf_one_token_s": hf_one,
+        "moetx_per_token_step_ms": per_token_ms["moetx"],
+        "hf_per_token_step_ms": per_token_ms["hf"],
         "all_rows_decoded_full_length": all_decoded,
         "same_tokens": float(same.mean()),
         "same_rows": float(same.all(axis=1).mean()),
@@ -450,6 +461,8 @@ def main(argv=None) -> int:
     })
     log(f"decode: moetx {generated / mx_dt:,.0f} tok/s ({mx_dt * 1e3:.0f} ms/call), HF "
         f"{generated / hf_dt:,.0f} tok/s ({hf_dt * 1e3:.0f} ms/call), ratio {hf_dt / mx_dt:.2f}; "
+        f"one token: moetx {mx_one * 1e3:.0f} ms, HF {hf_one * 1e3:.0f} ms; a further step: moetx "
+        f"{per_token_ms['moetx']:.1f} ms, HF {per_token_ms['hf']:.1f} ms; "
         f"same tokens {same.mean():.3f}")
     sys.stderr.flush()
     json_out.close()
