@@ -404,6 +404,7 @@ def make_means_table(records: list[dict]) -> str | None:
 OPS_LABELS = {
     "einsum": "einsum (moetx today)", "heads_major": "heads-major layout",
     "query_chunks": "query-blocked, rematerialised", "query_chunks_scan": "query-blocked, lax.map",
+    "key_blocks": "key-blocked, online softmax (flash order)",
     "per_example": "per example (lax.map)", "jax_sdpa": "jax.nn.dot_product_attention",
     "torch_matmul": "torch matmul + softmax (HF eager T5)",
     "torch_sdpa": "torch scaled_dot_product_attention",

@@ -16,8 +16,10 @@ respect to Q, K, V and the bias (the position bias is trained).
                      layout torch's matmuls use);
   query_chunks       queries in chunks of `--chunk`, each chunk rematerialised in the backward
                      pass, so only one chunk's [batch, heads, chunk, keys] scores are live (a
-                     blocked attention over queries; blocking over keys as well needs an
-                     online softmax, which is not tried here);
+                     blocked attention over queries);
+  key_blocks         flash attention's order in JAX: keys in blocks of `--chunk`, an online
+                     softmax (running max and sum) carried from block to block, each block
+                     rematerialised in the backward pass;
   query_chunks_scan  the same chunks under `lax.map` (one compiled body);
   per_example        one batch row at a time under `lax.map` ([heads, q, k] scores per row);
   jax_sdpa           `jax.nn.dot_product_attention` (its only CPU implementation is 'xla');
@@ -63,7 +65,7 @@ from train_throughput import (CpuLoad, environment_fields, reserve_stdout_for_js
                               time_round_robin)
 
 ATTENTION_VARIANTS = ("einsum", "heads_major", "query_chunks", "query_chunks_scan",
-                      "per_example", "jax_sdpa", "torch_matmul", "torch_sdpa")
+                      "key_blocks", "per_example", "jax_sdpa", "torch_matmul", "torch_sdpa")
 LOSS_VARIANTS = ("full", "chunked", "torch")
 Z_LOSS = 1e-4
 TOLERANCE = 1e-4
@@ -73,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_t5_small_shape_flags(p)
-    p.add_argument("--chunk", type=int, default=128, help="queries per chunk (query_chunks*)")
+    p.add_argument("--chunk", type=int, default=128,
+                   help="queries per chunk (query_chunks*), keys per block (key_blocks)")
     p.add_argument("--loss_chunk", type=int, default=128, help="tokens per chunk (chunked)")
     p.add_argument("--steps", type=int, default=10, help="timed calls of each variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls (the first compiles)")
@@ -134,6 +137,28 @@ def jax_attention_variants(jax, jnp, chunk: int) -> dict:
             out = jax.lax.map(lambda a: jax.checkpoint(einsum)(a[0], k, v, a[1]), (qc, bc))
         return out.swapaxes(0, 1).reshape(b, lq, h, d)
 
+    def key_blocks(q, k, v, bias):
+        b, lq, h, d = q.shape
+        top = jnp.full((b, h, lq), -jnp.inf, jnp.float32)  # running max of the logits
+        total = jnp.zeros((b, h, lq), jnp.float32)  # running sum of exp(logit - max)
+        acc = jnp.zeros((b, h, lq, d), jnp.float32)  # running sum of exp(...) V
+
+        @jax.checkpoint
+        def block(carry, kj, vj, bj):
+            top, total, acc = carry
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, kj) + bj
+            new_top = jnp.maximum(top, logits.max(-1))
+            p = jnp.exp(logits - new_top[..., None])
+            scale = jnp.exp(top - new_top)
+            return (new_top, total * scale + p.sum(-1),
+                    acc * scale[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, vj))
+
+        carry = (top, total, acc)
+        for i, j in chunks(k.shape[1], chunk):
+            carry = block(carry, k[:, i:j], v[:, i:j], bias[..., i:j])
+        _, total, acc = carry
+        return (acc / total[..., None]).transpose(0, 2, 1, 3)
+
     def per_example(q, k, v, bias):
         if bias.shape[0] == 1:
             return jax.lax.map(lambda a: einsum(a[0][None], a[1][None], a[2][None], bias)[0],
@@ -144,7 +169,8 @@ def jax_attention_variants(jax, jnp, chunk: int) -> dict:
         return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0, implementation="xla")
 
     return {"einsum": einsum, "heads_major": heads_major, "query_chunks": query_chunks,
-            "query_chunks_scan": query_chunks_scan, "per_example": per_example,
+            "query_chunks_scan": query_chunks_scan, "key_blocks": key_blocks,
+            "per_example": per_example,
             "jax_sdpa": jax_sdpa}
 
 
