@@ -36,16 +36,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import statistics
 import sys
 import time
 
 from encdec_throughput import (add_t5_small_shape_flags, make_batch, moetx_config,
                                moetx_encdec_model, moetx_trainer, require_positive)
-from train_throughput import (CpuLoad, environment_fields, matmul_fields, measure_matmuls,
-                              moetx_optimizer_factory, reserve_stdout_for_json)
+from train_throughput import (CpuLoad, add_cpu_flags, environment_fields, finish_json_benchmark,
+                              matmul_fields, measure_matmuls, moetx_optimizer_factory,
+                              start_json_benchmark)
 
 # name -> the TransformerConfig fields it changes.
 VARIANTS = {
@@ -66,9 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
     p.add_argument("--only", action="append", choices=sorted(VARIANTS), metavar="VARIANT",
                    help=f"measure only these (and the baseline); of {sorted(VARIANTS)}")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (matmul peak)")
-    p.add_argument("--no_xla_tuning", action="store_true",
-                   help="do not call moetx.util.xla_env.configure_cpu_defaults()")
+    add_cpu_flags(p)  # torch's threads serve the matmul peak
     args = p.parse_args(argv)
     require_positive(p, args, "steps", "warmup", "threads")
     return args
@@ -121,9 +118,7 @@ def measure_variant(name: str, changes: dict, args, batch_np) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    xla_flags_before = os.environ.get("XLA_FLAGS", "")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    json_out = reserve_stdout_for_json(xla_tuning=not args.no_xla_tuning)
+    json_out, xla_flags_before = start_json_benchmark(args)
 
     import gc
 
@@ -154,7 +149,7 @@ def main(argv=None) -> int:
             + variants["baseline_again"]["seconds_per_step"]) / 2
     for v in variants.values():
         v["speedup_vs_baseline"] = base / v["seconds_per_step"]
-    json_out.write(json.dumps({
+    return finish_json_benchmark(json_out, {
         "benchmark": "means",
         "model": {"d_model": args.d_model, "layers": args.layers, "heads": args.heads,
                   "head_dim": args.head_dim, "d_ff": args.d_ff, "vocab": args.vocab},
@@ -168,10 +163,7 @@ def main(argv=None) -> int:
         **environment_fields(args, jax, torch, xla_flags_before),
         "background_cpu_cores": {"matmul": mm_load.cores,
                                  **{n: v["background_cpu_cores"] for n, v in variants.items()}},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }) + "\n")
-    json_out.close()
-    return 0
+    })
 
 
 if __name__ == "__main__":

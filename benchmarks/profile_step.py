@@ -50,7 +50,8 @@ import time
 
 from encdec_throughput import (add_t5_small_shape_flags, build_hf, make_batch, moetx_config,
                                moetx_encdec_model, moetx_trainer, require_positive)
-from train_throughput import CpuLoad, reserve_stdout_for_json
+from train_throughput import (CpuLoad, add_cpu_flags, finish_json_benchmark,
+                              start_json_benchmark)
 
 FAMILIES = ("attn_scores_softmax", "attn_projections", "relpos_bias", "mlp", "logits_matmul",
             "loss", "embedding", "layer_norms", "optimizer", "other")
@@ -64,11 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=1,
                    help="timed unprofiled steps, then as many profiled steps, per side")
     p.add_argument("--warmup", type=int, default=1, help="unprofiled steps per side (compile)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    add_cpu_flags(p)
     p.add_argument("--top", type=int, default=15, help="slowest HLO instructions listed")
     p.add_argument("--skip_hf", action="store_true", help="profile moetx only")
-    p.add_argument("--no_xla_tuning", action="store_true",
-                   help="do not call moetx.util.xla_env.configure_cpu_defaults()")
     p.add_argument("--dump_hlo", default=None, help="write the compiled moetx step's HLO here")
     p.add_argument("--trace_dir", default=None, help="keep the JAX trace here (default: a "
                    "temporary directory, deleted)")
@@ -424,10 +423,7 @@ def profile_hf(torch, hf_step, args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    json_out = reserve_stdout_for_json(xla_tuning=not args.no_xla_tuning)
+    json_out, _ = start_json_benchmark(args)
 
     import jax
     import numpy as np
@@ -491,7 +487,7 @@ def main(argv=None) -> int:
         if hf is not None:
             row["hf_ms"] = hf["host_ms"] if f == "host" else hf["families"][f]["ms"]
         table[f] = row
-    json_out.write(json.dumps({
+    return finish_json_benchmark(json_out, {
         "benchmark": "profile_step",
         "model": {"d_model": args.d_model, "layers": args.layers, "heads": args.heads,
                   "head_dim": args.head_dim, "d_ff": args.d_ff, "vocab": args.vocab},
@@ -503,10 +499,7 @@ def main(argv=None) -> int:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "background_cpu_cores": {"moetx": mx_load.cores,
                                  "hf": hf_load.cores if hf_load else None},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }) + "\n")
-    json_out.close()
-    return 0
+    })
 
 
 if __name__ == "__main__":

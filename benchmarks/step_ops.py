@@ -54,15 +54,13 @@ stderr.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
 
 from encdec_throughput import add_t5_small_shape_flags, require_positive
-from train_throughput import (CpuLoad, environment_fields, reserve_stdout_for_json,
-                              time_round_robin)
+from train_throughput import (CpuLoad, add_cpu_flags, environment_fields, finish_json_benchmark,
+                              start_json_benchmark, time_round_robin)
 
 ATTENTION_VARIANTS = ("einsum", "heads_major", "query_chunks", "query_chunks_scan",
                       "key_blocks", "per_example", "jax_sdpa", "torch_matmul", "torch_sdpa")
@@ -80,9 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loss_chunk", type=int, default=128, help="tokens per chunk (chunked)")
     p.add_argument("--steps", type=int, default=10, help="timed calls of each variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls (the first compiles)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--no_xla_tuning", action="store_true",
-                   help="do not call moetx.util.xla_env.configure_cpu_defaults()")
+    add_cpu_flags(p)
     args = p.parse_args(argv)
     require_positive(p, args, "chunk", "loss_chunk", "steps", "warmup", "threads")
     return args
@@ -363,9 +359,7 @@ def measure_loss(args, jax, jnp, np, torch) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    xla_flags_before = os.environ.get("XLA_FLAGS", "")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    json_out = reserve_stdout_for_json(xla_tuning=not args.no_xla_tuning)
+    json_out, xla_flags_before = start_json_benchmark(args)
 
     import jax
     import jax.numpy as jnp
@@ -376,7 +370,7 @@ def main(argv=None) -> int:
     with CpuLoad() as load:
         attention = measure_attention(args, jax, jnp, np, torch)
         loss_head = measure_loss(args, jax, jnp, np, torch)
-    json_out.write(json.dumps({
+    return finish_json_benchmark(json_out, {
         "benchmark": "step_ops",
         "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,
         "input_length": args.input_length, "target_length": args.target_length,
@@ -385,10 +379,7 @@ def main(argv=None) -> int:
         "attention": attention, "loss_head": loss_head,
         **environment_fields(args, jax, torch, xla_flags_before),
         "background_cpu_cores": load.cores,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }) + "\n")
-    json_out.close()
-    return 0
+    })
 
 
 if __name__ == "__main__":

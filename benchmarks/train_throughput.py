@@ -207,6 +207,32 @@ def reserve_stdout_for_json(xla_tuning: bool = True) -> TextIO:
     return out
 
 
+def add_cpu_flags(p: argparse.ArgumentParser) -> None:
+    """`--threads` (torch's intra-op threads) and `--no_xla_tuning`."""
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--no_xla_tuning", action="store_true",
+                   help="do not call moetx.util.xla_env.configure_cpu_defaults()")
+
+
+def start_json_benchmark(args: argparse.Namespace) -> tuple[TextIO, str]:
+    """Starts a one-JSON-line benchmark before jax is imported: torch and TensorFlow offline
+    and without oneDNN's start-up rewrites, stdout reserved for the JSON
+    (`reserve_stdout_for_json`). Returns that stream and the user's XLA_FLAGS as they were."""
+    xla_flags_before = os.environ.get("XLA_FLAGS", "")
+    for name, value in (("TF_ENABLE_ONEDNN_OPTS", "0"), ("HF_HUB_OFFLINE", "1"),
+                        ("TRANSFORMERS_OFFLINE", "1")):
+        os.environ.setdefault(name, value)
+    return reserve_stdout_for_json(xla_tuning=not args.no_xla_tuning), xla_flags_before
+
+
+def finish_json_benchmark(out: TextIO, record: dict) -> int:
+    """Writes `record`, dated now, as the benchmark's one JSON line to `out` (from
+    `start_json_benchmark`) and closes it; returns the exit status 0."""
+    out.write(json.dumps({**record, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
+    out.close()
+    return 0
+
+
 def versions(jax, torch) -> dict:
     import importlib.metadata as md
 
