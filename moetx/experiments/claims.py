@@ -258,12 +258,22 @@ def load_summaries(runs_dirs: Sequence[str], experiments: Sequence[str]) -> dict
     return out
 
 
+def budget_flag(summary: Summary) -> str:
+    """` --gin.BUDGET=<b>` when every arm of the experiment ran at one budget `b` (the command
+    then reruns exactly what was measured, whatever the gin file's default), else ''."""
+    budgets = {a["budget"] for a in summary["arms"].values()}
+    return f" --gin.BUDGET={budgets.pop():g}".replace("e+", "e") if len(budgets) == 1 else ""
+
+
 def make_table(summaries: Mapping[str, Summary], claims: Sequence[Claim] = CLAIMS) -> str:
     """The Markdown table, one row per claim (a claim whose experiment has no summary says it
     has not run), and a caption with each experiment's seeds and budget."""
     rows = [HEADER]
     for c in claims:
-        command = f"`python -m moetx.experiments.run --gin_file=experiments/{c.experiment}.gin`"
+        command = f"`python -m moetx.experiments.run --gin_file=experiments/{c.experiment}.gin"
+        if c.experiment in summaries:
+            command += budget_flag(summaries[c.experiment])
+        command += "`"
         if c.experiment in summaries:
             measured, verdict = c.judge(summaries[c.experiment])
         else:

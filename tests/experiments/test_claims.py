@@ -95,6 +95,19 @@ def test_a_row_holds_the_figures_and_the_verdict():
     zloss = [line for line in table.splitlines() if "z-loss" in line]
     assert zloss and all(f"**{claims.NOT_RUN}**" in line for line in zloss)
     assert "primer: 3 seeds, 4e+12 training FLOPs per run" in table
+    # The command reruns what was measured: the budget it ran at, not the file's default.
+    assert ez.endswith("| `python -m moetx.experiments.run --gin_file=experiments/primer.gin "
+                       "--gin.BUDGET=4e12` |")
+    assert all(line.endswith("--gin_file=experiments/router_zloss.gin` |") for line in zloss)
+
+
+def test_the_command_carries_the_budget_only_when_the_arms_share_one():
+    summary = primer_summary()
+    for a in summary["arms"].values():
+        a["budget"] = 1.5e13
+    assert claims.budget_flag(summary) == " --gin.BUDGET=1.5e13"
+    summary["arms"]["primer"]["budget"] = 4e12
+    assert claims.budget_flag(summary) == ""
 
 
 def test_a_quality_row_says_which_way_and_whether_within_the_spread():
