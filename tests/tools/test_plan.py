@@ -9,6 +9,7 @@ gradients there) and its groups re-laid with collective-permutes, so that case i
 total only; a (1, 4, 2) mesh shows the planned all-to-all and reductions kind by kind.
 """
 
+import dataclasses
 import json
 import time
 
@@ -163,8 +164,14 @@ def test_one_device_moves_nothing():
 def test_estimated_step_time_is_within_2x_of_a_measured_step_on_cpu():
     """On `cpu:1` (this machine's measured 2048^2 matmul rate, the measured compute
     efficiency) the plan's step time is within 2x of a train step measured here, for a
-    decoder-only LM of d_model 256, d_ff 512, 2 layers, batch 8 x 128 (measured 2026-12 under
-    other load on the 2 cores: 0.21 s measured vs 0.25 s estimated)."""
+    decoder-only LM of d_model 256, d_ff 512, 2 layers, batch 8 x 128 (2026-12-05, median
+    rounds: idle, 0.19 s measured vs 0.13 s estimated; beside a process multiplying matrices,
+    0.27 s vs 0.17 s).
+
+    Each round measures the matmul rate and then a step, back to back, and compares the step
+    with the estimate from that round's rate; the median round counts. A rate measured in a
+    quiet moment beside a step slowed by another process (the suite's other worker) made the
+    ratio 2.1 once (0.227 s measured vs 0.107 s estimated)."""
     cfg = transformer.TransformerConfig(vocab_size=2048, emb_dim=256, num_heads=4, head_dim=64,
                                         mlp_dim=512, num_decoder_layers=2)
     model = models.DecoderOnlyModel(cfg)
@@ -180,16 +187,19 @@ def test_estimated_step_time_is_within_2x_of_a_measured_step_on_cpu():
     batch = trainer.to_global({k: v.astype(np.int32) for k, v in batch.items()})
     state, sums = trainer.train_step(state, batch)
     jax.block_until_ready(sums)
-    times = []
-    for _ in range(2):
+    device = step_plan.device_spec("cpu", 1)
+    rounds = []
+    for _ in range(3):
+        peak = metrics.measured_peak_flops_per_device.__wrapped__(2048, 2)  # not the cached one
         start = time.perf_counter()
         state, sums = trainer.train_step(state, batch)
         jax.block_until_ready(sums)
-        times.append(time.perf_counter() - start)
-    device = step_plan.device_spec("cpu", 1)
-    estimated = step_plan.plan_step(trainer, _batch(trainer), device).serial_seconds
-    measured = min(times)
-    assert 0.5 < measured / estimated < 2.0, (measured, estimated, device.peak_flops)
+        measured = time.perf_counter() - start
+        estimated = step_plan.plan_step(trainer, _batch(trainer), dataclasses.replace(
+            device, peak_flops=peak)).serial_seconds
+        rounds.append((measured / estimated, measured, estimated, peak))
+    ratio = sorted(rounds)[1]  # the median round
+    assert 0.5 < ratio[0] < 2.0, rounds
 
 
 def test_the_command_prints_a_table_and_one_json_line(capsys, clean_gin):
