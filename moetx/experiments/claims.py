@@ -270,14 +270,13 @@ def make_table(summaries: Mapping[str, Summary], claims: Sequence[Claim] = CLAIM
     has not run), and a caption with each experiment's seeds and budget."""
     rows = [HEADER]
     for c in claims:
-        command = f"`python -m moetx.experiments.run --gin_file=experiments/{c.experiment}.gin"
+        command = f"python -m moetx.experiments.run --gin_file=experiments/{c.experiment}.gin"
         if c.experiment in summaries:
             command += budget_flag(summaries[c.experiment])
-        command += "`"
-        if c.experiment in summaries:
             measured, verdict = c.judge(summaries[c.experiment])
         else:
             measured, verdict = "–", NOT_RUN
+        command = f"`{command}`"
         rows.append(f"| {c.claim} | {c.paper} | {measured} | **{verdict}** | {command} |")
     notes = []
     for name in dict.fromkeys(c.experiment for c in claims):
