@@ -30,6 +30,8 @@ Array = jax.Array
 NEG_INF = -1e10
 # Primer's causal depthwise convolution: kernel 3 taps, initialised to 0.5, 0.5/3, 0.5/3.
 DCONV_TAPS = 3
+# The variable collection holding each cross-attention's projected encoder K/V while decoding.
+CROSS_KV = "cross_kv"
 
 
 def make_attention_mask(
@@ -173,10 +175,16 @@ class MultiHeadDotProductAttention(nn.Module):
     head; not with `share_qk`, whose K is the query projection).
 
     In decode mode (self-attention only) the module keeps `cached_key`/`cached_value`
-    `[batch, max_length, kv_heads, d_kv]` and `cache_index` in the `cache` collection; each call
+    `[batch, kv_heads, max_length, d_kv]` and `cache_index` in the `cache` collection; each call
     takes one position (`[batch, 1, embed]`) and attends to every cached position up to and
     including it.
-    Cross-attention (`is_cross=True`) recomputes K/V from the encoder output and caches nothing.
+    Cross-attention (`is_cross=True`) in decode mode projects the encoder output to K/V once: a
+    call with the `CROSS_KV` collection mutable stores them as `key`/`value`
+    `[batch, kv_heads, enc_length, d_kv]`, heads-major, the layout the attention matmuls read
+    without a transpose; later calls given that collection (immutable) read them and skip the
+    projection. Without it, each call projects `inputs_kv` again: inside a decode loop XLA hoists
+    those matmuls out of the loop but still transposes their [batch, enc_length, ...] output on
+    every step, which was most of a greedy decoding step at T5.1.1-small's shape.
     """
 
     num_heads: int
@@ -234,8 +242,9 @@ class MultiHeadDotProductAttention(nn.Module):
         # T5 folds the 1/sqrt(d_kv) logit scaling into the query initializer.
         query_init = nn.initializers.variance_scaling(
             1.0 if self.scale_logits else 1.0 / self.head_dim, "fan_in", "truncated_normal")
-        if (self.dconv or self.share_qk) and self.is_cross:
-            raise ValueError("Primer dconv / shared QK apply to self-attention only.")
+        if (self.dconv or self.share_qk or self.rope_theta) and self.is_cross:
+            raise ValueError("Primer dconv / shared QK and rotary embeddings apply to "
+                             "self-attention only.")
         if self.share_qk and groups != 1:
             raise ValueError(f"Primer's shared QK makes K the query projection ({self.num_heads} "
                              f"heads); it cannot have num_kv_heads={kv_heads}.")
@@ -243,28 +252,39 @@ class MultiHeadDotProductAttention(nn.Module):
             x, segment_ids, decode)
         q = DenseGeneral(joined, ("embed", "joined_kv"), self.dtype, kernel_init=query_init,
                          name="query")(inputs_q)
-        v = DenseGeneral(kv_heads * self.head_dim, ("embed", kv_joined_axis), self.dtype,
-                         name="value")(inputs_kv)
-        if self.share_qk:
-            # Full Primer: one projection (and conv) serves as K, and Q is projected from it.
-            k = conv("query_dconv", q) if self.dconv else q
-            q = DenseGeneral(joined, ("unmodeled", "joined_kv"), self.dtype,
-                             name="q_solo_project")(k)
-            if self.dconv:
-                v = conv("value_dconv", v)
+        # The K/V layout: [batch, length, kv_heads, d_kv], or heads-major for stored cross K/V.
+        kv_layout = "bkhd"
+        if (decode and self.is_cross and self.has_variable(CROSS_KV, "key")
+                and not self.is_mutable_collection(CROSS_KV)):
+            k = constrain(self.get_variable(CROSS_KV, "key"),
+                          ("batch", kv_head_axis, "length", "kv"))
+            v = constrain(self.get_variable(CROSS_KV, "value"),
+                          ("batch", kv_head_axis, "length", "kv"))
+            kv_layout = "bhkd"
         else:
-            k = DenseGeneral(kv_heads * self.head_dim, ("embed", kv_joined_axis), self.dtype,
-                             name="key")(inputs_kv)
-            q, k, v = self.transform_projections(q, k, v, segment_ids, decode)
+            v = DenseGeneral(kv_heads * self.head_dim, ("embed", kv_joined_axis), self.dtype,
+                             name="value")(inputs_kv)
+            if self.share_qk:
+                # Full Primer: one projection (and conv) serves as K, and Q is projected from it.
+                k = conv("query_dconv", q) if self.dconv else q
+                q = DenseGeneral(joined, ("unmodeled", "joined_kv"), self.dtype,
+                                 name="q_solo_project")(k)
+                if self.dconv:
+                    v = conv("value_dconv", v)
+            else:
+                k = DenseGeneral(kv_heads * self.head_dim, ("embed", kv_joined_axis),
+                                 self.dtype, name="key")(inputs_kv)
+                q, k, v = self.transform_projections(q, k, v, segment_ids, decode)
+            lk = k.shape[1]
+            # Shape: [batch, length, kv_heads, d_kv]
+            k = constrain(k.reshape(k.shape[0], lk, kv_heads, self.head_dim),
+                          ("batch", "length", kv_head_axis, "kv"))
+            v = constrain(v.reshape(v.shape[0], lk, kv_heads, self.head_dim),
+                          ("batch", "length", kv_head_axis, "kv"))
         b, lq = q.shape[:2]
-        lk = k.shape[1]
-        # Shape: [batch, length, heads, d_kv] (q) and [batch, length, kv_heads, d_kv] (k, v)
+        # Shape: [batch, length, heads, d_kv]
         q = constrain(q.reshape(b, lq, self.num_heads, self.head_dim),
                       ("batch", "length", "heads", "kv"))
-        k = constrain(k.reshape(b, lk, kv_heads, self.head_dim),
-                      ("batch", "length", kv_head_axis, "kv"))
-        v = constrain(v.reshape(b, lk, kv_heads, self.head_dim),
-                      ("batch", "length", kv_head_axis, "kv"))
         if self.rope_theta:
             if positions is None:
                 raise ValueError("Rotary embeddings need token positions.")
@@ -274,50 +294,58 @@ class MultiHeadDotProductAttention(nn.Module):
             q = q * jnp.asarray(self.head_dim ** -0.5, q.dtype)  # after the conv, as in Primer
 
         if decode and not self.is_cross:
-            k, v = self._update_cache(k, v)
+            k, v, kv_layout = self._update_cache(k, v)
+        if decode and self.is_cross and self.is_mutable_collection(CROSS_KV):
+            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+            self.put_variable(CROSS_KV, "key", k)
+            self.put_variable(CROSS_KV, "value", v)
+            kv_layout = "bhkd"
 
         if groups == 1:
-            out = self._attend(q, k, v, bias, deterministic)
+            out = self._attend(q, k, v, bias, deterministic, kv_layout)
         else:
-            out = self._attend_grouped(q, k, v, bias, deterministic, groups)
+            out = self._attend_grouped(q, k, v, bias, deterministic, groups, kv_layout)
         out = out.reshape(b, lq, joined)
         out = DenseGeneral(inputs_q.shape[-1], ("joined_kv", "embed"), self.dtype, name="out")(out)
         return constrain(out, ("batch", "length", "embed"))
 
     def _attend(self, q: Array, k: Array, v: Array, bias: Array | None,
-                deterministic: bool) -> Array:
+                deterministic: bool, kv_layout: str = "bkhd") -> Array:
         """Softmax attention with one K/V head per query head.
 
         Args:
-          q: <dtype>[batch, q, heads, d_kv]; k, v: <dtype>[batch, k, heads, d_kv].
+          q: <dtype>[batch, q, heads, d_kv]; k, v: <dtype>[batch, k, heads, d_kv], or
+            [batch, heads, k, d_kv] with `kv_layout="bhkd"`.
           bias: <float>[batch or 1, heads or 1, q, k] or None.
         Returns:
           <dtype>[batch, q, heads, d_kv].
         """
         # Logits in float32 for a stable softmax whatever the activation dtype.
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = jnp.einsum(f"bqhd,{kv_layout}->bhqk", q, k, preferred_element_type=jnp.float32)
         if bias is not None:
             logits = logits + bias.astype(jnp.float32)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return jnp.einsum(f"bhqk,{kv_layout}->bqhd", weights, v)
 
     def _attend_grouped(self, q: Array, k: Array, v: Array, bias: Array | None,
-                        deterministic: bool, groups: int) -> Array:
+                        deterministic: bool, groups: int, kv_layout: str = "bkhd") -> Array:
         """Softmax attention where each group of `groups` consecutive query heads shares a K/V
         head, without materialising the repeated K/V (the cache stays `kv_heads` wide).
 
         Args:
-          q: <dtype>[batch, q, kv_heads * groups, d_kv]; k, v: <dtype>[batch, k, kv_heads, d_kv].
+          q: <dtype>[batch, q, kv_heads * groups, d_kv]; k, v: <dtype>[batch, k, kv_heads, d_kv],
+            or [batch, kv_heads, k, d_kv] with `kv_layout="bhkd"`.
           bias: <float>[batch or 1, heads or 1, q, k] or None (per query head).
         Returns:
           <dtype>[batch, q, kv_heads * groups, d_kv].
         """
         b, lq, heads, d = q.shape
-        kv_heads = k.shape[2]
+        kv_heads = k.shape[kv_layout.index("h")]
         # Shape: [batch, q, kv_heads, groups, d_kv]; query head h = kv_head * groups + g.
         q = q.reshape(b, lq, kv_heads, groups, d)
-        logits = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+        logits = jnp.einsum(f"bqhgd,{kv_layout}->bhgqk", q, k,
+                            preferred_element_type=jnp.float32)
         if bias is not None:
             bias = bias.astype(jnp.float32)
             # Shape: [batch or 1, kv_heads or 1, groups or 1, q, k]
@@ -328,7 +356,7 @@ class MultiHeadDotProductAttention(nn.Module):
             logits = logits + bias
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         weights = nn.Dropout(self.dropout_rate)(weights, deterministic=deterministic)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", weights, v)
+        out = jnp.einsum(f"bhgqk,{kv_layout}->bqhgd", weights, v)
         return out.reshape(b, lq, heads, d)
 
     def transform_projections(self, q: Array, k: Array, v: Array, segment_ids: Array | None,
@@ -345,25 +373,31 @@ class MultiHeadDotProductAttention(nn.Module):
         return (conv("query_dconv", q, "joined_kv"), conv("key_dconv", k, kv_axis),
                 conv("value_dconv", v, kv_axis))
 
-    def _update_cache(self, k: Array, v: Array) -> tuple[Array, Array]:
+    def _update_cache(self, k: Array, v: Array) -> tuple[Array, Array, str]:
         """Writes one step's key/value `[batch, 1, kv_heads, d_kv]` into the cache; returns the
-        cache `[batch, max_length, kv_heads, d_kv]`.
+        cache `[batch, kv_heads, max_length, d_kv]` and its layout for `_attend`, "bhkd".
 
-        On the initialisation call (`is_initialized` false) `k` and `v` carry the full
-        `max_length` shape, which sizes the cache.
+        The cache is heads-major, the layout the attention matmuls read without a transpose (a
+        `[batch, max_length, ...]` cache was transposed whole on every step). On the
+        initialisation call (`is_initialized` false) `k` and `v` carry the full `max_length`
+        shape, which sizes the cache, and are returned as they are ("bkhd").
         """
         is_initialized = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        heads_major = lambda x: (x.shape[0], x.shape[2], x.shape[1], x.shape[3])  # noqa: E731
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, heads_major(k), k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, heads_major(v),
+                                     v.dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if not is_initialized:
-            return k, v
+            return k, v, "bkhd"
         if k.shape[1] != 1:
             raise ValueError(
                 f"Decode mode takes one position per call; got a query of length {k.shape[1]}."
             )
         i = cache_index.value
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k, (0, i, 0, 0))
-        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v, (0, i, 0, 0))
+        cached_key.value = jax.lax.dynamic_update_slice(
+            cached_key.value, jnp.swapaxes(k, 1, 2), (0, 0, i, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, jnp.swapaxes(v, 1, 2), (0, 0, i, 0))
         cache_index.value = i + 1
-        return cached_key.value, cached_value.value
+        return cached_key.value, cached_value.value, "bhkd"

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from moetx.lm import decoding, losses, scan, transformer
+from moetx.lm import attention, decoding, losses, scan, transformer
 from moetx.trainer import metrics
 from moetx.trainer.model import BaseModel, Reduction, Shapes
 
@@ -553,10 +553,26 @@ class EncoderDecoderModel(BaseTransformerModel):
             encoder_input_tokens, dec, decode=True, method=transformer.EncoderDecoder.decode))
         return jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), cache_vars["cache"])
 
-    def decode_step(self, params, encoded: Array, encoder_input_tokens: Array, tokens: Array,
-                    position: Array, cache: dict):
-        logits, mutated = self.module.apply(
+    def cross_kv(self, params, encoded: Array, encoder_input_tokens: Array, cache: dict) -> dict:
+        """Every decoder layer's cross-attention K/V, projected from `encoded` once
+        (`moetx.lm.attention.CROSS_KV`); give them to `decode_step` so its steps skip the
+        projection. `cache` is `init_cache`'s (its step here is thrown away)."""
+        tokens = jnp.zeros((encoded.shape[0], 1), jnp.int32)
+        _, mutated = self.module.apply(
             {"params": params, "cache": cache}, encoded, encoder_input_tokens, tokens,
+            decode=True, decode_position=jnp.array(0, jnp.int32),
+            mutable=["cache", attention.CROSS_KV], method=transformer.EncoderDecoder.decode)
+        return mutated[attention.CROSS_KV]
+
+    def decode_step(self, params, encoded: Array, encoder_input_tokens: Array, tokens: Array,
+                    position: Array, cache: dict, cross_kv: dict | None = None):
+        """One cached decoder step: logits <float32>[batch, vocab] and the updated cache. With
+        `cross_kv` (from `cross_kv`), the cross-attention K/V are read rather than projected."""
+        variables = {"params": params, "cache": cache}
+        if cross_kv is not None:
+            variables[attention.CROSS_KV] = cross_kv
+        logits, mutated = self.module.apply(
+            variables, encoded, encoder_input_tokens, tokens,
             decode=True, decode_position=position, mutable=["cache"],
             method=transformer.EncoderDecoder.decode)
         return logits[:, 0], mutated["cache"]
@@ -572,13 +588,15 @@ class EncoderDecoderModel(BaseTransformerModel):
         b = encoder_input_tokens.shape[0]
         empty = jnp.zeros((b, max_decode_length), jnp.int32)
         no_prompt = jnp.zeros((b,), jnp.int32)
+        cross = self.cross_kv(params, encoded, encoder_input_tokens, cache)
         if num_beams:
             # The step function runs on batch * num_beams rows: expand what it closes over.
             enc_x = decoding.expand_cache(encoded, num_beams)
             enc_t = decoding.expand_cache(encoder_input_tokens, num_beams)
+            cross = decoding.expand_cache(cross, num_beams)
 
             def beam_step(tokens, position, cache):
-                return self.decode_step(params, enc_x, enc_t, tokens, position, cache)
+                return self.decode_step(params, enc_x, enc_t, tokens, position, cache, cross)
 
             seqs, _ = decoding.beam_search(beam_step, cache, empty, no_prompt, eos_id,
                                            num_beams, alpha)
@@ -586,7 +604,7 @@ class EncoderDecoderModel(BaseTransformerModel):
 
         def step_fn(tokens, position, cache):
             return self.decode_step(params, encoded, encoder_input_tokens, tokens, position,
-                                    cache)
+                                    cache, cross)
 
         return decoding.temperature_sample(step_fn, cache, empty, no_prompt, rng, eos_id,
                                            temperature, topk, topp)

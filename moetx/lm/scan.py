@@ -14,7 +14,7 @@ In a block of k > 1 layers, `sublayer_{j}` of block b is layer `b * k + j`; the 
 A depth that is not a multiple of k cannot be scanned (`check_scannable` raises).
 
 The same layout applies to everything a scanned stack creates: the `cache` collection of cached
-decoding (`decoder/layers/self_attention/cached_key <T>[num_layers, batch, length, heads, d_kv]`,
+decoding (`decoder/layers/self_attention/cached_key <T>[num_layers, batch, heads, length, d_kv]`,
 `cache_index <int32>[num_layers]`) and the MoE layers' sown `intermediates`.
 
 `scan_params` and `unscan_params` are pure functions over nested mappings of arrays (numpy or

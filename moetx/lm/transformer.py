@@ -351,7 +351,7 @@ def _run_stack(cfg: TransformerConfig, stack: str, make_layer: Callable[[int, st
 
     scanned = nn.scan(
         body,
-        variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+        variable_axes={"params": 0, "cache": 0, attention.CROSS_KV: 0, "intermediates": 0},
         split_rngs={"params": True, "dropout": True, "jitter": True},
         length=depth // k,
         metadata_params={nn.PARTITION_NAME: scan.LAYER_AXIS})
@@ -361,10 +361,10 @@ def _run_stack(cfg: TransformerConfig, stack: str, make_layer: Callable[[int, st
 
 def _cache_length(cache: Mapping[str, Any]) -> int:
     """The max_length of a decoder's self-attention cache (`cached_key`
-    <T>[(layers,) batch, max_length, kv_heads, d_kv], scanned or not)."""
+    <T>[(layers,) batch, kv_heads, max_length, d_kv], scanned or not)."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(cache):
         if getattr(path[-1], "key", None) == "cached_key":
-            return leaf.shape[-3]
+            return leaf.shape[-2]
     raise ValueError("decode=True found no self-attention cache: initialise it first "
                      "(the model's init_cache).")
 

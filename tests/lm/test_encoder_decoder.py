@@ -149,6 +149,36 @@ def test_predict_batch_greedy_matches_argmax():
             assert int(jnp.argmax(lg[0, pos])) == row[pos]
 
 
+def _dot_generals(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+
+@pytest.mark.parametrize("kw", [{}, dict(num_kv_heads=1)], ids=["mha", "mqa"])
+def test_decode_steps_read_the_cross_attention_kv_projected_once(kw):
+    m, params = _small(**kw)
+    enc = _batch(2)["encoder_input_tokens"]
+    encoded = m.encode(params, enc)
+    cache = m.init_cache(params, enc, 8)
+    cross = m.cross_kv(params, encoded, enc, cache)
+    kv_heads = kw.get("num_kv_heads", 2)
+    for i in range(2):
+        layer = cross["decoder"][f"layers_{i}"]["encoder_decoder_attention"]
+        # Heads-major [batch, kv_heads, enc_length, d_kv], the layout the step's matmuls read.
+        assert layer["key"].shape == layer["value"].shape == (2, kv_heads, 10, 8)
+    tokens = jnp.asarray([[0], [0]], jnp.int32)
+    pos = jnp.array(0, jnp.int32)
+
+    def step(c):
+        return m.decode_step(params, encoded, enc, tokens, pos, cache, c)[0]
+
+    np.testing.assert_allclose(step(cross), step(None), rtol=1e-5, atol=1e-5)
+    # Read, not recomputed: other K/V give other logits, and each layer's step has two
+    # projections fewer (key and value of the encoder output).
+    other = jax.tree_util.tree_map(lambda x: x[::-1], cross)  # the two examples swapped
+    assert not np.allclose(step(other), step(cross), atol=1e-4)
+    assert _dot_generals(step, None) - _dot_generals(step, cross) == 2 * 2
+
+
 def test_beam_search_one_beam_equals_greedy_and_four_beams_score_higher():
     m, params = _small()
     enc = _batch(3)["encoder_input_tokens"]

@@ -205,8 +205,8 @@ def test_cache_holds_kv_heads_and_cached_decoding_equals_teacher_forcing(kw):
     params = _params(m)
     cache = m.init_cache(params, 2, 16)
     attn_cache = cache["decoder"]["layers_0"]["self_attention"]
-    assert attn_cache["cached_key"].shape == (2, 16, kw["num_kv_heads"], 8)
-    assert attn_cache["cached_value"].shape == (2, 16, kw["num_kv_heads"], 8)
+    assert attn_cache["cached_key"].shape == (2, kw["num_kv_heads"], 16, 8)
+    assert attn_cache["cached_value"].shape == (2, kw["num_kv_heads"], 16, 8)
     if kw.get("primer_dconv"):
         assert attn_cache["key_dconv"]["prev"].shape == (2, 2, kw["num_kv_heads"] * 8)
     assert_cached_decoding_matches_teacher_forcing(m, params)

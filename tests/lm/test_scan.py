@@ -170,7 +170,7 @@ def test_cached_greedy_and_beam_decoding_equal_the_unrolled_model():
     prompts = jnp.asarray([[5, 9, 3, 0, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0, 0, 0]], jnp.int32)
     lengths = jnp.asarray([3, 1], jnp.int32)
     cache = scanned.init_cache(params, 2, 8)
-    assert cache["decoder"]["layers"]["self_attention"]["cached_key"].shape == (2, 2, 8, 4, 8)
+    assert cache["decoder"]["layers"]["self_attention"]["cached_key"].shape == (2, 2, 4, 8, 8)
     for beams in (0, 2):
         def run(m, p):
             return np.asarray(_fast(lambda q: m.predict_batch(
