@@ -183,9 +183,10 @@ programs on simulated devices in `tests/tools/test_plan.py` and in the last tabl
 step time and MFU come from vendor peak figures, an assumed 75% matmul efficiency and ring
 collectives over the per-chip interconnect bandwidth. The step time is bracketed by perfect
 overlap of communication with compute and by none. The same time model on this machine's CPU
-(`--devices=cpu:1`: the measured f32 2048^2 matmul rate, a measured efficiency of 0.5) came
-within 0.74-1.21x of measured train steps of small decoder-only LMs; `tests/tools/test_plan.py`
-holds it to 2x.
+(`--devices=cpu:1`: the measured f32 2048^2 matmul rate, an efficiency of 0.4, within the
+31-50% measured for decoder-only and encoder-decoder LMs of 2-8 layers) put a small
+decoder-only LM's train step at 0.86x of the measured one; `tests/tools/test_plan.py` holds
+it to 2x.
 
 The step: batch 2048 sequences, span corruption 512 -> 114 tokens (T5's pretraining batch of
 2^20 input tokens), bf16 activations, float32 parameters, T5X's Adafactor, no

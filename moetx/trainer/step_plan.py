@@ -112,13 +112,16 @@ DEVICES: dict[str, DeviceSpec] = {
 }
 CPU = "cpu"
 # On the CPU, simulated devices share this machine's cores and memory: each gets 1/count of
-# the measured matmul rate, and their collectives are memory copies. The efficiency was
-# measured here (2026-12, jax 0.10.2, 2 cores, f32, decoder-only LMs of 2-4 layers, d_model
-# 128-256, batch 8 x 64-128, Adafactor; `tests/tools/test_plan.py` keeps the check): a train
-# step's model FLOPs ran at 41%, 58% and 68% of the bare 2048^2 matmul rate measured in the
-# same process, the smaller models lower (attention, softmax, norms and the optimizer update
-# are memory-bound on CPU). 0.5 puts the three within 0.74-1.21x of the measured steps.
-CPU_COMPUTE_EFFICIENCY = 0.5
+# the measured matmul rate, and their collectives are memory copies. The efficiency is a train
+# step's model FLOPs over the bare 2048^2 matmul rate measured in the same process (jax 0.10.2,
+# 2 cores, f32). Measured 2026-12-05: 34% for the 2-layer d_model 256 decoder-only LM of
+# `tests/tools/test_plan.py` (median of 3 rounds, idle), 31-50% for the T5.1.1-small-shape
+# rows of `benchmarks/run_all.py` (decoder-only and encoder-decoder, 8 layers, d_model 512,
+# batch 8 x 512; the MFU column of the README's benchmark table). Attention, softmax, norms and
+# the optimizer update are memory-bound on CPU, so small models sit at the low end. An earlier
+# 0.5 (from 41-68% measured in 2026-12 on models of 2-4 layers) left the test's model at 1.45x
+# its estimate idle and near 2x beside another job.
+CPU_COMPUTE_EFFICIENCY = 0.4
 
 
 @functools.lru_cache(maxsize=None)

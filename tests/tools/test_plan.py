@@ -165,8 +165,9 @@ def test_estimated_step_time_is_within_2x_of_a_measured_step_on_cpu():
     """On `cpu:1` (this machine's measured 2048^2 matmul rate, the measured compute
     efficiency) the plan's step time is within 2x of a train step measured here, for a
     decoder-only LM of d_model 256, d_ff 512, 2 layers, batch 8 x 128 (2026-12-05, median
-    rounds: idle, 0.19 s measured vs 0.13 s estimated; beside a process multiplying matrices,
-    0.27 s vs 0.17 s).
+    rounds with the efficiency at 0.5: idle, 0.19 s measured vs 0.13 s estimated; beside a
+    process multiplying matrices, 0.27 s vs 0.17 s; beside two, 0.22 s vs 0.11 s, 2.01x. At
+    0.4 those estimates are 1.25x longer).
 
     Each round measures the matmul rate and then a step, back to back, and compares the step
     with the estimate from that round's rate; the median round counts. A rate measured in a
