@@ -383,10 +383,10 @@ class MultiHeadDotProductAttention(nn.Module):
         shape, which sizes the cache, and are returned as they are ("bkhd").
         """
         is_initialized = self.has_variable("cache", "cached_key")
-        heads_major = lambda x: (x.shape[0], x.shape[2], x.shape[1], x.shape[3])  # noqa: E731
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, heads_major(k), k.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, heads_major(v),
-                                     v.dtype)
+        # Shape: [batch, kv_heads, length, d_kv]
+        k_heads, v_heads = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k_heads.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v_heads.shape, v.dtype)
         cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         if not is_initialized:
             return k, v, "bkhd"
@@ -395,9 +395,8 @@ class MultiHeadDotProductAttention(nn.Module):
                 f"Decode mode takes one position per call; got a query of length {k.shape[1]}."
             )
         i = cache_index.value
-        cached_key.value = jax.lax.dynamic_update_slice(
-            cached_key.value, jnp.swapaxes(k, 1, 2), (0, 0, i, 0))
-        cached_value.value = jax.lax.dynamic_update_slice(
-            cached_value.value, jnp.swapaxes(v, 1, 2), (0, 0, i, 0))
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k_heads, (0, 0, i, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v_heads,
+                                                          (0, 0, i, 0))
         cache_index.value = i + 1
         return cached_key.value, cached_value.value, "bhkd"
