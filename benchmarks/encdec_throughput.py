@@ -343,6 +343,7 @@ def main(argv=None) -> int:
         # CPU use (in cores) of other processes while timing: anything well above 0 means the
         # run shared the cores. own_cpu_cores: this process.
         "background_cpu_cores": {"matmul": mm_load.cores, "steps": train.load.cores},
+        "steal_cpu_cores": {"matmul": mm_load.steal_cores, "steps": train.load.steal_cores},
         "own_cpu_cores": train.load.own_cores,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     })
@@ -456,6 +457,7 @@ def main(argv=None) -> int:
         **mmf,
         **environment_fields(args, jax, torch, xla_flags_before),
         "background_cpu_cores": {"matmul": mm_load.cores, "decode": dec.load.cores},
+        "steal_cpu_cores": {"matmul": mm_load.steal_cores, "decode": dec.load.steal_cores},
         "own_cpu_cores": dec.load.own_cores,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     })

@@ -50,7 +50,8 @@ train_throughput.py) of `moetx.trainer.trainer.Trainer.train_step` on one device
 Within each measurement the variants are timed round-robin (one step of each, repeated) after
 `--warmup` untimed steps each (compilation), median of `--steps`. The f32 matmul rate of JAX
 (and torch) is measured in the same run; JAX's best is the MFU denominator.
-`background_cpu_cores` is the CPU other processes used while timing (discard runs well above 0).
+`background_cpu_cores` is the CPU other processes used while timing (discard runs well above 0);
+`steal_cpu_cores` the part of it the hypervisor took (a virtual machine's cores lent elsewhere).
 
   .venv/bin/python benchmarks/moe_throughput.py                 # tuned XLA CPU flags (default)
   .venv/bin/python benchmarks/moe_throughput.py --experts 8 --top_k 1 --layers 8
@@ -447,6 +448,7 @@ def measure_switch(args, jax, np, torch, mm_fields: dict | None) -> dict:
         "moetx_fraction_dropped": _dropped(mx),
         "hf_attn_implementation": attn_impl, "threads": args.threads,
         "background_cpu_cores": timed.load.cores, "own_cpu_cores": timed.load.own_cores,
+        "steal_cpu_cores": timed.load.steal_cores,
     }
     if "hf_compile" in steps:
         result["hf_compile"] = compile_info(torch)

@@ -247,38 +247,27 @@ def versions(jax, torch) -> dict:
 
 # ---------------------------------------------------------------------------------- timing
 class CpuLoad:
-    """CPU time used by *other* processes while a section runs, in cores (Linux /proc/stat):
-    a noise indicator, since this machine's cores are shared with other work."""
+    """CPU time used by *other* processes (and, on a virtual machine, taken by the hypervisor's
+    steal) while a section runs, in cores: a noise indicator, since this machine's cores are
+    shared with other work. None where the machine's CPU times cannot be read (not Linux)."""
 
     def __init__(self):
-        self.cores = None  # other processes
+        self.cores = None  # other processes and steal
+        self.steal_cores = None  # steal alone
         self.own_cores = None  # this process
 
-    @staticmethod
-    def _busy_seconds() -> float | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = f.readline().split()[1:]
-        except OSError:
-            return None
-        vals = [int(x) for x in fields]
-        idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-        busy = sum(vals[:8]) - idle  # user nice system idle iowait irq softirq steal
-        return busy / os.sysconf("SC_CLK_TCK")
-
     def __enter__(self):
-        self._b0 = self._busy_seconds()
-        self._c0 = time.process_time()
-        self._w0 = time.perf_counter()
+        # Imported here, not at the top: the benchmarks set XLA's flags before jax is imported.
+        from moetx.trainer.metrics import HostCpuMeter
+
+        self._meter = HostCpuMeter()
         return self
 
     def __exit__(self, *exc):
-        b1 = self._busy_seconds()
-        if self._b0 is not None and b1 is not None:
-            wall = time.perf_counter() - self._w0
-            own = time.process_time() - self._c0
-            self.cores = max(0.0, (b1 - self._b0 - own) / wall)
-            self.own_cores = own / wall
+        window = self._meter.window()
+        self.cores = window.get("other_cpu_cores")
+        self.steal_cores = window.get("steal_cpu_cores")
+        self.own_cores = window.get("own_cpu_cores")
         return False
 
 
@@ -874,6 +863,7 @@ def main(argv=None) -> int:
         # CPU use (in cores) of other processes during the timed sections (a noise indicator:
         # anything well above 0 means the run shared the cores), and of this process.
         "background_cpu_cores": {"matmul": mm_load.cores, "steps": timed.load.cores},
+        "steal_cpu_cores": {"matmul": mm_load.steal_cores, "steps": timed.load.steal_cores},
         "own_cpu_cores_steps": timed.load.own_cores,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     })

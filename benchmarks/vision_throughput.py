@@ -16,8 +16,8 @@ Both sides train the same architecture on the same random batch with SGD (Nester
 The trainable parameter counts must match (`params_match`). Steps are timed alternately (one
 moetx step, one timm step, ...) after `--warmup` untimed steps each, and each side's step time
 is the median, so a change in background load hits both alike. `background_cpu_cores` is the
-CPU other processes used while timing: this machine's two cores are shared, so discard runs
-where it is well above 0. Under such load torch's OpenMP threads oversubscribe badly: measured
+CPU other processes used while timing (`steal_cpu_cores`: the part the hypervisor took): this
+machine's two cores are shared, so discard runs where it is well above 0. Under such load torch's OpenMP threads oversubscribe badly: measured
 on this machine with ~1.5 cores busy elsewhere, a tf_efficientnetv2_b0 step (64^2, batch 16)
 took 2.3 s with `--threads 2` and 0.34 s with `--threads 1`, so compare the two sides with
 `--threads 1` unless the machine is idle.
@@ -215,6 +215,8 @@ def main(argv=None) -> int:
         })
     result.update({
         "background_cpu_cores": None if timed.load.cores is None else round(timed.load.cores, 2),
+        "steal_cpu_cores": None if timed.load.steal_cores is None
+        else round(timed.load.steal_cores, 2),
         "xla_tuning": not args.no_xla_tuning,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     })

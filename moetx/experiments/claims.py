@@ -55,6 +55,11 @@ REPRODUCED, SMALLER, NOT_SEEN, OPPOSITE, NOT_RUN = (
 
 Summary = Mapping[str, Any]
 
+# A run that lost more CPU than this (cores, its record's `host_cpu_cores['other']`) to the
+# machine's other processes or the hypervisor is flagged: its seconds are the machine's, not
+# the model's. (The runner flags it too.)
+LOADED_CORES = 0.25
+
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
@@ -76,6 +81,19 @@ def _speedup_text(axis_stats: Mapping[str, Any]) -> str:
     if axis_stats["mean"] is None:
         return f"not reached ({axis_stats['reached']} seeds reach it)"
     return f"{axis_stats['mean']:.2f}× ({min(values):.2f}–{max(values):.2f})"
+
+
+def _cpu_lost_text(summary: Summary, arms: Sequence[str]) -> str:
+    """' (the runs lost up to X cores to other work)' when some run of `arms` lost more than
+    LOADED_CORES of CPU to the machine's other processes or its hypervisor, which slows its
+    wall time but not its steps; '' otherwise, or when the runs did not record it."""
+    lost = []
+    for name in arms:
+        other = (_arm(summary, name).get("host_cpu_cores") or {}).get("other")
+        lost += other["values"] if other else []
+    if not lost or max(lost) <= LOADED_CORES:
+        return ""
+    return f" (a run lost {max(lost):.1f} CPU cores to other work)"
 
 
 def _arm(summary: Summary, name: str) -> Mapping[str, Any]:
@@ -143,7 +161,8 @@ def speedup_claim(arm: str, paper_min: float) -> Callable[[Summary], tuple[str, 
     def judge(summary: Summary) -> tuple[str, str]:
         a, base = _arm(summary, arm), summary["baseline"]
         text = (f"{_speedup_text(a['speedup']['flops'])} in FLOPs, "
-                f"{_speedup_text(a['speedup']['seconds'])} in wall time; eval loss "
+                f"{_speedup_text(a['speedup']['seconds'])} in wall time"
+                f"{_cpu_lost_text(summary, (arm, base))}; eval loss "
                 f"{_pm(_loss(summary, arm))} vs {_pm(_loss(summary, base))}")
         return text, speedup_verdict(a["speedup"]["flops"], paper_min)
 

@@ -12,7 +12,11 @@ counts an experiment reports: loss spikes (a logged training loss above `spike_f
 mean of the `spike_window` logged losses before it, the rule of
 `moetx.trainer.divergence.Monitor`), rewinds, and the MoE dropped-token fraction
 (`moe_fraction_dropped`: the mean over the logged training steps at the training capacity
-factor, and the final evaluation's at the eval capacity factor).
+factor, and the final evaluation's at the eval capacity factor), and the CPU the run lost, in
+cores (`host_cpu_cores`: the trainer's `host/other_cpu_cores` and `host/steal_cpu_cores`, the
+machine's other processes with the hypervisor's steal and the steal alone, averaged over the
+logged windows weighted by their seconds): wall-time figures of a run that lost much are slow
+because of the machine, not the model.
 
 An arm's mean curve (`arm_curve`) aggregates its seeds at common x points: every seed's (step,
 loss) and (step, seconds) curves are interpolated linearly at the union of the seeds' eval steps
@@ -101,6 +105,17 @@ def seconds_per_step(train_scalars: Mapping[str, Curve], start_step: int) -> flo
     return statistics.median(rates) if rates else None
 
 
+def time_weighted_mean(train_scalars: Mapping[str, Curve], tag: str,
+                       start_step: int) -> float | None:
+    """The scalar `tag` of the logged windows past `start_step`, averaged with each window's
+    `timing/seconds` as its weight; None when the run did not log it."""
+    seconds = dict(train_scalars.get("timing/seconds", []))
+    pairs = [(float(v), float(seconds[s])) for s, v in train_scalars.get(tag, [])
+             if s > start_step and s in seconds]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total > 0 else None
+
+
 def loss_spikes(losses: Curve, spike_factor: float, spike_window: int) -> list[int]:
     """The steps whose logged loss is a spike or not finite, by `divergence.Monitor`'s rule
     over the logged losses (a spike is not added to the running mean it is compared with)."""
@@ -143,6 +158,9 @@ def run_record(eval_scalars: Mapping[str, Curve], train_scalars: Mapping[str, Cu
         "rewinds": len(train_scalars.get("rewound_from_step", [])),
         "train_fraction_dropped": statistics.fmean(v for _, v in dropped) if dropped else None,
         "eval_fraction_dropped": _last(eval_scalars.get("moe_fraction_dropped", [])),
+        "host_cpu_cores": {
+            kind: time_weighted_mean(train_scalars, f"host/{kind}_cpu_cores", start_step)
+            for kind in ("other", "steal")},
     }
 
 
@@ -220,6 +238,9 @@ def summarize(curves: Mapping[str, Mapping[str, Any]], baseline: str) -> dict[st
             "seconds_per_step": _stats(r["seconds_per_step"] for r in runs.values()),
             "train_fraction_dropped": _stats(r["train_fraction_dropped"] for r in runs.values()),
             "eval_fraction_dropped": _stats(r["eval_fraction_dropped"] for r in runs.values()),
+            "host_cpu_cores": {kind: _stats(r.get("host_cpu_cores", {}).get(kind)
+                                            for r in runs.values())
+                               for kind in ("other", "steal")},
         }
     return {"baseline": baseline, "arms": arms}
 
@@ -242,9 +263,11 @@ def summary_markdown(name: str, summary: Mapping[str, Any], budget_note: str = "
     """A Markdown table of the summary: one row per arm."""
     arms = summary["arms"]
     moe = any(a["train_fraction_dropped"] is not None for a in arms.values())
+    lost = {arm: (a.get("host_cpu_cores") or {}).get("other") for arm, a in arms.items()}
     head = ["arm", "steps", "FLOPs/step", "final eval loss", "speed-up (FLOPs)",
             "speed-up (wall)", "diverged", "loss spikes"] + (
-        ["dropped tokens (train / eval)"] if moe else [])
+        ["dropped tokens (train / eval)"] if moe else []) + (
+        ["CPU lost to other work (cores)"] if any(lost.values()) else [])
     rows = []
     for arm, a in arms.items():
         spikes = ", ".join(str(n) for n in a["loss_spikes"].values())
@@ -254,6 +277,8 @@ def summary_markdown(name: str, summary: Mapping[str, Any], budget_note: str = "
         if moe:
             row.append(f"{_pm(a['train_fraction_dropped'], '.3f')} / "
                        f"{_pm(a['eval_fraction_dropped'], '.3f')}")
+        if any(lost.values()):
+            row.append(", ".join(f"{v:.2f}" for v in lost[arm]["values"]) if lost[arm] else "-")
         rows.append(row)
     lines = [f"# {name}", "", budget_note, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -261,5 +286,8 @@ def summary_markdown(name: str, summary: Mapping[str, Any], budget_note: str = "
     lines += ["", f"Mean ± spread over seeds (spread: half the range). Speed-up: the compute the "
               f"baseline ({summary['baseline']}) needs to reach its final eval loss divided by "
               f"the arm's, per seed; the mean over seeds (min–max in brackets), '-' when a seed "
-              f"never reaches it, 'n/a' for arms that start elsewhere. Loss spikes per seed.", ""]
+              f"never reaches it, 'n/a' for arms that start elsewhere. Loss spikes per seed."
+              + (" CPU lost: per seed, the cores the machine's other processes and its "
+                 "hypervisor took while the run trained (mean over its training), which slows "
+                 "its wall time, not its steps." if any(lost.values()) else ""), ""]
     return "\n".join(lines)

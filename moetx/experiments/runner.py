@@ -27,6 +27,7 @@ import time
 from typing import Any, Mapping
 
 from moetx.experiments import curves as curves_lib, plots
+from moetx.experiments.claims import LOADED_CORES
 from moetx.experiments.experiment import ArmPlan, Experiment, format_plan, plan, run_bindings
 from moetx.search import compare, fitness as fitness_lib, report
 from moetx.trainer.metrics import format_duration
@@ -157,6 +158,11 @@ def run(exp: Experiment | None = None) -> dict[str, Any]:
             end = f"FAILED ({record['failure']})" if record["failure"] else (
                 f"eval loss {record['final_eval_loss']:.4f}"
                 if record["final_eval_loss"] is not None else "no eval")
+            lost = record["host_cpu_cores"]["other"]
+            if lost is not None and lost > LOADED_CORES:
+                end += (f" (it lost {lost:.2f} CPU cores to other work, "
+                        f"{record['host_cpu_cores']['steal'] or 0:.2f} of them to the "
+                        f"hypervisor: its wall time is slower than the model's)")
             log(f"{name} seed {seed}: end, {end} | {progress.line()}")
     return write_outputs(exp, plans, records)
 

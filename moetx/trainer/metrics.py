@@ -4,7 +4,10 @@ console line, and inference evaluation with the task's metric functions (`Infere
 The training scalars carry T5X's names: `loss` (the optimised loss, the model's `loss_metric`),
 the model's own metrics (a language model's `cross_ent_loss`, `z_loss`, `accuracy`, ...),
 `learning_rate`, and `timing/*` (`timing_scalars`, plus `timing/compilation_seconds` once and
-`timing/init_or_restore_seconds` at the start); moetx adds `grad_norm` and `mfu`.
+`timing/init_or_restore_seconds` at the start); moetx adds `grad_norm`, `mfu` and, on Linux,
+`host/other_cpu_cores`, `host/steal_cpu_cores` and `host/own_cpu_cores` (`HostCpuMeter`: the
+CPU the window lost to the machine's other processes and to the hypervisor, so a slow window can
+be told from a slow step, and the CPU the run itself used).
 
 Where scalars go is chosen by gin: `MetricWriter.writers` lists writers by name —
 `'tensorboard'` (the default: TensorBoard event files through clu), `'jsonl'`
@@ -23,7 +26,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import gin
 import jax
@@ -89,6 +92,60 @@ def timing_scalars(steps: int, seconds: float, batch_size: int, num_devices: int
         out[f"timing/{unit}_per_second"] = steps * count / seconds
         out[f"timing/{unit}_per_second_per_core"] = steps * count / seconds / num_devices
     return out
+
+
+class CpuTimes(NamedTuple):
+    """The machine's CPU seconds since boot, summed over cores (Linux `/proc/stat`)."""
+
+    busy: float  # user, nice, system, irq, softirq and steal: everything but idle and iowait
+    steal: float  # time the hypervisor gave this virtual machine's cores to another machine
+
+
+def read_cpu_times() -> CpuTimes | None:
+    """The machine's `CpuTimes` now, or None where `/proc/stat` cannot be read (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 5:
+        return None
+    vals = [int(x) for x in fields[1:9]] + [0] * (9 - len(fields))
+    idle = vals[3] + vals[4]  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return CpuTimes(busy=(sum(vals[:8]) - idle) / tick, steal=vals[7] / tick)
+
+
+class HostCpuMeter:
+    """The CPU a window of time lost, in cores (CPU seconds per second of wall time): used by
+    the machine's *other* processes and the hypervisor's steal (`other_cpu_cores`, this
+    process's own time taken out), and the steal alone (`steal_cpu_cores`); with this
+    process's own use (`own_cpu_cores`). On a shared or virtual machine the first two explain
+    a slow window; both are 0 on a quiet dedicated one.
+
+    `window()` returns the figures since the meter was made or last read, and starts the next
+    window; `{}` where the machine's CPU times cannot be read.
+    """
+
+    def __init__(self):
+        self._start()
+
+    def _start(self) -> None:
+        self._cpu = read_cpu_times()
+        self._own = time.process_time()
+        self._wall = time.perf_counter()
+
+    def window(self) -> dict[str, float]:
+        cpu, own, wall = read_cpu_times(), time.process_time(), time.perf_counter()
+        before, own0, wall0 = self._cpu, self._own, self._wall
+        self._cpu, self._own, self._wall = cpu, own, wall
+        if cpu is None or before is None or wall <= wall0:
+            return {}
+        seconds = wall - wall0
+        other = cpu.busy - before.busy - (own - own0)
+        return {"other_cpu_cores": max(0.0, other / seconds),
+                "steal_cpu_cores": max(0.0, (cpu.steal - before.steal) / seconds),
+                "own_cpu_cores": (own - own0) / seconds}
 
 
 def format_duration(seconds: float) -> str:

@@ -350,7 +350,9 @@ def run_training_loop(
     which is logged as the rate `timing/<count_unit>_per_second` when `count_per_batch` is
     given), `loss` (the model's `loss_metric`, which must be finite), the learning rate, the
     gradient norm, T5X's `timing/*` scalars of the window since the last log (see
-    `metrics_lib.timing_scalars`) and, with `flops_per_step` and `peak_flops`, the MFU.
+    `metrics_lib.timing_scalars`), with `flops_per_step` and `peak_flops` the MFU, and the
+    window's `host/other_cpu_cores`, `host/steal_cpu_cores` and `host/own_cpu_cores`
+    (`metrics_lib.HostCpuMeter`).
 
     With `trainer.skip_nonfinite_updates`, a non-finite loss does not stop the run: updates
     with a non-finite loss or gradient are dropped and counted (`skipped_updates`, the total so
@@ -369,6 +371,7 @@ def run_training_loop(
     skipped_total = skipped_in_a_row = 0
     observed = start  # the last step `observe` has seen
     compilation_seconds = None  # logged once, with the first scalars
+    host_cpu = metrics_lib.HostCpuMeter()
     for step in range(start + 1, train_steps + 1):
         try:
             batch = next(batches)
@@ -432,6 +435,7 @@ def run_training_loop(
                 compilation_seconds = None
             if flops_per_step and peak_flops:
                 scalars["mfu"] = flops_per_step * steps / dt / peak_flops
+            scalars.update({f"host/{k}": v for k, v in host_cpu.window().items()})
             writer.write_scalars(step, scalars)
             remaining = (train_steps - step) * (now - t_start) / max(step - start, 1)
             writer.progress(step, scalars, remaining)

@@ -3,8 +3,10 @@ included (a child started from HF's own initialisation may diverge; its memory i
 measurement), while the timed run's `check_finite` refuses a NaN."""
 
 import math
+import os
 import pathlib
 import sys
+import time
 
 import pytest
 
@@ -25,3 +27,17 @@ def test_child_line_records_a_nan_loss_and_the_peak():
     with pytest.raises(FloatingPointError, match="hf_eager loss is nan"):
         tt.check_finite(timed(float("nan")))
     tt.check_finite(timed(2.5))
+
+
+def test_cpu_load_counts_its_own_time_apart_from_other_work():
+    with tt.CpuLoad() as load:
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:  # this process busy on one core
+            pass
+    if load.cores is None:
+        pytest.skip("the machine's CPU times cannot be read here (not Linux)")
+    # One busy thread: up to one core of its own (less when the machine is shared), and with
+    # the other work no more than the machine's cores.
+    assert 0.05 < load.own_cores <= 1.05
+    assert load.own_cores + load.cores <= 1.1 * os.cpu_count()
+    assert 0.0 <= load.steal_cores <= load.cores + 1e-9

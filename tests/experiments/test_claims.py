@@ -101,6 +101,21 @@ def test_a_row_holds_the_figures_and_the_verdict():
     assert all(line.endswith("--gin_file=experiments/router_zloss.gin` |") for line in zloss)
 
 
+def test_a_wall_time_speedup_says_when_its_runs_lost_cpu_to_other_work():
+    summary = primer_summary()
+    ez_row = lambda: next(line for line in claims.make_table({"primer": summary}).splitlines()
+                          if line.startswith("| Primer-EZ"))
+    assert "lost" not in ez_row()  # not recorded
+    summary["arms"]["primer_ez"]["host_cpu_cores"] = {
+        "other": {"mean": 0.1, "spread": 0.1, "values": [0.0, 0.2, 0.1]}, "steal": None}
+    assert "lost" not in ez_row()  # below LOADED_CORES
+    summary["arms"]["vanilla_t5.1.1"]["host_cpu_cores"] = {
+        "other": {"mean": 0.3, "spread": 0.45, "values": [0.0, 0.9, 0.0]},
+        "steal": None}  # the baseline's runs count too
+    assert ("1.20× (1.10–1.30) in wall time (a run lost 0.9 CPU cores to other work); "
+            "eval loss") in ez_row()
+
+
 def test_the_command_carries_the_budget_only_when_the_arms_share_one():
     summary = primer_summary()
     for a in summary["arms"].values():

@@ -63,6 +63,23 @@ def test_a_run_record_from_its_scalars():
     assert rec["train_fraction_dropped"] == pytest.approx(0.2)
     assert rec["eval_fraction_dropped"] == 0.01
     assert rec["failure"] is None
+    # Not logged (a run from before the trainer recorded it, or not on Linux): None.
+    assert rec["host_cpu_cores"] == {"other": None, "steal": None}
+
+
+def test_a_run_records_the_cpu_it_lost_weighted_by_each_windows_seconds():
+    ev, tr = _scalars()
+    tr["host/other_cpu_cores"] = [(5, 0.0), (10, 1.0), (15, 0.0), (20, 0.5)]
+    tr["host/steal_cpu_cores"] = [(5, 0.0), (10, 0.8), (15, 0.0), (20, 0.0)]
+    rec = curves.run_record(ev, tr, flops_per_step=1.0, start_step=0, failure=None,
+                            spike_factor=1.5, spike_window=2)
+    # Windows of 9, 2, 2 and 3 s: (0 x 9 + 1 x 2 + 0 x 2 + 0.5 x 3) / 16.
+    assert rec["host_cpu_cores"]["other"] == pytest.approx(3.5 / 16)
+    assert rec["host_cpu_cores"]["steal"] == pytest.approx(1.6 / 16)
+    # From a later start, only the windows past it count: (0 x 2 + 0.5 x 3) / 5.
+    later = curves.run_record(ev, tr, flops_per_step=1.0, start_step=10, failure=None,
+                              spike_factor=1.5, spike_window=2)
+    assert later["host_cpu_cores"]["other"] == pytest.approx(1.5 / 5)
 
 
 def test_a_run_that_starts_later_counts_flops_and_seconds_from_its_start():
@@ -137,6 +154,17 @@ def test_summary_speedups_per_seed_and_their_mean():
     assert "| fast | 10 | 10 | 4.6500 ± 0.1500 | 2.25× (2.00–2.50) |" in md
     assert "| slow |" in md and "- (1/2 seeds reach it)" in md and "| later |" in md
     assert "n/a" in md
+    assert "CPU lost" not in md  # no run recorded it
+    # The CPU each seed lost, where the runs recorded it.
+    fast["seeds"]["0"]["host_cpu_cores"] = {"other": 0.9, "steal": 0.85}
+    fast["seeds"]["1"]["host_cpu_cores"] = {"other": 0.02, "steal": 0.0}
+    out = curves.summarize({"base": base, "fast": fast}, "base")
+    assert out["arms"]["fast"]["host_cpu_cores"]["other"]["values"] == [0.9, 0.02]
+    assert out["arms"]["base"]["host_cpu_cores"] == {"other": None, "steal": None}
+    md = curves.summary_markdown("demo", out, "")
+    assert "| CPU lost to other work (cores) |" in md.splitlines()[4]
+    assert md.splitlines()[7].endswith("| 0.90, 0.02 |")  # fast's row
+    assert md.splitlines()[6].endswith("| - |")  # base's row
 
 
 def test_the_mean_curve_leaves_out_failed_seeds():

@@ -66,3 +66,35 @@ def test_chosen_by_gin_and_unknown_names_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown writer 'wandb'; choose from csv, jsonl, "
                                          "tensorboard"):
         metrics.MetricWriter(str(tmp_path), 2, writers=("wandb",))
+
+
+def test_host_cpu_meter_takes_its_own_time_out_and_reports_the_hypervisors_steal(monkeypatch):
+    # Two readings of the machine's CPU seconds, 2 s of wall time and 1.5 s of this process's
+    # CPU apart: busy (all but idle and iowait) grew by 3.4 s, steal by 0.8 s.
+    tick = 100  # clock ticks per second in the fake /proc/stat lines below
+    lines = iter([
+        # cpu  user nice system idle iowait irq softirq steal guest guest_nice
+        "cpu  1000 0 200 5000 50 10 10 100 0 0\n",
+        "cpu  1200 0 250 5030 60 10 20 180 0 0\n",
+    ])
+    clock = iter([10.0, 12.0])
+    own = iter([4.0, 5.5])
+    monkeypatch.setattr(metrics.os, "sysconf", lambda name: tick)
+    monkeypatch.setattr("builtins.open", lambda *a, **k: __import__("io").StringIO(next(lines)))
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(metrics.time, "process_time", lambda: next(own))
+    meter = metrics.HostCpuMeter()
+    window = meter.window()
+    # busy: (1200+250+10+20+180) - (1000+200+10+10+100) = 340 ticks; own 1.5 s of it.
+    assert window["other_cpu_cores"] == pytest.approx((3.4 - 1.5) / 2.0)
+    assert window["steal_cpu_cores"] == pytest.approx(0.8 / 2.0)
+    assert window["own_cpu_cores"] == pytest.approx(1.5 / 2.0)
+
+
+def test_host_cpu_meter_is_silent_where_proc_stat_cannot_be_read(monkeypatch):
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("/proc/stat")
+
+    monkeypatch.setattr("builtins.open", missing)
+    assert metrics.read_cpu_times() is None
+    assert metrics.HostCpuMeter().window() == {}

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from moetx.trainer import trainer as trainer_lib
+from moetx.trainer import metrics as metrics_lib, trainer as trainer_lib
 from tests.conftest import make_trainer, packed_batch, tiny_model
 
 
@@ -198,6 +198,8 @@ def test_training_log_keeps_the_language_model_names_and_values():
               "timing/seqs_per_second", "timing/seqs_per_second_per_core", "timing/uptime",
               "timing/tokens_per_second", "timing/tokens_per_second_per_core",
               "timing/compilation_seconds"}
+    if metrics_lib.read_cpu_times() is not None:  # Linux
+        timing |= {"host/other_cpu_cores", "host/steal_cpu_cores", "host/own_cpu_cores"}
     assert set(scalars) == {"cross_ent_loss", "accuracy", "z_loss", "perplexity", "loss",
                             "loss_per_nonpadding_target_token", "learning_rate",
                             "grad_norm"} | timing
