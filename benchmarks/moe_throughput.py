@@ -66,6 +66,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -116,6 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--only", choices=MEASUREMENTS, action="append",
                    help="run only these measurements (repeatable)")
+    p.add_argument("--profile", action="store_true",
+                   help="moe_vs_dense: also profile one step of each model per op family "
+                        "(router, dispatch/combine, experts, ...; `profile` in its line)")
     p.add_argument("--no_xla_tuning", action="store_true",
                    help="do not call moetx.util.xla_env.configure_cpu_defaults()")
     add_side_by_side_flags(p)
@@ -275,7 +279,55 @@ def measure_moe_vs_dense(args, jax, np, runners: dict) -> dict:
         "moe_first_loss": moe.first_loss, "dense_first_loss": dense.first_loss,
         "moe_fraction_dropped": _dropped(moe),
         "background_cpu_cores": load.cores, "own_cpu_cores": load.own_cores,
+        "steal_cpu_cores": load.steal_cores,
+        **({"profile": profile_moe_vs_dense(jax, {"moe": moe, "dense": dense})}
+           if args.profile else {}),
     }
+
+
+# Op families of the MoE-vs-dense profile.
+MOE_FAMILIES = ("attention", "mlp", "router", "dispatch_combine", "experts", "logits_loss",
+                "layer_norms", "optimizer", "other")
+_DISPATCH_COMBINE = ("gtd,gtec->gecd", "gecd,gtec->gtd")
+
+
+def classify_moe(op_name: str, stack: tuple[str, ...]) -> str | None:
+    """The family of one HLO instruction of a decoder train step (dense or MoE) from its
+    metadata (`op_name`: the Flax module path; the Python stack); None without metadata."""
+    if not op_name and not stack:
+        return None
+    where = " ".join(stack)
+    if "optimizers.py:" in where or ":global_norm" in where:
+        return "optimizer"
+    if "losses.py:" in where or "logits_dense" in op_name or ":_num_correct" in where:
+        return "logits_loss"
+    if any(e in op_name for e in _DISPATCH_COMBINE):
+        return "dispatch_combine"
+    if "/router/" in op_name or "routing.py:" in where:
+        return "router"
+    if "/expert/" in op_name or "ExpertsMlp" in where:
+        return "experts"
+    if re.search(r"layer_norm|decoder_norm", op_name) or "RMSNorm" in where:
+        return "layer_norms"
+    if "/mlp/" in op_name or "MlpBlock" in where:
+        return "mlp"  # dense MLPs, and the MoE layers' grouping reshapes and transposes
+    if "attention/" in op_name or "MultiHeadDotProductAttention" in where:
+        return "attention"
+    return "other"
+
+
+def profile_moe_vs_dense(jax, runners: dict) -> dict:
+    """One step of each runner under `jax.profiler`, time per `MOE_FAMILIES` family
+    (`profile_step.profile_moetx`), after one warm step."""
+    from profile_step import profile_moetx
+
+    settings = argparse.Namespace(warmup=1, steps=1, top=10, trace_dir=None, dump_hlo=None)
+    out = {}
+    for name, r in runners.items():
+        log(f"profiling the {name} step")
+        out[name], r.state = profile_moetx(jax, r.tr, r.state, r.batch, settings, MOE_FAMILIES,
+                                           classify_moe)
+    return out
 
 
 def _dropped(runner) -> float | None:

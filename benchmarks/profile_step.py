@@ -183,16 +183,19 @@ def classify_jax(op_name: str, stack: tuple[str, ...]) -> str | None:
     return "other"
 
 
-def instruction_family(name: str, instrs: dict, comps: dict, depth: int = 0) -> str:
+def instruction_family(name: str, instrs: dict, comps: dict, classify=classify_jax,
+                       depth: int = 0) -> str:
+    """The family of an HLO instruction: `classify(op_name, stack)` of its own metadata, or the
+    most common family among the instructions of the computations it calls (a fusion)."""
     op, stack, calls = instrs.get(name, ("", (), []))
-    fam = classify_jax(op, stack)
+    fam = classify(op, stack)
     if fam is not None:
         return fam
     votes = collections.Counter()
     if depth < 4:
         for comp in calls:
             for inner in comps.get(comp, ()):
-                votes[instruction_family(inner, instrs, comps, depth + 1)] += 1
+                votes[instruction_family(inner, instrs, comps, classify, depth + 1)] += 1
     votes.pop("other", None)
     return votes.most_common(1)[0][0] if votes else "other"
 
@@ -210,7 +213,10 @@ def op_kind(name: str) -> str:
     return kind or name
 
 
-def profile_moetx(jax, tr, state, batch, args) -> tuple[dict, object]:
+def profile_moetx(jax, tr, state, batch, args, families=FAMILIES,
+                  classify=classify_jax) -> tuple[dict, object]:
+    """One moetx `Trainer.train_step` under `jax.profiler` (module docstring): thunk time per
+    family (`classify(op_name, stack)` of each HLO instruction), op kinds, slowest ops."""
     compiled = tr._train_step.lower(state, batch).compile()
     text = compiled.as_text()
     if args.dump_hlo:
@@ -260,7 +266,7 @@ def profile_moetx(jax, tr, state, batch, args) -> tuple[dict, object]:
     for e in thunks:
         name = e["args"]["hlo_op"]
         if name not in cache:
-            cache[name] = (instruction_family(name, instrs, comps),
+            cache[name] = (instruction_family(name, instrs, comps, classify),
                            is_backward(name, instrs, comps))
         fam, bwd = cache[name]
         dur = float(e["dur"])
@@ -289,7 +295,7 @@ def profile_moetx(jax, tr, state, batch, args) -> tuple[dict, object]:
         "families": {f: {"ms": round(fam_us[f] / 1e3 / n, 1),
                          "bwd_ms": round(fam_bwd_us[f] / 1e3 / n, 1),
                          "share": round(fam_us[f] / max(sum(fam_us.values()), 1e-9), 4)}
-                     for f in FAMILIES},
+                     for f in families},
         "op_kinds_ms": {k: round(v / 1e3 / n, 1) for k, v in kinds.most_common(12)},
         "top_ops": [{"op": k, "family": cache[k][0], "bwd": cache[k][1],
                      "ms": round(v / 1e3 / n, 1),
@@ -302,6 +308,23 @@ def profile_moetx(jax, tr, state, batch, args) -> tuple[dict, object]:
 
 
 # ------------------------------------------------------------------------- HF: torch.profiler
+def range_module(torch, module, family: str) -> list:
+    """Wraps each forward call of `module` in a `record_function('fam:<family>')` range;
+    returns the hooks' handles."""
+    rf = torch.autograd.profiler.record_function
+    ranges = []
+
+    def pre(mod, inputs):
+        r = rf(f"fam:{family}")
+        r.__enter__()
+        ranges.append(r)
+
+    def post(mod, inputs, output):
+        ranges.pop().__exit__(None, None, None)
+
+    return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
 def hf_family_hooks(torch, model) -> list:
     """Wraps each module of a family in a `record_function('fam:<family>')` range."""
     from transformers.models.t5 import modeling_t5 as t5
@@ -310,18 +333,7 @@ def hf_family_hooks(torch, model) -> list:
     handles = []
 
     def wrap(module, family):
-        ranges = []
-
-        def pre(mod, inputs):
-            r = rf(f"fam:{family}")
-            r.__enter__()
-            ranges.append(r)
-
-        def post(mod, inputs, output):
-            ranges.pop().__exit__(None, None, None)
-
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post))
+        handles.extend(range_module(torch, module, family))
 
     for m in model.modules():
         if isinstance(m, t5.T5Attention):
@@ -386,7 +398,9 @@ def attribute_torch(events) -> tuple[collections.Counter, collections.Counter, f
     return fam_us, bwd_us, sum(fam_us.values())
 
 
-def profile_hf(torch, hf_step, args) -> dict:
+def profile_hf(torch, hf_step, args, families=FAMILIES) -> dict:
+    """One torch step under `torch.profiler`, its self CPU time per family (`fam:<family>`
+    ranges, `attribute_torch`)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(args.warmup):
@@ -415,7 +429,7 @@ def profile_hf(torch, hf_step, args) -> dict:
         "host_ms": round(wall_ms - total / 1e3 / n, 1),
         "families": {f: {"ms": round(fam_us[f] / 1e3 / n, 1),
                          "bwd_ms": round(bwd_us[f] / 1e3 / n, 1),
-                         "share": round(fam_us[f] / max(total, 1e-9), 4)} for f in FAMILIES},
+                         "share": round(fam_us[f] / max(total, 1e-9), 4)} for f in families},
         "top_ops": [{"op": k, "ms": round(v / 1e3 / n, 1)}
                     for k, v in by_op.most_common(args.top)],
     }

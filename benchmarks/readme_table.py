@@ -16,7 +16,12 @@ time and peak RSS of both, followed by a caption naming the sources, dates and m
                       the `means` row) the table between `<!-- means-table:start -->` and
                       `<!-- means-table:end -->`, and a `step_ops` line (step_ops.py,
                       the `step_ops` row) the attention and loss-head tables between
-                      `<!-- ops-table:start -->` and `<!-- ops-table:end -->`.
+                      `<!-- ops-table:start -->` and `<!-- ops-table:end -->`, and the
+                      `profile_vision` lines (profile_vision.py, the `profile_vision_*`
+                      rows) one per-op-family table each, moetx beside timm, between
+                      `<!-- vision-profile-table:start -->` and `<!-- ...:end -->`; a
+                      `moe_vs_dense` line with a profile (`--profile`) the MoE step beside
+                      the dense one per op family, between `<!-- moe-profile-table:... -->`.
   --plot PATH.png     also draw tokens/s and MFU against d_model for moetx and the peer, from
                       the `--sweep` rows (`sweep_*`) in the results.
 
@@ -45,6 +50,10 @@ MEANS_START = "<!-- means-table:start -->"
 MEANS_END = "<!-- means-table:end -->"
 OPS_START = "<!-- ops-table:start -->"
 OPS_END = "<!-- ops-table:end -->"
+MOE_PROFILE_START = "<!-- moe-profile-table:start -->"
+MOE_PROFILE_END = "<!-- moe-profile-table:end -->"
+VISION_PROFILE_START = "<!-- vision-profile-table:start -->"
+VISION_PROFILE_END = "<!-- vision-profile-table:end -->"
 DASH = "–"
 
 # The HF training variants, as named in the JSON lines, and how the table names them.
@@ -113,9 +122,9 @@ def latest(records: list[dict]) -> list[dict]:
 
 
 def is_profile(rec: dict) -> bool:
-    """A line with a table of its own (profile_step.py's, means.py's, step_ops.py's), not a
-    row of the main table."""
-    return rec.get("benchmark") in ("profile_step", "means", "step_ops")
+    """A line with a table of its own (profile_step.py's, profile_vision.py's, means.py's,
+    step_ops.py's), not a row of the main table."""
+    return rec.get("benchmark") in ("profile_step", "profile_vision", "means", "step_ops")
 
 
 def is_sweep(rec: dict) -> bool:
@@ -193,7 +202,8 @@ def to_row(rec: dict) -> TableRow | None:
         label = (f"Vision {rec.get('model')} ({rec.get('image_size')}², "
                  f"batch {rec.get('batch')})")
         return TableRow(label, "sgd", "img/s", rec["moetx_images_per_sec"], "timm",
-                        rec["timm_images_per_sec"], None, None, rec.get("moetx_first_step_s"),
+                        rec["timm_images_per_sec"], rec.get("moetx_mfu"), rec.get("timm_mfu"),
+                        rec.get("moetx_first_step_s"),
                         rec.get("timm_first_step_s"), None, None)
     return None
 
@@ -313,16 +323,13 @@ def _with_caption(lines: list[str], caption: str, rec: dict) -> str:
     return "\n".join([*lines, "", caption])
 
 
-def make_profile_table(records: list[dict]) -> str | None:
-    """The per-op-family table of the latest `profile_step` line (ms per step, moetx beside
-    HF eager, with each side's share of its op time) and its caption; None without one."""
-    lines = [rec for rec in latest(records) if rec.get("benchmark") == "profile_step"]
-    if not lines:
-        return None
-    rec = lines[-1]
-    mx, hf = rec["moetx"], rec.get("hf")
-    out = ["| op family | moetx ms/step | moetx share | HF eager ms/step | HF share "
-           "| moetx − HF ms |", "| --- | --- | --- | --- | --- | --- |"]
+def _family_table(mx: dict, peer: dict | None, labels: dict, peer_name: str,
+                  name: str = "moetx", gap: str | None = None) -> list[str]:
+    """Per-family ms per step and share of op time, one side (`name`) beside the other
+    (`peer_name`), and the gap."""
+    gap = gap or f"{name} − {peer_name}"
+    out = [f"| op family | {name} ms/step | {name} share | {peer_name} ms/step | {peer_name} "
+           f"share | {gap} ms |", "| --- | --- | --- | --- | --- | --- |"]
 
     def cell(side: dict | None, fam: str, what: str) -> float | None:
         if side is None:
@@ -331,27 +338,119 @@ def make_profile_table(records: list[dict]) -> str | None:
             return side["host_ms"] if what == "ms" else None
         return side["families"][fam][what]
 
-    for fam, label in FAMILY_LABELS.items():
-        a, b = cell(mx, fam, "ms"), cell(hf, fam, "ms")
-        sa, sb = cell(mx, fam, "share"), cell(hf, fam, "share")
+    for fam, label in labels.items():
+        a, b = cell(mx, fam, "ms"), cell(peer, fam, "ms")
+        sa, sb = cell(mx, fam, "share"), cell(peer, fam, "share")
         out.append("| " + " | ".join([
             label, format(a, ",.0f"), DASH if sa is None else format(sa, ".1%"),
             DASH if b is None else format(b, ",.0f"), DASH if sb is None else format(sb, ".1%"),
             DASH if b is None else format(a - b, "+,.0f")]) + " |")
-    wall = f"moetx {mx['step_wall_ms']:,.0f} ms a profiled step ({mx['step_unprofiled_ms']:,.0f}" \
+    return out
+
+
+def _walls(mx: dict, peer: dict | None, peer_name: str, name: str = "moetx") -> str:
+    wall = f"{name} {mx['step_wall_ms']:,.0f} ms a profiled step ({mx['step_unprofiled_ms']:,.0f}" \
            f" unprofiled)"
-    if hf is not None:
-        wall += f", HF eager {hf['step_wall_ms']:,.0f} ({hf['step_unprofiled_ms']:,.0f})"
+    if peer is not None:
+        wall += f", {peer_name} {peer['step_wall_ms']:,.0f} ({peer['step_unprofiled_ms']:,.0f})"
+    return wall
+
+
+def _thunk_note(mx: dict) -> str:
     kinds = ", ".join(f"{k} {v:,.0f}" for k, v in list(mx.get("op_kinds_ms", {}).items())[:6])
+    return (f"moetx's op times are XLA thunks, which may run two at once on the 2 cores (op time "
+            f"/ busy time {mx.get('concurrency', float('nan')):.2f}), so its column can add up to "
+            f"more than its step; `host` is the step's wall time outside every op. moetx's "
+            f"costliest op kinds (ms): {kinds}.")
+
+
+def make_profile_table(records: list[dict]) -> str | None:
+    """The per-op-family table of the latest `profile_step` line (ms per step, moetx beside
+    HF eager, with each side's share of its op time) and its caption; None without one."""
+    lines = [rec for rec in latest(records) if rec.get("benchmark") == "profile_step"]
+    if not lines:
+        return None
+    rec = lines[-1]
+    mx, hf = rec["moetx"], rec.get("hf")
+    out = _family_table(mx, hf, FAMILY_LABELS, "HF eager", gap="moetx − HF")
     caption = (
         f"Generated by `benchmarks/readme_table.py` from the `profile_step` line of "
         f"{rec.get('_source', '?')} ({rec.get('date', '?')}): `benchmarks/profile_step.py`, "
-        f"T5.1.1 enc-dec {_encdec_shape(rec)}, Adafactor, one step per side under each profiler. {wall}. moetx's op times are XLA thunks, which "
-        f"may run two at once on the 2 cores (op time / busy time "
-        f"{mx.get('concurrency', float('nan')):.2f}), so its column can add up to more than its "
-        f"step; `host` is the step's wall time outside every op. moetx's costliest op kinds (ms): "
-        f"{kinds}.")
+        f"T5.1.1 enc-dec {_encdec_shape(rec)}, Adafactor, one step per side under each "
+        f"profiler. {_walls(mx, hf, 'HF eager')}. {_thunk_note(mx)}")
     return _with_caption(out, caption, rec)
+
+
+# profile_vision.py's op families, as the vision profile tables name them.
+VISION_FAMILY_LABELS = {
+    "conv": "convolutions (dense, 1×1 included)",
+    "depthwise_conv": "depthwise convolutions",
+    "norm": "batch and layer norms",
+    "attention": "attention / token mixing (projections included)",
+    "squeeze_excite": "squeeze-excite, self-gating",
+    "dense": "dense layers (MLP, head)",
+    "drop_path": "dropout and drop path (random bits included)",
+    "loss": "loss (softmax cross entropy)",
+    "optimizer": "optimizer (SGD, momentum, update)",
+    "other": "other (activations, residuals, pooling, pads, copies)",
+    "host": "host (step wall time not covered by ops)",
+}
+
+
+def make_vision_profile_tables(records: list[dict]) -> str | None:
+    """One per-op-family table per `profile_vision` line (each model's latest), moetx beside
+    timm, each with its caption; None without one."""
+    lines = [rec for rec in latest(records) if rec.get("benchmark") == "profile_vision"]
+    if not lines:
+        return None
+    tables = []
+    for rec in lines:
+        mx, tm = rec["moetx"], rec.get("timm")
+        caption = (
+            f"**{rec['model']}** ({rec['image_size']}², batch {rec['batch']}, SGD; timm "
+            f"`{rec.get('timm_model')}`). Generated by `benchmarks/readme_table.py` from the "
+            f"`profile_vision` line of {rec.get('_source', '?')} ({rec.get('date', '?')}): "
+            f"`benchmarks/profile_vision.py`, one step per side under each profiler. "
+            f"{_walls(mx, tm, 'timm')}. {_thunk_note(mx)}")
+        tables.append(_with_caption(_family_table(mx, tm, VISION_FAMILY_LABELS, "timm"),
+                                    caption, rec))
+    return "\n\n".join(tables)
+
+
+# moe_throughput.py's MoE-vs-dense profile families, as the MoE profile table names them.
+MOE_FAMILY_LABELS = {
+    "attention": "attention (with Primer's depthwise convolutions)",
+    "mlp": "dense MLPs (and the MoE layers' reshapes)",
+    "router": "router (logits, top-k, capacity masks)",
+    "dispatch_combine": "dispatch and combine einsums",
+    "experts": "expert MLPs",
+    "logits_loss": "logits and loss",
+    "layer_norms": "layer norms",
+    "optimizer": "optimizer",
+    "other": "other (residuals, embedding, copies)",
+    "host": "host (step wall time not covered by ops)",
+}
+
+
+def make_moe_profile_table(records: list[dict]) -> str | None:
+    """The per-op-family table of the latest `moe_vs_dense` line that holds a profile (MoE
+    step beside the dense step of equal active FLOPs) and its caption; None without one."""
+    lines = [rec for rec in latest(records)
+             if rec.get("benchmark") == "moe_vs_dense" and rec.get("profile")]
+    if not lines:
+        return None
+    rec = lines[-1]
+    moe, dense = rec["profile"]["moe"], rec["profile"]["dense"]
+    m = rec.get("model", {})
+    caption = (
+        f"Generated by `benchmarks/readme_table.py` from the `moe_vs_dense` line of "
+        f"{rec.get('_source', '?')} ({rec.get('date', '?')}): `benchmarks/moe_throughput.py "
+        f"--only moe_vs_dense --profile`, decoder ({_shape(rec)}), top-{m.get('top_k')} of "
+        f"{m.get('experts')} experts in one layer of every {m.get('sparse_every')}, against "
+        f"the dense model of equal active FLOPs, one step each under `jax.profiler`. "
+        f"{_walls(moe, dense, 'dense', name='MoE')}. {_thunk_note(moe)}")
+    return _with_caption(_family_table(moe, dense, MOE_FAMILY_LABELS, "dense", name="MoE"),
+                         caption, rec)
 
 
 # means.py's variants, as the means table names them.
@@ -515,7 +614,8 @@ def main(argv=None) -> int:
     try:
         records = load_results(args.results)
         profile, means = make_profile_table(records), make_means_table(records)
-        ops = make_ops_table(records)
+        ops, vision = make_ops_table(records), make_vision_profile_tables(records)
+        moe_profile = make_moe_profile_table(records)
         # A file holding only profile / means lines makes only their tables.
         only_extra = records and all(map(is_profile, records))
         table = None if only_extra else make_table(records)
@@ -529,11 +629,17 @@ def main(argv=None) -> int:
                 new = rewrite(new, means, args.write, MEANS_START, MEANS_END)
             if ops is not None:
                 new = rewrite(new, ops, args.write, OPS_START, OPS_END)
+            if vision is not None:
+                new = rewrite(new, vision, args.write, VISION_PROFILE_START,
+                              VISION_PROFILE_END)
+            if moe_profile is not None:
+                new = rewrite(new, moe_profile, args.write, MOE_PROFILE_START, MOE_PROFILE_END)
         if args.plot:
             plot_scaling(records, args.plot)
     except (OSError, ValueError) as e:
         raise SystemExit(f"readme_table.py: error: {e}") from None
-    print("\n\n".join(t for t in (table, profile, means, ops) if t is not None))
+    print("\n\n".join(t for t in (table, profile, means, ops, vision, moe_profile)
+                      if t is not None))
     if args.write and new != text:
         with open(args.write, "w") as f:
             f.write(new)

@@ -31,7 +31,10 @@ Modes:
                           beside torch's (step_ops.py);
                profile_encdec  where the enc-dec Adafactor step's time goes per op family,
                           moetx beside HF eager (profile_step.py; the README's profile table);
-               vision_*   the vision rows against timm (vision_throughput.py's shapes).
+               vision_*   the vision rows against timm (vision_throughput.py's shapes);
+               profile_vision_*  where each vision row's step time goes per op family,
+                          moetx beside timm (profile_vision.py; the README's vision profile
+                          tables).
              Minutes per row on a 2-core machine: run it on an idle one.
   --quick    the same rows at tiny shapes (d_model 64, 2 layers, batch 2, 32 tokens, 2 steps):
              a check that every row runs end to end, not a measurement.
@@ -159,8 +162,9 @@ def side_by_side_rows(s: dict, memory: bool, quick: bool) -> list[Row]:
     rows.append(Row("moe_vs_dense", "moe_throughput.py",
                     ("--only", "moe_vs_dense", *width(heads["t5"]),
                      *_flags(layers=s["layers"], batch=s["batch"], length=s["length"],
-                             experts=s["experts"], top_k=1, sparse_every=2), *timing),
-                    _cost(s["d_model"], s["d_ff"], s["layers"], s["vocab"], dec_tokens, runs,
+                             experts=s["experts"], top_k=1, sparse_every=2), *timing,
+                     "--profile"),
+                    _cost(s["d_model"], s["d_ff"], s["layers"], s["vocab"], dec_tokens, runs + 3,
                           2)))
     # Where the enc-dec step's time goes, per op family, beside torch's (the README's profile
     # table): one warmup, one timed and one profiled step per side.
@@ -195,6 +199,14 @@ def side_by_side_rows(s: dict, memory: bool, quick: bool) -> list[Row]:
         rows.append(Row(f"vision_{name}", "vision_throughput.py",
                         (*_flags(**kw), *(timing if quick else ())),
                         _cost(512, 2048, 16, 1000, 16 * (4 if quick else 16), 12, 2)))
+    # Where each vision step's time goes per op family, beside timm's (one warmup, one timed
+    # and one profiled step per side).
+    for name, kw in vision:
+        if quick:
+            kw = {**kw, "image_size": 32, "batch": 2, "num_classes": 10}
+        rows.append(Row(f"profile_vision_{name}", "profile_vision.py",
+                        (*_flags(**kw), "--steps", "1", "--warmup", "1"),
+                        _cost(512, 2048, 16, 1000, 16 * (4 if quick else 16), 3, 2)))
     return rows
 
 

@@ -17,10 +17,16 @@ The trainable parameter counts must match (`params_match`). Steps are timed alte
 moetx step, one timm step, ...) after `--warmup` untimed steps each, and each side's step time
 is the median, so a change in background load hits both alike. `background_cpu_cores` is the
 CPU other processes used while timing (`steal_cpu_cores`: the part the hypervisor took): this
-machine's two cores are shared, so discard runs where it is well above 0. Under such load torch's OpenMP threads oversubscribe badly: measured
-on this machine with ~1.5 cores busy elsewhere, a tf_efficientnetv2_b0 step (64^2, batch 16)
-took 2.3 s with `--threads 2` and 0.34 s with `--threads 1`, so compare the two sides with
-`--threads 1` unless the machine is idle.
+machine's two cores are shared, so discard runs where it is well above 0. Under such load
+torch's OpenMP threads oversubscribe badly: measured on this machine with ~1.5 cores busy
+elsewhere, a tf_efficientnetv2_b0 step (64^2, batch 16) took 2.3 s with `--threads 2` and
+0.34 s with `--threads 1`, so compare the two sides with `--threads 1` unless the machine is
+idle.
+
+MFU: the step's FLOPs as XLA counts them in moetx's train step before optimisation
+(`Lowered.cost_analysis()`: the forward and backward convolutions and matmuls, elementwise work
+and the update, as written), which both sides compute, over the fastest f32 matmul rate either
+library reaches in the same run (`peak_flops_f32_matmul`).
 
 Prints exactly one JSON line on stdout; progress goes to stderr. Examples:
 
@@ -39,7 +45,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import (  # noqa: E402  (same directory; no heavy imports)
-    reserve_stdout_for_json, time_round_robin)
+    CpuLoad, matmul_fields, measure_matmuls, reserve_stdout_for_json, time_round_robin, versions)
 
 _T0 = time.perf_counter()
 
@@ -150,6 +156,17 @@ def build_timm(args, torch, images, labels, dropout, drop_path):
     return step, params
 
 
+def step_flops(jax, tr, batch: dict) -> float | None:
+    """FLOPs of one moetx train step as XLA counts them before optimisation (module docstring);
+    None where the backend gives no cost analysis."""
+    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+    cost = tr.lower_train_step(shapes).cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     out = reserve_stdout_for_json(xla_tuning=not args.no_xla_tuning)
@@ -167,8 +184,12 @@ def main(argv=None) -> int:
     labels = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
     overrides, dropout, drop_path = regularisation(args)
 
+    log("measuring f32 and bf16 matmul FLOP/s")
+    with CpuLoad() as mm_load:
+        mm = matmul_fields(measure_matmuls(jax, jax.numpy, torch))
     log("building moetx (init compiles)")
     tr, state, batch, params = build_moetx(args, jax, np, images, labels, overrides)
+    flops = step_flops(jax, tr, batch)
     timm_step = timm_params = None
     if not args.skip_timm:
         log("building timm")
@@ -199,8 +220,10 @@ def main(argv=None) -> int:
         "steps": args.steps, "warmup": args.warmup, "torch_threads": args.threads,
         "params": params, "timm_params": timm_params,
         "params_match": None if timm_params is None else timm_params == params,
+        "model_flops_per_step": flops,
         "moetx_step_time_s": mx_t,
         "moetx_images_per_sec": args.batch / mx_t,
+        "moetx_mfu": flops / mx_t / mm["peak_flops_f32_matmul"] if flops else None,
         "moetx_first_step_s": timed.first["moetx"],
         "moetx_loss": mx_loss,
     }
@@ -209,6 +232,7 @@ def main(argv=None) -> int:
         result.update({
             "timm_step_time_s": tm_t,
             "timm_images_per_sec": args.batch / tm_t,
+            "timm_mfu": flops / tm_t / mm["peak_flops_f32_matmul"] if flops else None,
             "timm_first_step_s": timed.first["timm"],
             "timm_loss": float(timed.last_out["timm"]),
             "ratio_moetx_over_timm": tm_t / mx_t,
@@ -217,8 +241,13 @@ def main(argv=None) -> int:
         "background_cpu_cores": None if timed.load.cores is None else round(timed.load.cores, 2),
         "steal_cpu_cores": None if timed.load.steal_cores is None
         else round(timed.load.steal_cores, 2),
+        "background_cpu_cores_matmul": mm_load.cores,
+        **mm,
         "xla_tuning": not args.no_xla_tuning,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "versions": versions(jax, torch),
+        "cpu_count": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     })
     out.write(json.dumps(result) + "\n")
     return 0

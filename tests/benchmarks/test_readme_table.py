@@ -249,6 +249,81 @@ def test_profile_line_becomes_its_own_table_and_stays_out_of_the_main_one(result
     assert rt.make_profile_table(rt.load_results([str(results)])[:3]) is None
 
 
+def vision_profile_line(model: str, moetx_norm_ms: float, date: str) -> dict:
+    """A profile_vision line: every family 10 ms on both sides but moetx's norms and hosts."""
+    fams = lambda norm, total: {  # noqa: E731
+        f: {"ms": norm if f == "norm" else 10.0,
+            "share": (norm if f == "norm" else 10.0) / total} for f in rt.VISION_FAMILY_LABELS
+        if f != "host"}
+    return {"benchmark": "profile_vision", "row": f"profile_vision_{model.split('/')[0]}",
+            "run_all": {"mode": "side_by_side"}, "model": model, "timm_model": "timm_" + model,
+            "image_size": 64, "batch": 16, "table_ms_per_step": {},
+            "moetx": {"step_wall_ms": 200.0, "step_unprofiled_ms": 190.0, "host_ms": 30.0,
+                      "concurrency": 1.1, "families": fams(moetx_norm_ms, 90.0 + moetx_norm_ms),
+                      "op_kinds_ms": {"convolution": 50.0, "loop_fusion": 20.0}},
+            "timm": {"step_wall_ms": 100.0, "step_unprofiled_ms": 95.0, "host_ms": 2.0,
+                     "families": fams(10.0, 100.0)},
+            "background_cpu_cores": {"moetx": 0.0, "timm": 0.0}, "date": date}
+
+
+def test_vision_profile_lines_become_one_table_per_model(results, tmp_path):
+    lines = [vision_profile_line("coatnet/0", 99.0, "2026-12-05 08:00:00 UTC"),
+             vision_profile_line("efficientnet_v2/b0", 10.0, "2026-12-05 08:30:00 UTC"),
+             vision_profile_line("coatnet/0", 60.0, "2026-12-05 09:00:00 UTC")]  # replaces
+    with open(results, "a") as f:
+        f.write("".join(json.dumps(rec) + "\n" for rec in lines))
+    records = rt.load_results([str(results)])
+    assert rt.make_table(records) == EXPECTED_TABLE
+    assert rt.make_profile_table(records) is None
+    tables = rt.make_vision_profile_tables(records).split("\n\n")
+    assert len(tables) == 4  # two tables, each with its caption
+    coatnet, caption = tables[0].split("\n"), tables[1]
+    assert coatnet[0] == ("| op family | moetx ms/step | moetx share | timm ms/step | timm share "
+                          "| moetx − timm ms |")
+    assert len(coatnet) == 2 + len(rt.VISION_FAMILY_LABELS)
+    assert coatnet[4] == "| batch and layer norms | 60 | 40.0% | 10 | 10.0% | +50 |"
+    assert coatnet[-1] == ("| host (step wall time not covered by ops) | 30 | – | 2 | – "
+                           "| +28 |")
+    assert caption.startswith("**coatnet/0** (64², batch 16, SGD; timm `timm_coatnet/0`)")
+    assert "(2026-12-05 09:00:00 UTC)" in caption
+    assert "moetx 200 ms a profiled step (190 unprofiled), timm 100 (95)" in caption
+    assert "convolution 50, loop_fusion 20" in caption
+    assert tables[2].split("\n")[4].startswith("| batch and layer norms | 10 |")
+    assert tables[3].startswith("**efficientnet_v2/b0**")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{rt.START}\n{rt.END}\n{rt.VISION_PROFILE_START}\nold\n"
+                      f"{rt.VISION_PROFILE_END}\n")
+    assert rt.main([str(results), "--write", str(readme)]) == 0
+    assert "\n\n".join(tables) in readme.read_text() and "old" not in readme.read_text()
+
+
+def test_a_profiled_moe_vs_dense_line_also_becomes_the_moe_profile_table(results, tmp_path):
+    def side(router_ms: float, wall: float) -> dict:
+        fams = {f: 10.0 for f in rt.MOE_FAMILY_LABELS if f != "host"}
+        fams["router"] = router_ms
+        total = sum(fams.values())
+        return {"step_wall_ms": wall, "step_unprofiled_ms": wall - 5, "host_ms": 4.0,
+                "concurrency": 1.2, "op_kinds_ms": {"dot": 50.0},
+                "families": {f: {"ms": v, "share": v / total} for f, v in fams.items()}}
+
+    line = {"benchmark": "moe_vs_dense", "row": "moe_vs_dense",
+            "model": {"d_model": 512, "layers": 8, "experts": 8, "top_k": 1,
+                      "sparse_every": 2}, "batch": 8, "length": 512,
+            "moe_tokens_per_sec": 600.0, "dense_tokens_per_sec": 660.0,
+            "profile": {"moe": side(30.0, 110.0), "dense": side(0.0, 100.0)},
+            "date": "2026-12-05 20:00:00 UTC"}
+    records = rt.load_results([str(results)])
+    assert rt.make_moe_profile_table(records) is None  # no profile in the fixture lines
+    with open(results, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    table = rt.make_moe_profile_table(rt.load_results([str(results)])).split("\n")
+    assert table[0] == ("| op family | MoE ms/step | MoE share | dense ms/step | dense share "
+                        "| MoE − dense ms |")
+    assert table[4] == "| router (logits, top-k, capacity masks) | 30 | 27.3% | 0 | 0.0% | +30 |"
+    assert "MoE 110 ms a profiled step (105 unprofiled), dense 100 (95)" in table[-1]
+    assert "top-1 of 8 experts in one layer of every 2" in table[-1]
+
+
 def means_line(date: str) -> dict:
     """A means.py line: bf16 twice as fast, remat slower, the baseline 10% slower at the end."""
     def variant(s: float, loss: float) -> dict:

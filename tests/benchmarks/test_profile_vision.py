@@ -1,0 +1,71 @@
+"""benchmarks/profile_vision.py's op families: the moetx side from HLO metadata (the Flax module
+path and Python stack of each instruction), the timm side from module types, so that both sides
+count the same work in the same family."""
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
+import profile_vision as pv  # noqa: E402
+
+STEP = "jit(_train_step_impl)"
+
+
+@pytest.mark.parametrize("op_name, stack, family", [
+    (f"{STEP}/transpose(jvp(CoAtNet))/stage3_block1/attn/qkv/conv_general_dilated", (),
+     "attention"),
+    (f"{STEP}/jvp(CoAtNet)/stage3_block2/attn/bqhd,bkhd->bhqk/dot_general", (), "attention"),
+    (f"{STEP}/jvp(Gmlp)/blocks_3/gate/norm/mul", (), "attention"),  # gMLP's gating unit whole
+    (f"{STEP}/jvp(CoAtNet)/stage2_block1/se/reduce/dot_general", (), "squeeze_excite"),
+    (f"{STEP}/transpose(jvp(EfficientNetV2))/stem/bn/reduce_sum", (), "norm"),
+    (f"{STEP}/jvp(CoAtNet)/stage2_block2/norm2/div", (), "norm"),
+    (f"{STEP}/jvp(EfficientNetV2)/stage5_block4/depthwise/conv/mul",
+     ("conv_ops.py:depthwise_conv", "conv_ops.py:conv_general_dilated"), "depthwise_conv"),
+    (f"{STEP}/jvp(ResNet)/stage4_block0/conv2/conv/dot_general",
+     ("conv_ops.py:patches_conv",), "conv"),
+    (f"{STEP}/jvp(EfficientNetV2)/stage2_block1/expand/conv/conv_general_dilated", (), "conv"),
+    (f"{STEP}/transpose(jvp(CoAtNet))/stage2_block0/conv3/reduce_sum", (), "conv"),  # bias
+    (f"{STEP}/jvp(CoAtNet)/head/dot_general", (), "dense"),
+    (f"{STEP}/jvp(CoAtNet)/stage4_block0/DropPath_1/jit(_bernoulli)/jit(_uniform)/xor", (),
+     "drop_path"),
+    (f"{STEP}/jvp()/jit(_threefry_split)/ImageClassificationModel.loss_fn/xor", (), "drop_path"),
+    (f"{STEP}/jvp(jit(log_softmax))/exp", (), "loss"),
+    (f"{STEP}/transpose(jvp())/mul", (), "loss"),
+    (f"{STEP}/add", ("transform.py:update_fn", "optimizers.py:sgd_momentum"), "optimizer"),
+    (f"{STEP}/reduce_sum", (), "optimizer"),  # the gradient norm, after the gradient
+    (f"{STEP}/jvp(CoAtNet)/stage3_block0/erfc", (), "other"),  # GELU
+    ("reduce_sum", (), "other"),
+    ("", (), None),
+])
+def test_moetx_instructions_fall_in_their_family(op_name, stack, family):
+    assert pv.classify_vision(op_name, stack) == family
+
+
+def test_timm_modules_fall_in_the_same_families_and_count_whole_inside_attention():
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Attention2d(nn.Module):  # named as timm's; its 1x1 qkv conv counts as attention
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Conv2d(8, 24, 1)
+            self.proj = nn.Linear(8, 8)
+
+    class SEModule(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Conv2d(8, 2, 1)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.BatchNorm2d(8),
+                          nn.Conv2d(8, 16, 3, groups=2), Attention2d(), SEModule(),
+                          nn.Linear(8, 4), nn.GELU(), nn.Dropout(0.1))
+    assert [pv.timm_family(m) for m in model] == [
+        "conv", "depthwise_conv", "norm", "conv", "attention", "squeeze_excite", "dense", None,
+        "drop_path"]
+    handles = pv.timm_family_hooks(torch, model)
+    # Two hooks per ranged module: the 8 above, not the three layers inside attention and SE.
+    assert len(handles) == 2 * 8
+    for h in handles:
+        h.remove()
