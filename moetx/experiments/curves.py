@@ -16,7 +16,8 @@ factor, and the final evaluation's at the eval capacity factor), and the CPU the
 cores (`host_cpu_cores`: the trainer's `host/other_cpu_cores` and `host/steal_cpu_cores`, the
 machine's other processes with the hypervisor's steal and the steal alone, averaged over the
 logged windows weighted by their seconds): wall-time figures of a run that lost much are slow
-because of the machine, not the model.
+because of the machine, not the model; and the host's input time per step
+(`input_seconds_per_step`, from `timing/input_seconds`).
 
 An arm's mean curve (`arm_curve`) aggregates its seeds at common x points: every seed's (step,
 loss) and (step, seconds) curves are interpolated linearly at the union of the seeds' eval steps
@@ -116,6 +117,16 @@ def time_weighted_mean(train_scalars: Mapping[str, Curve], tag: str,
     return sum(v * w for v, w in pairs) / total if total > 0 else None
 
 
+def input_seconds_per_step(train_scalars: Mapping[str, Curve], start_step: int) -> float | None:
+    """The host's time getting and placing a batch (`timing/input_seconds`), per step past
+    `start_step`; None when the run did not log it."""
+    windows = [(int(s), float(v)) for s, v in train_scalars.get("timing/input_seconds", [])
+               if s > start_step]
+    if not windows:
+        return None
+    return sum(v for _, v in windows) / (windows[-1][0] - start_step)
+
+
 def loss_spikes(losses: Curve, spike_factor: float, spike_window: int) -> list[int]:
     """The steps whose logged loss is a spike or not finite, by `divergence.Monitor`'s rule
     over the logged losses (a spike is not added to the running mean it is compared with)."""
@@ -161,6 +172,7 @@ def run_record(eval_scalars: Mapping[str, Curve], train_scalars: Mapping[str, Cu
         "host_cpu_cores": {
             kind: time_weighted_mean(train_scalars, f"host/{kind}_cpu_cores", start_step)
             for kind in ("other", "steal")},
+        "input_seconds_per_step": input_seconds_per_step(train_scalars, start_step),
     }
 
 

@@ -4,7 +4,8 @@ console line, and inference evaluation with the task's metric functions (`Infere
 The training scalars carry T5X's names: `loss` (the optimised loss, the model's `loss_metric`),
 the model's own metrics (a language model's `cross_ent_loss`, `z_loss`, `accuracy`, ...),
 `learning_rate`, and `timing/*` (`timing_scalars`, plus `timing/compilation_seconds` once and
-`timing/init_or_restore_seconds` at the start); moetx adds `grad_norm`, `mfu` and, on Linux,
+`timing/init_or_restore_seconds` at the start); moetx adds `timing/input_seconds` (host time
+getting and placing batches), `grad_norm`, `mfu` and, on Linux,
 `host/other_cpu_cores`, `host/steal_cpu_cores` and `host/own_cpu_cores` (`HostCpuMeter`: the
 CPU the window lost to the machine's other processes and to the hypervisor, so a slow window can
 be told from a slow step, and the CPU the run itself used).

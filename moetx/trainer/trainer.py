@@ -350,9 +350,11 @@ def run_training_loop(
     which is logged as the rate `timing/<count_unit>_per_second` when `count_per_batch` is
     given), `loss` (the model's `loss_metric`, which must be finite), the learning rate, the
     gradient norm, T5X's `timing/*` scalars of the window since the last log (see
-    `metrics_lib.timing_scalars`), with `flops_per_step` and `peak_flops` the MFU, and the
-    window's `host/other_cpu_cores`, `host/steal_cpu_cores` and `host/own_cpu_cores`
-    (`metrics_lib.HostCpuMeter`).
+    `metrics_lib.timing_scalars`), `timing/input_seconds` (the window's host time spent getting
+    batches and placing them on the devices: while the device runs the step in flight, so it
+    costs wall time only where it exceeds the steps), with `flops_per_step` and `peak_flops`
+    the MFU, and the window's `host/other_cpu_cores`, `host/steal_cpu_cores` and
+    `host/own_cpu_cores` (`metrics_lib.HostCpuMeter`).
 
     With `trainer.skip_nonfinite_updates`, a non-finite loss does not stop the run: updates
     with a non-finite loss or gradient are dropped and counted (`skipped_updates`, the total so
@@ -372,14 +374,18 @@ def run_training_loop(
     observed = start  # the last step `observe` has seen
     compilation_seconds = None  # logged once, with the first scalars
     host_cpu = metrics_lib.HostCpuMeter()
+    input_seconds = 0.0  # in the window: getting the next batch and placing it on the devices
     for step in range(start + 1, train_steps + 1):
+        t_input = time.perf_counter()
         try:
             batch = next(batches)
         except StopIteration:
             raise ValueError(f"The training data ran out at step {step}; the train split is "
                              f"empty or too small for one batch.") from None
+        batch = trainer.to_global(batch)
         t_call = time.perf_counter()
-        state, sums = trainer.train_step(state, trainer.to_global(batch))
+        input_seconds += t_call - t_input
+        state, sums = trainer.train_step(state, batch)
         if step == start + 1:  # the first call traces and compiles before it dispatches
             compilation_seconds = time.perf_counter() - t_call
         # At most two steps in flight: the host prepares step n+1's batch while step n runs,
@@ -436,6 +442,8 @@ def run_training_loop(
             if flops_per_step and peak_flops:
                 scalars["mfu"] = flops_per_step * steps / dt / peak_flops
             scalars.update({f"host/{k}": v for k, v in host_cpu.window().items()})
+            scalars["timing/input_seconds"] = input_seconds
+            input_seconds = 0.0
             writer.write_scalars(step, scalars)
             remaining = (train_steps - step) * (now - t_start) / max(step - start, 1)
             writer.progress(step, scalars, remaining)

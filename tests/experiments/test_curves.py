@@ -65,6 +65,7 @@ def test_a_run_record_from_its_scalars():
     assert rec["failure"] is None
     # Not logged (a run from before the trainer recorded it, or not on Linux): None.
     assert rec["host_cpu_cores"] == {"other": None, "steal": None}
+    assert rec["input_seconds_per_step"] is None
 
 
 def test_a_run_records_the_cpu_it_lost_weighted_by_each_windows_seconds():
@@ -80,6 +81,15 @@ def test_a_run_records_the_cpu_it_lost_weighted_by_each_windows_seconds():
     later = curves.run_record(ev, tr, flops_per_step=1.0, start_step=10, failure=None,
                               spike_factor=1.5, spike_window=2)
     assert later["host_cpu_cores"]["other"] == pytest.approx(1.5 / 5)
+
+
+def test_a_run_records_its_input_time_per_step():
+    ev, tr = _scalars()
+    tr["timing/input_seconds"] = [(5, 0.5), (10, 0.1), (15, 0.2), (20, 0.2)]
+    rec = curves.run_record(ev, tr, flops_per_step=1.0, start_step=0, failure=None,
+                            spike_factor=1.5, spike_window=2)
+    assert rec["input_seconds_per_step"] == pytest.approx(1.0 / 20)
+    assert curves.input_seconds_per_step(tr, 10) == pytest.approx(0.4 / 10)
 
 
 def test_a_run_that_starts_later_counts_flops_and_seconds_from_its_start():

@@ -207,7 +207,7 @@ def test_the_training_loop_logs_what_the_model_summarizes(trained, capsys):
                             "timing/seconds", "timing/steps_per_second", "timing/seqs",
                             "timing/seqs_per_second", "timing/seqs_per_second_per_core",
                             "timing/uptime", "timing/points_per_second",
-                            "timing/points_per_second_per_core"} | (
+                            "timing/points_per_second_per_core", "timing/input_seconds"} | (
         {"host/other_cpu_cores", "host/steal_cpu_cores", "host/own_cpu_cores"}
         if metrics_lib.read_cpu_times() is not None else set())  # Linux
     assert scalars["loss"] == scalars["mse"]

@@ -197,7 +197,7 @@ def test_training_log_keeps_the_language_model_names_and_values():
     timing = {"timing/seconds", "timing/steps_per_second", "timing/seqs",
               "timing/seqs_per_second", "timing/seqs_per_second_per_core", "timing/uptime",
               "timing/tokens_per_second", "timing/tokens_per_second_per_core",
-              "timing/compilation_seconds"}
+              "timing/compilation_seconds", "timing/input_seconds"}
     if metrics_lib.read_cpu_times() is not None:  # Linux
         timing |= {"host/other_cpu_cores", "host/steal_cpu_cores", "host/own_cpu_cores"}
     assert set(scalars) == {"cross_ent_loss", "accuracy", "z_loss", "perplexity", "loss",
@@ -209,6 +209,8 @@ def test_training_log_keeps_the_language_model_names_and_values():
                                rtol=1e-5)
     np.testing.assert_allclose(scalars["timing/tokens_per_second"],
                                8 * 32 * scalars["timing/steps_per_second"], rtol=1e-6)
+    # The batch's host-to-device placement is timed, within the window.
+    assert 0 < scalars["timing/input_seconds"] <= scalars["timing/seconds"]
     weight = float(np.sum(batch["decoder_loss_weights"]))
     np.testing.assert_allclose(scalars["cross_ent_loss"], direct["cross_ent_sum"] / weight,
                                rtol=1e-5)
