@@ -90,6 +90,7 @@ _CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
 _OPNAME = re.compile(r'op_name="([^"]*)"')
 _FRAME = re.compile(r"stack_frame_id=(\d+)")
 _TABLE_ROW = re.compile(r"^(\d+) (.*)$")
+_OPCODE = re.compile(r"([a-z][a-z0-9_\-]*)\(")  # the first `name(` after the shape
 
 
 def _stack_tables(text: str) -> dict[int, tuple[str, ...]]:
@@ -134,7 +135,7 @@ def _stack_tables(text: str) -> dict[int, tuple[str, ...]]:
 
 def parse_hlo(text: str) -> tuple[dict, dict]:
     """instruction name -> (op_name, Python stack "file:function" innermost first, called
-    computations); computation name -> its instruction names."""
+    computations, opcode); computation name -> its instruction names."""
     chains = _stack_tables(text)
     instrs, comps, current = {}, collections.defaultdict(list), None
     for line in text.splitlines():
@@ -145,9 +146,10 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
             name, rest = m.groups()
             op = _OPNAME.search(rest)
             frame = _FRAME.search(rest)
+            opcode = _OPCODE.search(rest)
             instrs[name] = (op.group(1) if op else "",
                             chains.get(int(frame.group(1)), ()) if frame else (),
-                            _CALLS.findall(rest))
+                            _CALLS.findall(rest), opcode.group(1) if opcode else "")
             comps[current].append(name)
             continue
         m = _COMP.match(line)
@@ -184,24 +186,29 @@ def classify_jax(op_name: str, stack: tuple[str, ...]) -> str | None:
 
 
 def instruction_family(name: str, instrs: dict, comps: dict, classify=classify_jax,
-                       depth: int = 0) -> str:
-    """The family of an HLO instruction: `classify(op_name, stack)` of its own metadata, or the
-    most common family among the instructions of the computations it calls (a fusion)."""
-    op, stack, calls = instrs.get(name, ("", (), []))
+                       depth: int = 0, by_opcode: dict | None = None) -> str:
+    """The family of an HLO instruction: `classify(op_name, stack)` of its own metadata, or,
+    without metadata, `by_opcode[opcode]` (instructions XLA made in a pass, such as a
+    convolution's weight gradient), or the most common family among the instructions of the
+    computations it calls (a fusion)."""
+    op, stack, calls, opcode = instrs.get(name, ("", (), [], ""))
     fam = classify(op, stack)
     if fam is not None:
         return fam
+    if by_opcode and opcode in by_opcode:
+        return by_opcode[opcode]
     votes = collections.Counter()
     if depth < 4:
         for comp in calls:
             for inner in comps.get(comp, ()):
-                votes[instruction_family(inner, instrs, comps, classify, depth + 1)] += 1
+                votes[instruction_family(inner, instrs, comps, classify, depth + 1,
+                                         by_opcode)] += 1
     votes.pop("other", None)
     return votes.most_common(1)[0][0] if votes else "other"
 
 
 def is_backward(name: str, instrs: dict, comps: dict) -> bool:
-    op, _, calls = instrs.get(name, ("", (), []))
+    op, _, calls, _ = instrs.get(name, ("", (), [], ""))
     if op:
         return "transpose(" in op
     return any("transpose(" in instrs.get(i, ("",))[0] for c in calls for i in comps.get(c, ()))
@@ -213,10 +220,10 @@ def op_kind(name: str) -> str:
     return kind or name
 
 
-def profile_moetx(jax, tr, state, batch, args, families=FAMILIES,
-                  classify=classify_jax) -> tuple[dict, object]:
+def profile_moetx(jax, tr, state, batch, args, families=FAMILIES, classify=classify_jax,
+                  by_opcode: dict | None = None) -> tuple[dict, object]:
     """One moetx `Trainer.train_step` under `jax.profiler` (module docstring): thunk time per
-    family (`classify(op_name, stack)` of each HLO instruction), op kinds, slowest ops."""
+    family (`instruction_family` of each HLO instruction), op kinds, slowest ops."""
     compiled = tr._train_step.lower(state, batch).compile()
     text = compiled.as_text()
     if args.dump_hlo:
@@ -266,7 +273,8 @@ def profile_moetx(jax, tr, state, batch, args, families=FAMILIES,
     for e in thunks:
         name = e["args"]["hlo_op"]
         if name not in cache:
-            cache[name] = (instruction_family(name, instrs, comps, classify),
+            cache[name] = (instruction_family(name, instrs, comps, classify,
+                                              by_opcode=by_opcode),
                            is_backward(name, instrs, comps))
         fam, bwd = cache[name]
         dur = float(e["dur"])

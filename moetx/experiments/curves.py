@@ -253,6 +253,8 @@ def summarize(curves: Mapping[str, Mapping[str, Any]], baseline: str) -> dict[st
             "host_cpu_cores": {kind: _stats(r.get("host_cpu_cores", {}).get(kind)
                                             for r in runs.values())
                                for kind in ("other", "steal")},
+            "other_cpu_cores_per_seed": {s: r.get("host_cpu_cores", {}).get("other")
+                                         for s, r in runs.items()},
         }
     return {"baseline": baseline, "arms": arms}
 
@@ -275,11 +277,12 @@ def summary_markdown(name: str, summary: Mapping[str, Any], budget_note: str = "
     """A Markdown table of the summary: one row per arm."""
     arms = summary["arms"]
     moe = any(a["train_fraction_dropped"] is not None for a in arms.values())
-    lost = {arm: (a.get("host_cpu_cores") or {}).get("other") for arm, a in arms.items()}
+    lost = {arm: a.get("other_cpu_cores_per_seed") or {} for arm, a in arms.items()}
+    recorded = any(v is not None for per_seed in lost.values() for v in per_seed.values())
     head = ["arm", "steps", "FLOPs/step", "final eval loss", "speed-up (FLOPs)",
             "speed-up (wall)", "diverged", "loss spikes"] + (
         ["dropped tokens (train / eval)"] if moe else []) + (
-        ["CPU lost to other work (cores)"] if any(lost.values()) else [])
+        ["CPU lost to other work (cores)"] if recorded else [])
     rows = []
     for arm, a in arms.items():
         spikes = ", ".join(str(n) for n in a["loss_spikes"].values())
@@ -289,8 +292,9 @@ def summary_markdown(name: str, summary: Mapping[str, Any], budget_note: str = "
         if moe:
             row.append(f"{_pm(a['train_fraction_dropped'], '.3f')} / "
                        f"{_pm(a['eval_fraction_dropped'], '.3f')}")
-        if any(lost.values()):
-            row.append(", ".join(f"{v:.2f}" for v in lost[arm]["values"]) if lost[arm] else "-")
+        if recorded:
+            row.append(", ".join("-" if v is None else f"{v:.2f}" for v in lost[arm].values())
+                       or "-")
         rows.append(row)
     lines = [f"# {name}", "", budget_note, "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -301,5 +305,5 @@ def summary_markdown(name: str, summary: Mapping[str, Any], budget_note: str = "
               f"never reaches it, 'n/a' for arms that start elsewhere. Loss spikes per seed."
               + (" CPU lost: per seed, the cores the machine's other processes and its "
                  "hypervisor took while the run trained (mean over its training), which slows "
-                 "its wall time, not its steps." if any(lost.values()) else ""), ""]
+                 "its wall time, not its steps ('-': not recorded)." if recorded else ""), ""]
     return "\n".join(lines)

@@ -69,3 +69,33 @@ def test_timm_modules_fall_in_the_same_families_and_count_whole_inside_attention
     assert len(handles) == 2 * 8
     for h in handles:
         h.remove()
+
+
+HLO = """HloModule step
+
+%fused_computation.1 (param_0.1: f32[4,3,3,8], param_1.1: f32[4,3,3,8]) -> f32[3,3,8,8] {
+  %param_0.1 = f32[4,3,3,8]{3,2,1,0} parameter(0)
+  %param_1.1 = f32[4,3,3,8]{3,2,1,0} parameter(1)
+  ROOT %convolution.7 = f32[3,3,8,8]{3,2,1,0} convolution(%param_0.1, %param_1.1), window={size=3x3}, dim_labels=b01f_01io->b01f
+}
+
+ENTRY %main (a: f32[4,3,3,8], b: f32[4,3,3,8]) -> f32[3,3,8,8] {
+  %a = f32[4,3,3,8]{3,2,1,0} parameter(0)
+  %b = f32[4,3,3,8]{3,2,1,0} parameter(1)
+  %multiply.2 = f32[4,3,3,8]{3,2,1,0} multiply(%a, %b), metadata={op_name="jit(_train_step_impl)/jvp(ResNet)/stage1_block0/conv1/bn/mul"}
+  ROOT %ynn_fusion.3 = f32[3,3,8,8]{3,2,1,0} fusion(%multiply.2, %b), kind=kCustom, calls=%fused_computation.1
+}
+"""
+
+
+def test_a_fusion_without_metadata_counts_for_the_family_of_its_opcode():
+    import profile_step as ps
+
+    instrs, comps = ps.parse_hlo(HLO)
+    assert instrs["ynn_fusion.3"][3] == "fusion" and instrs["convolution.7"][3] == "convolution"
+    family = lambda name, by_opcode: ps.instruction_family(  # noqa: E731
+        name, instrs, comps, pv.classify_vision, by_opcode=by_opcode)
+    # XLA's weight-gradient convolution keeps no op_name: without the opcode rule it is "other".
+    assert family("ynn_fusion.3", None) == "other"
+    assert family("ynn_fusion.3", pv.BY_OPCODE) == "conv"
+    assert family("multiply.2", pv.BY_OPCODE) == "norm"  # metadata comes first

@@ -166,15 +166,15 @@ def test_summary_speedups_per_seed_and_their_mean():
     assert "n/a" in md
     assert "CPU lost" not in md  # no run recorded it
     # The CPU each seed lost, where the runs recorded it.
-    fast["seeds"]["0"]["host_cpu_cores"] = {"other": 0.9, "steal": 0.85}
-    fast["seeds"]["1"]["host_cpu_cores"] = {"other": 0.02, "steal": 0.0}
+    fast["seeds"]["1"]["host_cpu_cores"] = {"other": 0.9, "steal": 0.85}  # seed 0: none
     out = curves.summarize({"base": base, "fast": fast}, "base")
-    assert out["arms"]["fast"]["host_cpu_cores"]["other"]["values"] == [0.9, 0.02]
+    assert out["arms"]["fast"]["host_cpu_cores"]["other"]["values"] == [0.9]
+    assert out["arms"]["fast"]["other_cpu_cores_per_seed"] == {"0": None, "1": 0.9}
     assert out["arms"]["base"]["host_cpu_cores"] == {"other": None, "steal": None}
     md = curves.summary_markdown("demo", out, "")
     assert "| CPU lost to other work (cores) |" in md.splitlines()[4]
-    assert md.splitlines()[7].endswith("| 0.90, 0.02 |")  # fast's row
-    assert md.splitlines()[6].endswith("| - |")  # base's row
+    assert md.splitlines()[7].endswith("| -, 0.90 |")  # fast's row, per seed
+    assert md.splitlines()[6].endswith("| -, - |")  # base's row
 
 
 def test_the_mean_curve_leaves_out_failed_seeds():
