@@ -214,6 +214,17 @@ def is_backward(name: str, instrs: dict, comps: dict) -> bool:
     return any("transpose(" in instrs.get(i, ("",))[0] for c in calls for i in comps.get(c, ()))
 
 
+def primitives(per_op: collections.Counter, instrs: dict) -> collections.Counter:
+    """Thunk time per JAX primitive, the last part of each instruction's op_name (a fusion's
+    own metadata names its root: `erfc`, `conv_general_dilated`, `dot_general`, ...; `?`
+    without metadata)."""
+    out = collections.Counter()
+    for name, us in per_op.items():
+        op = instrs.get(name, ("",))[0]
+        out[op.rsplit("/", 1)[-1] if op else "?"] += us
+    return out
+
+
 def op_kind(name: str) -> str:
     """`loop_fusion.12` -> `loop_fusion`, `wrapped_scatter` -> `scatter`."""
     kind = re.sub(r"[.\d]+$", "", name).removeprefix("wrapped_")
@@ -305,6 +316,8 @@ def profile_moetx(jax, tr, state, batch, args, families=FAMILIES, classify=class
                          "share": round(fam_us[f] / max(sum(fam_us.values()), 1e-9), 4)}
                      for f in families},
         "op_kinds_ms": {k: round(v / 1e3 / n, 1) for k, v in kinds.most_common(12)},
+        "primitives_ms": {k: round(v / 1e3 / n, 1)
+                          for k, v in primitives(per_op, instrs).most_common(12)},
         "top_ops": [{"op": k, "family": cache[k][0], "bwd": cache[k][1],
                      "ms": round(v / 1e3 / n, 1),
                      "op_name": instrs.get(k, ("",))[0][-110:]}

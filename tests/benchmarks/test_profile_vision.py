@@ -99,3 +99,13 @@ def test_a_fusion_without_metadata_counts_for_the_family_of_its_opcode():
     assert family("ynn_fusion.3", None) == "other"
     assert family("ynn_fusion.3", pv.BY_OPCODE) == "conv"
     assert family("multiply.2", pv.BY_OPCODE) == "norm"  # metadata comes first
+
+
+def test_thunk_time_per_primitive_is_the_last_part_of_the_op_name():
+    import collections
+
+    import profile_step as ps
+
+    instrs, _ = ps.parse_hlo(HLO)
+    per_op = collections.Counter({"multiply.2": 3.0, "ynn_fusion.3": 5.0, "copy.9": 1.0})
+    assert ps.primitives(per_op, instrs) == {"mul": 3.0, "?": 6.0}

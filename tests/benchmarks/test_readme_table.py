@@ -260,7 +260,8 @@ def vision_profile_line(model: str, moetx_norm_ms: float, date: str) -> dict:
             "image_size": 64, "batch": 16, "table_ms_per_step": {},
             "moetx": {"step_wall_ms": 200.0, "step_unprofiled_ms": 190.0, "host_ms": 30.0,
                       "concurrency": 1.1, "families": fams(moetx_norm_ms, 90.0 + moetx_norm_ms),
-                      "op_kinds_ms": {"convolution": 50.0, "loop_fusion": 20.0}},
+                      "op_kinds_ms": {"convolution": 50.0, "loop_fusion": 20.0},
+                      "primitives_ms": {"erfc": 40.0, "?": 12.0}},
             "timm": {"step_wall_ms": 100.0, "step_unprofiled_ms": 95.0, "host_ms": 2.0,
                      "families": fams(10.0, 100.0)},
             "background_cpu_cores": {"moetx": 0.0, "timm": 0.0}, "date": date}
@@ -276,19 +277,20 @@ def test_vision_profile_lines_become_one_table_per_model(results, tmp_path):
     assert rt.make_table(records) == EXPECTED_TABLE
     assert rt.make_profile_table(records) is None
     tables = rt.make_vision_profile_tables(records).split("\n\n")
-    assert len(tables) == 4  # two tables, each with its caption
-    coatnet, caption = tables[0].split("\n"), tables[1]
+    assert len(tables) == 6  # per model: its title, its table, its caption
+    title, coatnet, caption = tables[0], tables[1].split("\n"), tables[2]
+    assert title == ("**coatnet/0** (64², batch 16, SGD; timm `timm_coatnet/0`): moetx 200 ms "
+                     "a profiled step (190 unprofiled), timm 100 (95).")
     assert coatnet[0] == ("| op family | moetx ms/step | moetx share | timm ms/step | timm share "
                           "| moetx − timm ms |")
     assert len(coatnet) == 2 + len(rt.VISION_FAMILY_LABELS)
     assert coatnet[4] == "| batch and layer norms | 60 | 40.0% | 10 | 10.0% | +50 |"
     assert coatnet[-1] == ("| host (step wall time not covered by ops) | 30 | – | 2 | – "
                            "| +28 |")
-    assert caption.startswith("**coatnet/0** (64², batch 16, SGD; timm `timm_coatnet/0`)")
     assert "(2026-12-05 09:00:00 UTC)" in caption
-    assert "moetx 200 ms a profiled step (190 unprofiled), timm 100 (95)" in caption
     assert "convolution 50, loop_fusion 20" in caption
-    assert tables[2].split("\n")[4].startswith("| batch and layer norms | 10 |")
+    assert "By JAX primitive (ms; `?`: XLA-made, no metadata): erfc 40, ? 12." in caption
+    assert tables[4].split("\n")[4].startswith("| batch and layer norms | 10 |")
     assert tables[3].startswith("**efficientnet_v2/b0**")
     readme = tmp_path / "README.md"
     readme.write_text(f"{rt.START}\n{rt.END}\n{rt.VISION_PROFILE_START}\nold\n"
