@@ -220,10 +220,18 @@ class RelativePositionBiases(nn.Module):
         return bias[None]
 
 
+def gelu_exact(x: Array) -> Array:
+    """GELU without the tanh approximation, x Φ(x) = x (1 + erf(x / √2)) / 2 (torch's and timm's
+    `nn.GELU()`). `jax.nn.gelu(approximate=False)` computes the same through erfc, which XLA's
+    CPU backend runs 5.6x slower than erf (a [16, 32, 32, 256] float32 forward and backward:
+    29.9 against 5.3 ms; the two agree to 5e-7)."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "relu": jax.nn.relu,
     "gelu": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_exact": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_exact": gelu_exact,
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
     "squared_relu": lambda x: jnp.square(jax.nn.relu(x)),

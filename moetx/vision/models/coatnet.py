@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moetx.nn.layers import gelu_exact
 from moetx.vision.models import common
 
 Array = jax.Array
@@ -101,9 +102,9 @@ class MBConvBlock(nn.Module):
         mid = int(self.features * self.expand_ratio)
         y = bn(name="pre_norm")(x)
         y = common.conv(mid, 1, name="conv1")(y)
-        y = nn.gelu(bn(name="norm1")(y), approximate=False)
+        y = gelu_exact(bn(name="norm1")(y))
         y = common.conv(mid, 3, self.stride, groups=mid, name="conv2")(y)
-        y = nn.gelu(bn(name="norm2")(y), approximate=False)
+        y = gelu_exact(bn(name="norm2")(y))
         y = common.SqueezeExcite(int(self.se_ratio * self.features), act="silu", name="se")(y)
         y = common.conv(self.features, 1, use_bias=True, name="conv3")(y)
         return shortcut + common.DropPath(self.drop_path_rate)(y, train=train)
@@ -217,7 +218,7 @@ class TransformerBlock(nn.Module):
         x = shortcut + common.DropPath(self.drop_path_rate)(y, train=train)
         y = nn.LayerNorm(epsilon=_LN_EPS, name="norm2")(x)
         y = nn.Conv(int(self.features * self.mlp_ratio), (1, 1), name="mlp_fc1")(y)
-        y = nn.Conv(self.features, (1, 1), name="mlp_fc2")(nn.gelu(y, approximate=False))
+        y = nn.Conv(self.features, (1, 1), name="mlp_fc2")(gelu_exact(y))
         return x + common.DropPath(self.drop_path_rate)(y, train=train)
 
 
@@ -259,7 +260,7 @@ class CoAtNet(nn.Module):
         x = common.conv(self.stem_width, 3, 2, name="stem_conv1")(images)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=_BN_EPS,
                          name="stem_norm1")(x)
-        x = common.conv(self.stem_width, 3, name="stem_conv2")(nn.gelu(x, approximate=False))
+        x = common.conv(self.stem_width, 3, name="stem_conv2")(gelu_exact(x))
         out["stem"] = x
         total, index = sum(self.depths), 0
         for s, (width, depth, kind) in enumerate(

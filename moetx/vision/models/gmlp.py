@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moetx.nn.layers import gelu_exact
 from moetx.vision.models import common
 
 Array = jax.Array
@@ -98,7 +99,7 @@ class GmlpBlock(nn.Module):
         """x: <float>[B, N, D] -> <float>[B, N, D]."""
         y = nn.LayerNorm(epsilon=_BLOCK_LN_EPS, name="norm")(x)
         y = nn.Dense(self.ffn_dim, name="fc1")(y)
-        y = nn.gelu(y, approximate=False)
+        y = gelu_exact(y)
         y = SpatialGatingUnit(causal=self.causal, name="gate")(y)
         y = nn.Dense(x.shape[-1], name="fc2")(y)
         return x + common.DropPath(self.drop_path_rate)(y, train=train)
