@@ -456,6 +456,17 @@ def profile_hf(torch, hf_step, args, families=FAMILIES) -> dict:
     }
 
 
+def family_table(mx: dict, peer: dict | None, peer_key: str, families) -> dict:
+    """{family (and 'host'): {'moetx_ms', '<peer_key>_ms'}} of the two sides' profiles."""
+    table = {}
+    for f in (*families, "host"):
+        row = {"moetx_ms": mx["host_ms"] if f == "host" else mx["families"][f]["ms"]}
+        if peer is not None:
+            row[f"{peer_key}_ms"] = peer["host_ms"] if f == "host" else peer["families"][f]["ms"]
+        table[f] = row
+    return table
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     json_out, _ = start_json_benchmark(args)
@@ -516,12 +527,7 @@ def main(argv=None) -> int:
             hf = profile_hf(torch, hf_step, args)
         log(f"HF: {hf['step_wall_ms']:.0f} ms/step")
 
-    table = {}
-    for f in (*FAMILIES, "host"):
-        row = {"moetx_ms": mx["host_ms"] if f == "host" else mx["families"][f]["ms"]}
-        if hf is not None:
-            row["hf_ms"] = hf["host_ms"] if f == "host" else hf["families"][f]["ms"]
-        table[f] = row
+    table = family_table(mx, hf, "hf", FAMILIES)
     return finish_json_benchmark(json_out, {
         "benchmark": "profile_step",
         "model": {"d_model": args.d_model, "layers": args.layers, "heads": args.heads,

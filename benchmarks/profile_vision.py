@@ -35,7 +35,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vision_throughput as vt  # noqa: E402  (same directory; no heavy imports)
-from profile_step import profile_hf, profile_moetx, range_module  # noqa: E402
+from profile_step import family_table, profile_hf, profile_moetx, range_module  # noqa: E402
 from train_throughput import (CpuLoad, finish_json_benchmark, start_json_benchmark,  # noqa: E402
                               versions)
 
@@ -207,12 +207,7 @@ def main(argv=None) -> int:
             tm = profile_hf(torch, timm_step, args, FAMILIES)
         log(f"timm: {tm['step_wall_ms']:.0f} ms/step")
 
-    table = {}
-    for f in (*FAMILIES, "host"):
-        row = {"moetx_ms": mx["host_ms"] if f == "host" else mx["families"][f]["ms"]}
-        if tm is not None:
-            row["timm_ms"] = tm["host_ms"] if f == "host" else tm["families"][f]["ms"]
-        table[f] = row
+    table = family_table(mx, tm, "timm", FAMILIES)
     return finish_json_benchmark(json_out, {
         "benchmark": "profile_vision",
         "model": args.model, "timm_model": args.timm_name, "image_size": args.image_size,
