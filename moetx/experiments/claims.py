@@ -37,6 +37,7 @@ Spread is half the range over seeds, as everywhere in `moetx.experiments`.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import os
@@ -278,10 +279,15 @@ def load_summaries(runs_dirs: Sequence[str], experiments: Sequence[str]) -> dict
 
 
 def budget_flag(summary: Summary) -> str:
-    """` --gin.BUDGET=<b>` when every arm of the experiment ran at one budget `b` (the command
-    then reruns exactly what was measured, whatever the gin file's default), else ''."""
-    budgets = {a["budget"] for a in summary["arms"].values()}
-    return f" --gin.BUDGET={budgets.pop():g}".replace("e+", "e") if len(budgets) == 1 else ""
+    """` --gin.BUDGET=<b>`, `b` the budget most arms ran at (ties: the baseline's), so the
+    command reruns what was measured whatever the gin file's default. An arm with a budget of
+    its own (upcycling's base run, at the gin file's BASE_BUDGET) is not the experiment's
+    BUDGET and keeps its gin setting."""
+    arms = summary["arms"]
+    counts = collections.Counter(a["budget"] for a in arms.values())
+    baseline = arms.get(summary.get("baseline"), {}).get("budget")
+    budget = max(counts, key=lambda b: (counts[b], b == baseline))
+    return f" --gin.BUDGET={budget:g}".replace("e+", "e")
 
 
 def make_table(summaries: Mapping[str, Summary], claims: Sequence[Claim] = CLAIMS) -> str:

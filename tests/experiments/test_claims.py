@@ -116,13 +116,22 @@ def test_a_wall_time_speedup_says_when_its_runs_lost_cpu_to_other_work():
             "eval loss") in ez_row()
 
 
-def test_the_command_carries_the_budget_only_when_the_arms_share_one():
+def test_the_command_carries_the_budget_most_arms_ran_at():
     summary = primer_summary()
     for a in summary["arms"].values():
         a["budget"] = 1.5e13
     assert claims.budget_flag(summary) == " --gin.BUDGET=1.5e13"
+    # An arm with a budget of its own (upcycling's base run) is not the experiment's BUDGET.
     summary["arms"]["primer"]["budget"] = 4e12
-    assert claims.budget_flag(summary) == ""
+    assert claims.budget_flag(summary) == " --gin.BUDGET=1.5e13"
+    # A tie goes to the baseline's budget.
+    summary["arms"]["primer_ez"]["budget"] = 4e12
+    summary["arms"]["extra"] = dict(summary["arms"]["primer"], budget=1.5e13)
+    assert summary["baseline"] == "vanilla_t5.1.1"
+    assert claims.budget_flag(summary) == " --gin.BUDGET=1.5e13"
+    summary["arms"]["vanilla_t5.1.1"]["budget"] = 2e13
+    summary["arms"]["extra"]["budget"] = 2e13
+    assert claims.budget_flag(summary) == " --gin.BUDGET=2e13"
 
 
 def test_a_quality_row_says_which_way_and_whether_within_the_spread():
