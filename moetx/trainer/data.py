@@ -40,12 +40,19 @@ class DatasetConfig:
       batch_size: global batch size (all processes together).
       shuffle: shuffle examples (training).
       seed: shuffle seed; also fixes the packing order.
-      pack: pack several examples per row (segment ids and positions).
+      pack: pack several examples per row (segment ids and positions), for models whose
+        feature converter can pack (the language models'); False gives one example per row,
+        padded. Pass-through converters (vision, ranking) never pack.
       use_cached: read SeqIO's offline-cached version of the task.
       pipeline: 'seqio' (stream the task; resuming replays the batches already read) or
         'indexed' (materialise the split once, then read any batch directly; a resumed run may
         have another number of processes; finite single tasks only; see
         `moetx.trainer.indexed_data`).
+      prefetch: batches the 'seqio' pipeline prepares ahead, in tf.data's background threads,
+        while the host waits for the devices (tf.data's `prefetch`; -1: tf.data chooses; 0:
+        none, each batch is made when the trainer asks for it). The order of the batches and
+        the resume position do not depend on it. The 'indexed' pipeline reads stored rows and
+        has nothing to prepare ahead; it ignores this.
     """
 
     mixture_or_task_name: str
@@ -57,6 +64,7 @@ class DatasetConfig:
     pack: bool = True
     use_cached: bool = False
     pipeline: str = "seqio"
+    prefetch: int = 0
 
     def __post_init__(self):
         if not isinstance(self.mixture_or_task_name, str) or not self.mixture_or_task_name:
@@ -78,6 +86,9 @@ class DatasetConfig:
             _check_feature_length(k, v)
         if self.pipeline not in PIPELINES:
             raise ValueError(f"pipeline must be one of {list(PIPELINES)}, got {self.pipeline!r}.")
+        if not _is_int(self.prefetch) or self.prefetch < -1:
+            raise ValueError(f"prefetch must be a number of batches (0: none, -1: tf.data "
+                             f"chooses), got {self.prefetch!r}.")
 
 
 def _is_int(value) -> bool:
@@ -170,6 +181,35 @@ def _has_example(task, cfg: DatasetConfig, preprocessed: bool) -> bool:
     return any(True for _ in ds.take(1).as_numpy_iterator())
 
 
+def feature_converter_for(cfg: DatasetConfig, feature_converter):
+    """The model's `feature_converter` packing as `cfg.pack` says: where the two differ, a new
+    converter of the same class built with the same settings and `pack=cfg.pack` (SeqIO
+    converters keep each constructor argument as `_<name>`, and some build inner converters
+    from them, so the setting must go through the constructor); else the converter itself.
+    Pass-through converters (the vision and ranking tasks) have no packing and are returned as
+    they are. Raises ValueError for a packing converter whose settings cannot be read back."""
+    pack = getattr(feature_converter, "_pack", None)
+    if pack is None or bool(pack) == bool(cfg.pack):
+        return feature_converter
+    import inspect
+
+    cls = type(feature_converter)
+    kwargs = {"pack": bool(cfg.pack)}
+    for name, param in list(inspect.signature(cls.__init__).parameters.items())[1:]:
+        if name == "pack" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if hasattr(feature_converter, f"_{name}"):
+            value = getattr(feature_converter, f"_{name}")
+            # SeqIO stores passthrough_features=None as {}; None is what it was given.
+            kwargs[name] = None if param.default is None and value == {} else value
+        elif param.default is param.empty:
+            raise ValueError(
+                f"DatasetConfig.pack = {cfg.pack} needs {cls.__name__} rebuilt with "
+                f"pack={cfg.pack}, but its setting {name!r} cannot be read back; give the model "
+                f"a feature converter built with pack={cfg.pack} instead.")
+    return cls(**kwargs)
+
+
 def get_dataset(cfg: DatasetConfig, feature_converter, shard_index: int, num_shards: int,
                 local_batch_size: int, num_epochs: int | None):
     """A batched tf.data pipeline of model features for this process's shard."""
@@ -188,7 +228,12 @@ def get_dataset(cfg: DatasetConfig, feature_converter, shard_index: int, num_sha
         use_cached=cfg.use_cached, shuffle=cfg.shuffle, num_epochs=num_epochs,
         shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
         verbose=False, seed=cfg.seed)
-    return ds.batch(local_batch_size, drop_remainder=num_epochs is None)
+    ds = ds.batch(local_batch_size, drop_remainder=num_epochs is None)
+    if cfg.prefetch:
+        import tensorflow as tf
+
+        ds = ds.prefetch(tf.data.AUTOTUNE if cfg.prefetch == -1 else cfg.prefetch)
+    return ds
 
 
 class DataIterator:

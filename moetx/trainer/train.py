@@ -58,12 +58,13 @@ def make_batches(trainer: trainer_lib.Trainer, cfg: data.DatasetConfig, batches_
     another number of processes continues the same global batch order."""
     rows = trainer.local_rows(cfg.batch_size)
     local_bs = rows.stop - rows.start
+    converter = data.feature_converter_for(cfg, trainer.model.feature_converter)
     if cfg.pipeline == "indexed":
-        return indexed_data.indexed_batches(cfg, trainer.model.feature_converter, rows,
-                                            batches_consumed, num_epochs), local_bs
+        return indexed_data.indexed_batches(cfg, converter, rows, batches_consumed,
+                                            num_epochs), local_bs
     num_shards = cfg.batch_size // local_bs
-    ds = data.get_dataset(cfg, trainer.model.feature_converter, rows.start // local_bs,
-                          num_shards, local_bs, num_epochs)
+    ds = data.get_dataset(cfg, converter, rows.start // local_bs, num_shards, local_bs,
+                          num_epochs)
     return data.DataIterator(ds, batches_consumed), local_bs
 
 

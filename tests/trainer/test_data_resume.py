@@ -1,7 +1,9 @@
 """The indexed input pipeline (`moetx.trainer.indexed_data`): resuming at batch N gives exactly
 the batches a run from batch 0 gives from N on, at a cost that does not grow with N, and the
-global batch order does not depend on the number of processes reading it."""
+global batch order does not depend on the number of processes reading it; and the data settings
+around both pipelines: packing on and off, prefetching."""
 
+import dataclasses
 import time
 import types
 
@@ -270,3 +272,62 @@ def test_a_real_two_process_run_resumes_on_one_process(tmp_path, corpus_dir, def
     assert sorted(runs["pair"]) == [1, 2, 3, 4] and sorted(runs["resumed"]) == [5, 6, 7, 8]
     for step, loss in {**runs["pair"], **runs["resumed"]}.items():
         assert abs(float(loss) - float(runs["reference"][step])) <= 1.5e-4, (step, runs)
+
+
+@pytest.mark.usefixtures("tiny_task")
+@pytest.mark.parametrize("pipeline", ["seqio", "indexed"])
+def test_pack_false_gives_one_example_per_row_and_true_packs(index_root, pipeline):
+    # The model's converter packs; DatasetConfig.pack decides (it was once ignored).
+    def tokens_per_row(pack: bool):
+        it, _ = make_batches(_trainer(_shard(0, 1)), _cfg(pipeline, pack=pack), 0, None)
+        batch = _concat(_batches(it, 4))
+        return batch, (batch["decoder_target_tokens"] > 0).sum(axis=1)
+
+    packed, packed_tokens = tokens_per_row(True)
+    assert packed["decoder_segment_ids"].max() >= 2  # several examples share rows
+    unpacked, unpacked_tokens = tokens_per_row(False)
+    assert "decoder_segment_ids" not in unpacked or unpacked["decoder_segment_ids"].max() <= 1
+    # One sequence of 1..LENGTH ids (EOS included) per row, padded after it.
+    assert (unpacked_tokens >= 1).all() and (unpacked_tokens <= LENGTH).all()
+    for row, n in zip(unpacked["decoder_target_tokens"], unpacked_tokens):
+        assert (row[:n] > 0).all() and (row[n:] == 0).all()
+    assert packed_tokens.mean() > 1.2 * unpacked_tokens.mean()
+
+
+def test_feature_converter_for_keeps_the_settings_and_leaves_pass_through_alone():
+    import seqio
+
+    packing = seqio.DecoderFeatureConverter(pack=True, loss_on_targets_only=False, bos_id=3)
+    cfg = data.DatasetConfig(TASK, {"targets": LENGTH}, pack=False)
+    unpacking = data.feature_converter_for(cfg, packing)
+    assert type(unpacking) is seqio.DecoderFeatureConverter
+    assert unpacking.pack is False and packing.pack is True  # a new one; the model's untouched
+    # Its inner converters (what DecoderFeatureConverter dispatches to) are unpacked too, and
+    # the other settings carried over.
+    assert unpacking.strictlm_feature_converter.pack is False
+    assert unpacking.prefixlm_feature_converter.pack is False
+    assert unpacking._loss_on_targets_only is False and unpacking.bos_id == 3
+    assert data.feature_converter_for(dataclasses.replace(cfg, pack=True), packing) is packing
+    enc_dec = data.feature_converter_for(cfg, seqio.EncDecFeatureConverter(pack=True))
+    assert type(enc_dec) is seqio.EncDecFeatureConverter and enc_dec.pack is False
+    through = seqio.PassThroughFeatureConverter()
+    assert data.feature_converter_for(cfg, through) is through
+
+
+@pytest.mark.usefixtures("tiny_task")
+@pytest.mark.parametrize("prefetch", [2, -1])
+def test_prefetch_gives_the_same_batches_and_resume_position(prefetch):
+    trainer = _trainer(_shard(0, 1))
+    plain, _ = make_batches(trainer, _cfg("seqio"), 0, None)
+    ahead, _ = make_batches(trainer, _cfg("seqio", prefetch=prefetch), 0, None)
+    for a, b in zip(_batches(plain, 5), _batches(ahead, 5)):
+        _assert_same(a, b)
+    assert ahead.get_state() == {"batches_consumed": 5}  # what was read, not what was made
+    resumed, _ = make_batches(trainer, _cfg("seqio", prefetch=prefetch), 5, None)
+    _assert_same(next(resumed), next(plain))
+
+
+@pytest.mark.parametrize("bad", [-2, 1.5, "2", True])
+def test_a_bad_prefetch_is_refused(bad):
+    with pytest.raises(ValueError, match="prefetch must be a number of batches"):
+        data.DatasetConfig(TASK, {"targets": LENGTH}, prefetch=bad)
