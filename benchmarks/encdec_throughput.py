@@ -177,13 +177,15 @@ def moetx_encdec_model(args, cfg):
                                                   "targets": args.target_length})
 
 
-def moetx_trainer(jax, model, input_shapes, optimizer_factory):
-    """A `Trainer` of `model` on the first device alone (a (1, 1, 1) mesh, standard rules)."""
+def moetx_trainer(jax, model, input_shapes, optimizer_factory, **trainer_kwargs):
+    """A `Trainer` of `model` on the first device alone (a (1, 1, 1) mesh, standard rules);
+    `trainer_kwargs` go to `Trainer`."""
     from moetx.trainer import partitioning, trainer as trainer_lib
 
     mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     return trainer_lib.Trainer(model, optimizer_factory, mesh,
-                               partitioning.standard_logical_axis_rules(), input_shapes)
+                               partitioning.standard_logical_axis_rules(), input_shapes,
+                               **trainer_kwargs)
 
 
 def build_hf(torch, cfg, params_np, train: bool):

@@ -10,7 +10,9 @@ shape: d_model 512, d_ff 1024 gated-GELU, 8+8 layers, 6 heads x 64, vocab 32128,
                   loss; `ACTIVATION_DTYPE = 'bfloat16'` in gin);
   remat_full      every layer rematerialised in the backward pass (`remat_policy='full'`);
   remat_save_dots rematerialised except the matmul outputs (`'save_dots'`);
-  scan            the layers under `flax.linen.scan` (`scan_layers=True`).
+  scan            the layers under `flax.linen.scan` (`scan_layers=True`);
+  no_donation     the train step without buffer donation (`Trainer(donate_state=False)`; the
+                  trainer always donates): XLA can no longer write the new state over the old.
 
 The variants run one after another in this process (not round-robin: each holds a compiled
 T5.1.1-small step and its state), each compiled, warmed up and then timed for `--steps` steps on
@@ -20,12 +22,13 @@ between the two. Each variant records its seconds per step (median), tokens/s, M
 f32 and the bf16 matmul peaks measured first in the same run, its first (compiling) step, and
 its first and last loss (the same weights and batch, so the variants' losses must agree up to
 their precision; scanned layers draw their initial weights from other random streams, so the
-scan variant's losses differ). Prints one JSON line (`means`), which `readme_table.py` turns into
+scan variant's losses differ), and XLA's memory plan of its compiled step (`memory`: argument,
+output, temporary and aliased bytes, and their `peak_bytes_estimate` = argument + output + temp -
+alias; the step is compiled once, ahead of time, and that executable is the one timed). Prints one JSON line (`means`), which `readme_table.py` turns into
 the README's means table; progress goes to stderr.
 
-Means of the issue measured elsewhere: buffer donation (the train step always donates its
-state), input prefetching (the trainer's input pipeline; not part of a step on fixed data),
-sequence packing (a data setting; it changes the tokens per step, not the step).
+Means of the issue measured elsewhere (`input_pipeline.py`): input prefetching and sequence
+packing (data settings, outside a step on fixed data).
 
   .venv/bin/python benchmarks/means.py                              # T5.1.1-small shape
   .venv/bin/python benchmarks/means.py --d_model 64 --d_ff 128 --layers 2 --heads 2 \\
@@ -45,6 +48,7 @@ from encdec_throughput import (add_t5_small_shape_flags, make_batch, moetx_confi
 from train_throughput import (CpuLoad, add_cpu_flags, environment_fields, finish_json_benchmark,
                               matmul_fields, measure_matmuls, moetx_optimizer_factory,
                               start_json_benchmark)
+from remat import memory_figures
 
 # name -> the TransformerConfig fields it changes.
 VARIANTS = {
@@ -53,7 +57,10 @@ VARIANTS = {
     "remat_full": {"remat_policy": "full"},
     "remat_save_dots": {"remat_policy": "save_dots"},
     "scan": {"scan_layers": True},
+    "no_donation": {},
 }
+# name -> the Trainer arguments it changes.
+TRAINER_VARIANTS = {"no_donation": {"donate_state": False}}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,24 +85,30 @@ def log(msg: str) -> None:
     print(f"[means {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def measure_variant(name: str, changes: dict, args, batch_np) -> dict:
+def measure_variant(name: str, changes: dict, args, batch_np,
+                    trainer_changes: dict | None = None) -> dict:
     """Builds, compiles and times one variant's training step; returns its figures."""
     import jax
     import numpy as np
 
     model, input_shapes = moetx_encdec_model(
         args, dataclasses.replace(moetx_config(args), **changes))
-    tr = moetx_trainer(jax, model, input_shapes, moetx_optimizer_factory(args.optimizer))
+    tr = moetx_trainer(jax, model, input_shapes, moetx_optimizer_factory(args.optimizer),
+                       **(trainer_changes or {}))
     state = tr.init_state()
     flops = model.flops_per_step(state.params, input_shapes)
     batch = tr.to_global(batch_np)
 
+    t0 = time.perf_counter()
+    compiled = tr.lower_train_step(
+        {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}).compile()
+    memory = memory_figures(compiled)
+
     def step() -> float:
         nonlocal state
-        state, sums = tr.train_step(state, batch)
+        state, sums = compiled(state, batch)
         return float(jax.block_until_ready(sums)["loss"])
 
-    t0 = time.perf_counter()
     losses = [step()]
     first = time.perf_counter() - t0
     for _ in range(args.warmup - 1):
@@ -110,8 +123,10 @@ def measure_variant(name: str, changes: dict, args, batch_np) -> dict:
         raise SystemExit(f"means.py: {name}: non-finite loss {losses}")
     s = statistics.median(times)
     log(f"{name}: {s:.3f} s/step (first step {first:.1f} s), loss {losses[0]:.4f} -> "
-        f"{losses[-1]:.4f}")
-    return {"changes": changes, "seconds_per_step": s, "step_seconds": times,
+        f"{losses[-1]:.4f}, XLA's peak estimate "
+        f"{memory.get('peak_bytes_estimate', 0) / 2**20:,.0f} MiB")
+    return {"changes": {**changes, **(trainer_changes or {})}, "memory": memory,
+            "seconds_per_step": s, "step_seconds": times,
             "first_step_s": first, "flops_per_step": flops, "loss_first": losses[0],
             "loss_last": losses[-1], "background_cpu_cores": load.cores}
 
@@ -138,7 +153,9 @@ def main(argv=None) -> int:
     variants = {}
     for i, name in enumerate(names, 1):
         log(f"variant {i}/{len(names)}: {name}")
-        v = measure_variant(name, VARIANTS[name.removesuffix("_again")], args, batch_np)
+        base_name = name.removesuffix("_again")
+        v = measure_variant(name, VARIANTS[base_name], args, batch_np,
+                            TRAINER_VARIANTS.get(base_name))
         v["tokens_per_sec"] = tokens / v["seconds_per_step"]
         for dt in ("f32", "bf16"):
             v[f"mfu_{dt}"] = v["flops_per_step"] / v["seconds_per_step"] / mmf[

@@ -202,7 +202,7 @@ def packed_batch(batch_size: int, length: int, seed: int = 0, vocab: int = 128) 
 
 def make_trainer(model, mesh_shape=(1, 1, 1), batch_size=8, length=32, num_microbatches=1,
                  fsdp=False, optimizer=None, devices=None, ema_decay=None,
-                 skip_nonfinite_updates=False):
+                 skip_nonfinite_updates=False, donate_state=True):
     """A Trainer for `model` on the first devices, with Adafactor (rsqrt schedule) by default."""
     import jax
     import numpy as np
@@ -217,4 +217,5 @@ def make_trainer(model, mesh_shape=(1, 1, 1), batch_size=8, length=32, num_micro
     return trainer_lib.Trainer(model, factory, mesh, rules,
                                model.input_shapes(batch_size, length),
                                num_microbatches=num_microbatches, seed=0, ema_decay=ema_decay,
-                               skip_nonfinite_updates=skip_nonfinite_updates)
+                               skip_nonfinite_updates=skip_nonfinite_updates,
+                               donate_state=donate_state)

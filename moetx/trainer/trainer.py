@@ -64,13 +64,17 @@ class Trainer:
         TensorFlow's `ExponentialMovingAverage(num_updates=t)`.
       ema_model_state: the EMA also covers the model state (batch norm statistics); otherwise
         evaluation with the EMA uses the live statistics.
+      donate_state: the train step donates its input state's buffers to its output (XLA
+        writes the new parameters and optimizer state in place, so one copy of the state is
+        live, not two); off only to measure what donation saves (`benchmarks/means.py`): the
+        caller may then keep using the state it passed in.
     """
 
     def __init__(self, model, optimizer_factory: Callable[..., optimizers.Optimizer],
                  mesh: Mesh, rules, input_shapes: Mapping[str, tuple[int, ...]],
                  num_microbatches: int = 1, seed: int = 0, ema_decay: float | None = None,
                  ema_model_state: bool = True, ema_warmup: bool = True,
-                 skip_nonfinite_updates: bool = False):
+                 skip_nonfinite_updates: bool = False, donate_state: bool = True):
         if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (or None to disable), got {ema_decay}.")
         model_lib.check_model(model)
@@ -128,7 +132,8 @@ class Trainer:
         self._replicated = NamedSharding(mesh, PartitionSpec())
         self._train_step = jax.jit(
             self._train_step_impl, in_shardings=(self.state_shardings, self.batch_shardings),
-            out_shardings=(self.state_shardings, self._replicated), donate_argnums=(0,))
+            out_shardings=(self.state_shardings, self._replicated),
+            donate_argnums=(0,) if donate_state else ())
         self._eval_step = jax.jit(
             self._eval_step_impl, in_shardings=(self.state_shardings.params,
                                                 self.state_shardings.model_state,

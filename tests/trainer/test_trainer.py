@@ -43,6 +43,23 @@ def test_loss_decreases_on_a_repeated_batch():
     assert float(sums["loss"]) < first - 0.5
 
 
+def test_the_train_step_donates_the_state_unless_told_not_to():
+    batch = packed_batch(8, 32, seed=4)
+    results = {}
+    for donate in (True, False):
+        trainer = make_trainer(tiny_model(), (1, 1, 1), donate_state=donate)
+        state = trainer.init_state()
+        leaves = jax.tree_util.tree_leaves(state.params)
+        new, sums = trainer.train_step(state, trainer.to_global(batch))
+        jax.block_until_ready(new)
+        # Donated: XLA took the input buffers for the output. Not donated: they are intact.
+        assert all(x.is_deleted() for x in leaves) is donate
+        assert not any(x.is_deleted() for x in leaves) is not donate
+        results[donate] = (float(sums["loss"]), jax.device_get(new.params))
+    assert results[True][0] == results[False][0]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, results[True][1], results[False][1])
+
+
 def test_dropout_is_deterministic_per_step_and_active():
     from moetx.lm import models, transformer
     from tests.conftest import TINY
