@@ -41,11 +41,16 @@ train_throughput.py) of `moetx.trainer.trainer.Trainer.train_step` on one device
             cross entropy + 1e-4 logit z-loss + 1e-2 (encoder + decoder load-balancing loss
             from `output_router_logits=True`). Trained eagerly and under `torch.compile`
             (`--peer`; the faster is the `peer`), as in train_throughput.py, which also
-            describes `--memory` (this measurement only).
+            describes `--memory`.
    HF routes every sequence as its own group with one capacity for both stacks; moetx's decoder
    groups hold `group_size` tokens (here 128 / target_length sequences), so the encoders drop
    the same tokens but the decoders may not, and the first losses can differ slightly. Both
    groupings are reported.
+
+`--memory` also measures peak RSS in child processes that build one side each and train it 2
+steps: moetx's and each HF variant's for `moetx_vs_hf_switch` (`--only_side`), and the MoE and
+the dense model for `moe_vs_dense` (`--only_model moe|dense`; `moe_peak_rss_mb`,
+`dense_peak_rss_mb` and each over the child's RSS after its imports).
 
 Within each measurement the variants are timed round-robin (one step of each, repeated) after
 `--warmup` untimed steps each (compilation), median of `--steps`. The f32 matmul rate of JAX
@@ -78,10 +83,10 @@ from encdec_throughput import encdec_batch
 from train_throughput import (CpuLoad, add_side_by_side_flags, check_finite,
                               check_side_by_side_flags, compile_info, environment_fields,
                               hf_param_count, hf_variants, import_side_libraries, make_batch,
-                              matmul_fields, measure_matmuls, memory_child_line,
-                              moetx_optimizer_factory, optimizer_settings, peak_rss_mb,
-                              reserve_stdout_for_json, run_memory, side_by_side_fields,
-                              time_round_robin, token_loss)
+                              matmul_fields, measure_matmuls, measure_memory,
+                              memory_child_line, moetx_optimizer_factory, optimizer_settings,
+                              peak_rss_mb, release_freed_memory, reserve_stdout_for_json,
+                              run_memory, side_by_side_fields, time_round_robin, token_loss)
 
 MEASUREMENTS = ("moe_vs_dense", "dispatch_paths", "moetx_vs_hf_switch")
 
@@ -123,6 +128,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_xla_tuning", action="store_true",
                    help="do not call moetx.util.xla_env.configure_cpu_defaults()")
     add_side_by_side_flags(p)
+    p.add_argument("--only_model", choices=("moe", "dense"),
+                   help="(what --memory runs for moe_vs_dense) build and train that model only, "
+                        "2 steps, and print its peak RSS line")
     args = p.parse_args(argv)
     for name in ("d_model", "layers", "heads", "head_dim", "d_ff", "vocab", "experts", "top_k",
                  "sparse_every", "group_size", "batch", "length", "switch_experts",
@@ -140,8 +148,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     check_side_by_side_flags(p, args)
     if args.switch_layers < 2:
         p.error("--switch_layers must be at least 2 (every 2nd layer is sparse)")
-    # --memory and its --only_side children concern the moetx-vs-HF measurement only.
+    if args.memory and args.only_model:
+        p.error("--memory starts the --only_model children itself; pass one of them, not both")
+    if args.only_side and args.only_model:
+        p.error("--only_side (moetx_vs_hf_switch) and --only_model (moe_vs_dense) are children "
+                "of different measurements; pass one")
+    # A memory child runs its own measurement only.
     args.only = (("moetx_vs_hf_switch",) if args.only_side
+                 else ("moe_vs_dense",) if args.only_model
                  else tuple(dict.fromkeys(args.only or MEASUREMENTS)))
     return args
 
@@ -238,18 +252,43 @@ def common_fields(args, jax, torch, mm_fields: dict, mm_load, xla_flags_user: st
     }
 
 
-def measure_moe_vs_dense(args, jax, np, runners: dict) -> dict:
+def dense_mlp_dim(args) -> int:
+    """The dense model's mlp_dim (`--dense_mlp`, module docstring)."""
     s, k = args.sparse_every, args.top_k
-    dense_mlp = (args.d_ff * (s - 1 + k) // s if args.dense_mlp == "equal_flops"
-                 else args.d_ff * k)
+    return args.d_ff * (s - 1 + k) // s if args.dense_mlp == "equal_flops" else args.d_ff * k
+
+
+def moe_vs_dense_runner(args, jax, np, which: str) -> MoetxRunner:
+    """The MoE (masked dispatch) or the dense model of `moe_vs_dense` on its batch."""
     batch_np = make_batch(np, args.vocab, args.batch, args.length)
     shapes = decoder_model(args).input_shapes(args.batch, args.length)
+    model = (decoder_model(args, moe_config(args, "masked")) if which == "moe"
+             else decoder_model(args, mlp_dim=dense_mlp_dim(args)))
+    return MoetxRunner(jax, model, batch_np, shapes, args.optimizer)
+
+
+def moe_vs_dense_memory_child(args, jax, np) -> dict:
+    """`--only_model`: one model of `moe_vs_dense` built and trained alone (1 + 1 steps); its
+    peak RSS line."""
+    import moetx.lm.models  # noqa: F401  (what both models import, before the baseline)
+    import moetx.moe.layers  # noqa: F401
+    import moetx.trainer.trainer  # noqa: F401
+
+    baseline = peak_rss_mb()
+    runner = moe_vs_dense_runner(args, jax, np, args.only_model)
+    timed = time_round_robin({args.only_model: runner.step}, args.steps, args.warmup, log)
+    line = memory_child_line(args.only_model, None, baseline, timed)
+    log(f"memory child {args.only_model}: peak RSS {line['peak_rss_mb']:,.0f} MiB "
+        f"(baseline {baseline:,.0f})")
+    return line
+
+
+def measure_moe_vs_dense(args, jax, np, runners: dict) -> dict:
+    dense_mlp = dense_mlp_dim(args)
     log(f"building MoE (masked) and dense (mlp_dim {dense_mlp}) models")
-    moe = runners.get("masked") or MoetxRunner(
-        jax, decoder_model(args, moe_config(args, "masked")), batch_np, shapes, args.optimizer)
+    moe = runners.get("masked") or moe_vs_dense_runner(args, jax, np, "moe")
     runners["masked"] = moe
-    dense = MoetxRunner(jax, decoder_model(args, mlp_dim=dense_mlp), batch_np, shapes,
-                        args.optimizer)
+    dense = moe_vs_dense_runner(args, jax, np, "dense")
     first, times, load, *_ = time_round_robin({"moe": moe.step, "dense": dense.step}, args.steps,
                                                args.warmup, log)
     tokens = args.batch * args.length
@@ -260,7 +299,8 @@ def measure_moe_vs_dense(args, jax, np, runners: dict) -> dict:
         "model": {"shape": "moe_primer_small", "d_model": args.d_model, "layers": args.layers,
                   "heads": args.heads, "head_dim": args.head_dim, "d_ff": args.d_ff,
                   "vocab": args.vocab, "mlp": "squared_relu", "primer_dconv": True,
-                  "experts": args.experts, "top_k": k, "sparse_every": s,
+                  "experts": args.experts, "top_k": args.top_k,
+                  "sparse_every": args.sparse_every,
                   "group_size": args.group_size, "capacity_factor": 1.25,
                   "dispatch": "masked"},
         "dense_model": {"moe": None, "mlp_dim": dense_mlp, "rule": args.dense_mlp},
@@ -532,6 +572,10 @@ def main(argv=None) -> int:
         out.write(json.dumps(measure_switch(args, jax, np, torch, None)) + "\n")
         out.close()
         return 0
+    if args.only_model:
+        out.write(json.dumps(moe_vs_dense_memory_child(args, jax, np)) + "\n")
+        out.close()
+        return 0
     log("measuring f32 and bf16 matmul FLOP/s")
     with CpuLoad() as mm_load:
         mm = measure_matmuls(jax, jnp, torch)
@@ -546,6 +590,15 @@ def main(argv=None) -> int:
             log(f"MoE {result['moe_step_time_s'] * 1e3:.0f} ms vs dense "
                 f"{result['dense_step_time_s'] * 1e3:.0f} ms: overhead "
                 f"{result['overhead_ratio']:.2f}")
+            if args.memory:
+                runners.pop("masked", None)
+                import gc
+
+                gc.collect()
+                release_freed_memory()
+                result.update(measure_memory(
+                    os.path.abspath(__file__), argv, [], xla_flags_before, log,
+                    children=[(m, ["--only_model", m]) for m in ("moe", "dense")]))
         elif name == "dispatch_paths":
             result = measure_dispatch_paths(args, jax, np, runners)
             log("dispatch " + ", ".join(f"{d} {result[f'{d}_step_time_s'] * 1e3:.0f} ms"

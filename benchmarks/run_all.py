@@ -25,13 +25,17 @@ Modes:
                moe_vs_dense  moetx's decoder with 8 experts top-1 in every 2nd layer vs the
                           dense model of equal active FLOPs (no HF side);
                means      the means of issue 16 one by one (bf16 activations, remat
-                          policies, scanned layers) on moetx's enc-dec step (means.py);
+                          policies, scanned layers, no donation) on moetx's enc-dec step
+                          (means.py);
+               input_pipeline  sequence packing per pretraining objective and tf.data
+                          prefetching in `make demo`'s jobs (input_pipeline.py);
                step_ops   attention and the logits head + loss alone, in each way of computing
                           them (blocked / chunked, layouts, jax.nn.dot_product_attention),
                           beside torch's (step_ops.py);
                profile_encdec  where the enc-dec Adafactor step's time goes per op family,
                           moetx beside HF eager (profile_step.py; the README's profile table);
-               vision_*   the vision rows against timm (vision_throughput.py's shapes);
+               vision_*   the vision rows against timm (vision_throughput.py's shapes), with
+                          each side's peak RSS;
                profile_vision_*  where each vision row's step time goes per op family,
                           moetx beside timm (profile_vision.py; the README's vision profile
                           tables).
@@ -163,9 +167,9 @@ def side_by_side_rows(s: dict, memory: bool, quick: bool) -> list[Row]:
                     ("--only", "moe_vs_dense", *width(heads["t5"]),
                      *_flags(layers=s["layers"], batch=s["batch"], length=s["length"],
                              experts=s["experts"], top_k=1, sparse_every=2), *timing,
-                     "--profile"),
+                     "--profile", *mem),
                     _cost(s["d_model"], s["d_ff"], s["layers"], s["vocab"], dec_tokens, runs + 3,
-                          2)))
+                          2, memory)))
     # Where the enc-dec step's time goes, per op family, beside torch's (the README's profile
     # table): one warmup, one timed and one profiled step per side.
     rows.append(Row("profile_encdec", "profile_step.py",
@@ -182,7 +186,11 @@ def side_by_side_rows(s: dict, memory: bool, quick: bool) -> list[Row]:
                              input_length=s["input_length"], target_length=s["target_length"],
                              steps=min(3, s["steps"]), warmup=1)),
                     _cost(s["d_model"], s["d_ff"], 2 * s["layers"], s["vocab"], enc_tokens, 4,
-                          6)))
+                          7)))
+    # The input pipeline's means: packing per objective, prefetching in `make demo`'s jobs.
+    rows.append(Row("input_pipeline", "input_pipeline.py",
+                    _flags(batches=2, steps=20, repeats=1) if quick else (), 60.0 if quick
+                    else 400.0))
     # The attention path and the loss head alone, variant by variant, beside torch's.
     rows.append(Row("step_ops", "step_ops.py",
                     (*width(heads["t5"]),
@@ -197,8 +205,8 @@ def side_by_side_rows(s: dict, memory: bool, quick: bool) -> list[Row]:
         if quick:
             kw = {**kw, "image_size": 32, "batch": 2, "num_classes": 10}
         rows.append(Row(f"vision_{name}", "vision_throughput.py",
-                        (*_flags(**kw), *(timing if quick else ())),
-                        _cost(512, 2048, 16, 1000, 16 * (4 if quick else 16), 12, 2)))
+                        (*_flags(**kw), *(timing if quick else ()), *mem),
+                        _cost(512, 2048, 16, 1000, 16 * (4 if quick else 16), 12, 2, memory)))
     # Where each vision step's time goes per op family, beside timm's (one warmup, one timed
     # and one profiled step per side).
     for name, kw in vision:

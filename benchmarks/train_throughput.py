@@ -534,14 +534,16 @@ def memory_child_line(side: str, peer: str | None, baseline_mb: float, timed: Ro
 
 
 def measure_memory(script: str, argv: list[str], hf_modes: list[str], xla_flags_user: str,
-                   log) -> dict:
+                   log, children: list[tuple[str, list[str]]] | None = None) -> dict:
     """Runs `script argv --only_side ...` once for moetx and once per HF mode in `hf_modes`, one
     child at a time, each training 2 steps, and returns `{name}_peak_rss_mb` and
     `{name}_rss_over_baseline_mb` for `moetx` and `hf_{mode}`, `rss_baseline_mb` and any
-    `memory_error`."""
+    `memory_error`. `children` ([(name, extra flags)]) replaces those children (e.g. moetx and
+    timm)."""
     base = [a for a in argv if a != "--memory"] + ["--steps", "1", "--warmup", "1"]
-    children = [("moetx", ["--only_side", "moetx"])]
-    children += [(f"hf_{m}", ["--only_side", "hf", "--peer", m]) for m in hf_modes]
+    if children is None:
+        children = [("moetx", ["--only_side", "moetx"])]
+        children += [(f"hf_{m}", ["--only_side", "hf", "--peer", m]) for m in hf_modes]
     env = dict(os.environ)
     env["XLA_FLAGS"] = xla_flags_user  # the child applies the same tuning itself
     out: dict = {"rss_baseline_mb": {}}

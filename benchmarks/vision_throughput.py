@@ -28,6 +28,11 @@ MFU: the step's FLOPs as XLA counts them in moetx's train step before optimisati
 and the update, as written), which both sides compute, over the fastest f32 matmul rate either
 library reaches in the same run (`peak_flops_f32_matmul`).
 
+`--memory`: after timing, each side trains 2 steps again in a child process of its own (`--only_side
+moetx|timm`, which builds that side alone, after importing what both sides import) and reports
+its peak RSS (Linux's VmHWM): `moetx_peak_rss_mb`, `timm_peak_rss_mb`, and each over the
+child's RSS after the imports (`*_rss_over_baseline_mb`), as train_throughput.py's children do.
+
 Prints exactly one JSON line on stdout; progress goes to stderr. Examples:
 
   .venv/bin/python benchmarks/vision_throughput.py                      # ResNet-RS-50, 64x64
@@ -45,7 +50,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import (  # noqa: E402  (same directory; no heavy imports)
-    CpuLoad, matmul_fields, measure_matmuls, reserve_stdout_for_json, time_round_robin, versions)
+    CpuLoad, current_rss_mb, matmul_fields, measure_matmuls, measure_memory, memory_child_line,
+    peak_rss_mb, release_freed_memory, reserve_stdout_for_json, time_round_robin, versions)
 
 _T0 = time.perf_counter()
 
@@ -70,7 +76,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_xla_tuning", action="store_true",
                    help="do not call moetx.util.xla_env.configure_cpu_defaults()")
     p.add_argument("--skip_timm", action="store_true", help="time moetx only (no peer)")
+    p.add_argument("--memory", action="store_true",
+                   help="also measure each side's peak RSS in a child process of its own")
+    p.add_argument("--only_side", choices=("moetx", "timm"),
+                   help="(what --memory runs) build and train one side only, 2 steps, and print "
+                        "its peak RSS line")
     args = p.parse_args(argv)
+    if args.memory and args.only_side:
+        p.error("--memory starts the --only_side children itself; pass one of them, not both")
+    if args.memory and args.skip_timm:
+        p.error("--memory measures both sides; drop --skip_timm")
     for name in ("image_size", "batch", "num_classes", "steps", "threads"):
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
@@ -156,6 +171,36 @@ def build_timm(args, torch, images, labels, dropout, drop_path):
     return step, params
 
 
+def memory_child(args, out, jax, np, torch, images, labels, overrides, dropout,
+                 drop_path) -> int:
+    """`--only_side`: builds and trains one side alone (1 + 1 steps) and prints its peak RSS
+    line. Both sides' libraries are imported first, so the baseline is the same for both."""
+    import timm  # noqa: F401
+
+    import moetx.trainer.trainer  # noqa: F401
+    import moetx.vision.model  # noqa: F401
+
+    baseline = peak_rss_mb()
+    if args.only_side == "moetx":
+        tr, state, batch, _ = build_moetx(args, jax, np, images, labels, overrides)
+
+        def step():
+            nonlocal state
+            state, sums = tr.train_step(state, batch)
+            return float(jax.block_until_ready(sums)["loss"])
+    else:
+        timm_step, _ = build_timm(args, torch, images, labels, dropout, drop_path)
+
+        def step():
+            return float(timm_step())
+    timed = time_round_robin({args.only_side: step}, args.steps, args.warmup, log)
+    line = memory_child_line(args.only_side, None, baseline, timed)
+    log(f"memory child {args.only_side}: peak RSS {line['peak_rss_mb']:,.0f} MiB "
+        f"(baseline {baseline:,.0f})")
+    out.write(json.dumps(line) + "\n")
+    return 0
+
+
 def step_flops(jax, tr, batch: dict) -> float | None:
     """FLOPs of one moetx train step as XLA counts them before optimisation (module docstring);
     None where the backend gives no cost analysis."""
@@ -183,6 +228,9 @@ def main(argv=None) -> int:
         np.float32)
     labels = rng.integers(0, args.num_classes, args.batch).astype(np.int32)
     overrides, dropout, drop_path = regularisation(args)
+    if args.only_side:
+        return memory_child(args, out, jax, np, torch, images, labels, overrides, dropout,
+                            drop_path)
 
     log("measuring f32 and bf16 matmul FLOP/s")
     with CpuLoad() as mm_load:
@@ -211,6 +259,7 @@ def main(argv=None) -> int:
     if not np.isfinite(mx_loss):
         raise FloatingPointError(f"moetx loss is {mx_loss}")
 
+    load = timed.load
     mx_t = statistics.median(timed.times["moetx"])
     result = {
         "benchmark": "vision_throughput",
@@ -237,10 +286,21 @@ def main(argv=None) -> int:
             "timm_loss": float(timed.last_out["timm"]),
             "ratio_moetx_over_timm": tm_t / mx_t,
         })
+    if args.memory:
+        import gc
+
+        del state, tr, batch, timm_step, steps, timed
+        gc.collect()
+        release_freed_memory()
+        log(f"memory: this process holds {current_rss_mb():,.0f} MiB while the children run")
+        argv_used = sys.argv[1:] if argv is None else list(argv)
+        mem = measure_memory(os.path.abspath(__file__), argv_used, [], os.environ.get(
+            "XLA_FLAGS", ""), log, children=[("moetx", ["--only_side", "moetx"]),
+                                           ("timm", ["--only_side", "timm"])])
+        result.update(mem)
     result.update({
-        "background_cpu_cores": None if timed.load.cores is None else round(timed.load.cores, 2),
-        "steal_cpu_cores": None if timed.load.steal_cores is None
-        else round(timed.load.steal_cores, 2),
+        "background_cpu_cores": None if load.cores is None else round(load.cores, 2),
+        "steal_cpu_cores": None if load.steal_cores is None else round(load.steal_cores, 2),
         "background_cpu_cores_matmul": mm_load.cores,
         **mm,
         "xla_tuning": not args.no_xla_tuning,

@@ -361,6 +361,57 @@ def test_means_line_becomes_its_own_table(results, tmp_path):
     assert "\n".join(table) in readme.read_text()
 
 
+def test_means_table_shows_xla_peak_memory_where_the_line_has_it(results):
+    line = means_line("2026-12-05 09:30:00 UTC")
+    mib = 2**20
+    for name, v in line["variants"].items():
+        v["memory"] = {"peak_bytes_estimate": (300 if name == "remat_full" else 500) * mib}
+    line["variants"]["no_donation"] = dict(line["variants"]["baseline"],
+                                           memory={"peak_bytes_estimate": 1200 * mib})
+    with open(results, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    table = rt.make_means_table(rt.load_results([str(results)])).split("\n")
+    assert table[0].endswith("| first step | XLA's peak estimate | loss after the steps |")
+    assert table[1].count("---") == 8
+    assert table[2].endswith("| 20.0 s | 500 MiB | 9.5000 |")
+    assert table[4].startswith("| rematerialise every layer") and "| 300 MiB |" in table[4]
+    assert table[6].startswith("| no buffer donation") and "| 1,200 MiB |" in table[6]
+    assert "the bytes donated arguments share with outputs" in table[-1]
+
+
+def test_input_pipeline_line_becomes_its_tables(results, tmp_path):
+    counts = lambda loss, dec, enc=None: {  # noqa: E731
+        "loss_tokens": loss, "decoder_filled": dec, **({"encoder_filled": enc} if enc else {})}
+    figures = lambda s, i, o: {"seconds_per_step": s, "input_seconds_per_step": i,  # noqa: E731
+                               "other_cpu_cores": o}
+    line = {"benchmark": "input_pipeline", "row": "input_pipeline",
+            "run_all": {"mode": "side_by_side"}, "batches": 50, "batch": 8, "steps": 60,
+            "log_every": 10, "repeats": 2, "date": "2026-12-05 23:00:00 UTC",
+            "packing": {
+                "causal_lm": {"packed": counts(1000, 0.98), "unpacked": counts(500, 0.49),
+                              "loss_tokens_ratio": 2.0, "feature_lengths": {"targets": 128}},
+                "span_corruption": {"packed": counts(800, 0.9, 0.95),
+                                    "unpacked": counts(200, 0.2, 0.25), "loss_tokens_ratio": 4.0,
+                                    "feature_lengths": {"inputs": 512, "targets": 114}}},
+            "prefetch": {"demo_t5": {"mean": {"0": figures(0.2, 0.01, 0.05),
+                                              "2": figures(0.25, 0.001, 0.05)}}}}
+    with open(results, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    records = rt.load_results([str(results)])
+    assert rt.make_table(records) == EXPECTED_TABLE  # not a row of the main table
+    table = rt.make_input_pipeline_table(records).split("\n")
+    assert table[2] == "| causal LM (128) | 1,000 | 500 | 2.00× | 98% / 49% |"
+    assert table[3] == ("| span corruption (512 → 114) | 800 | 200 | 4.00× "
+                        "| decoder 90% / 20%; encoder 95% / 25% |")
+    assert table[7].endswith("| 0 | 200 | 10.0 | 0.05 | 1.00× |")
+    assert table[8].endswith("| 2 | 250 | 1.0 | 0.05 | 0.80× |")
+    assert "first 50 batches of 8 rows" in table[-1] and "trained 2 times for 60" in table[-1]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{rt.START}\n{rt.END}\n{rt.INPUT_START}\n{rt.INPUT_END}\n")
+    assert rt.main([str(results), "--write", str(readme)]) == 0
+    assert "\n".join(table) in readme.read_text()
+
+
 def ops_line(date: str) -> dict:
     """A step_ops.py line: two attention variants at two shapes, two loss-head variants."""
     def shape(lq: int, lk: int, einsum_ms: float, chunk_ms: float) -> dict:
