@@ -13,8 +13,9 @@ packing   For each pretraining objective on the bundled corpus (causal LM 128 to
 prefetch  Short training runs through `train()` on the bundled corpus, at `make demo`'s settings
           (the MoE-Primer decoder, 16 x 128 tokens; and `make demo MODEL=t5`'s encoder-decoder
           on span corruption, 16 x (128 -> 32)), with `DatasetConfig.prefetch` 0 (as shipped)
-          and 2, alternated `--repeats` times (0, 2, 0, 2, ...) so a drift of the machine's
-          speed hits both. From each run's TensorBoard scalars, past the first log window (it
+          and 2, `--repeats` times each in orders that alternate (0, 2, then 2, 0, ...), so
+          neither a drift of the machine's speed nor the first run of a process (the slowest)
+          favours one setting; `order` in the line records them. From each run's TensorBoard scalars, past the first log window (it
           holds the compilation): the host's time getting and placing a batch per step
           (`timing/input_seconds`), the wall time per step (from `timing/steps_per_second`),
           and the other processes' CPU use (`host/other_cpu_cores`). The loop already prepares
@@ -172,8 +173,11 @@ def measure_prefetch(args) -> dict:
     try:
         for setup, (gin_file, task, lengths) in PREFETCH.items():
             runs: dict[str, list] = {str(v): [] for v in PREFETCH_VALUES}
+            order = []
             for r in range(args.repeats):
-                for v in PREFETCH_VALUES:
+                values = PREFETCH_VALUES if r % 2 == 0 else PREFETCH_VALUES[::-1]
+                order.extend(values)
+                for v in values:
                     f = train_once(gin_file, task, lengths, v, args, root)
                     runs[str(v)].append(f)
                     log(f"prefetch {setup} = {v} (run {r + 1}/{args.repeats}): "
@@ -185,7 +189,7 @@ def measure_prefetch(args) -> dict:
                                      "other_cpu_cores")} for v, fs in runs.items()}
             out[setup] = {
                 "gin_file": gin_file, "task": task, "feature_lengths": lengths,
-                "batch": 16, "runs": runs, "mean": summary,
+                "batch": 16, "order": order, "runs": runs, "mean": summary,
                 "speedup": (summary[str(PREFETCH_VALUES[0])]["seconds_per_step"]
                             / summary[str(PREFETCH_VALUES[-1])]["seconds_per_step"])}
     finally:

@@ -575,9 +575,12 @@ def make_input_pipeline_table(records: list[dict]) -> str | None:
             f"default) and not (`DatasetConfig.pack = False`); a step costs the same either "
             f"way, so the gain is in trained tokens per second. ")
     if "prefetch" in rec:
+        order = next((row["order"] for row in rec["prefetch"].values() if "order" in row), None)
+        order = (f"in the order {', '.join(map(str, order))}" if order
+                 else "alternating, without prefetching first each time")
         caption += (
             f"Prefetch: `DatasetConfig.prefetch` batches prepared ahead by tf.data, each value "
-            f"trained {rec['repeats']} times for {rec['steps']} steps (alternating), figures "
+            f"trained {rec['repeats']} times for {rec['steps']} steps ({order}), figures "
             f"past the first {rec['log_every']}-step window (it holds the compilation); input "
             f"ms/step is the host's time getting and placing a batch while the step before "
             f"runs.")

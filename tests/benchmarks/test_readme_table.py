@@ -406,10 +406,17 @@ def test_input_pipeline_line_becomes_its_tables(results, tmp_path):
     assert table[7].endswith("| 0 | 200 | 10.0 | 0.05 | 1.00× |")
     assert table[8].endswith("| 2 | 250 | 1.0 | 0.05 | 0.80× |")
     assert "first 50 batches of 8 rows" in table[-1] and "trained 2 times for 60" in table[-1]
+    assert "without prefetching first each time" in table[-1]  # a line from before `order`
     readme = tmp_path / "README.md"
     readme.write_text(f"{rt.START}\n{rt.END}\n{rt.INPUT_START}\n{rt.INPUT_END}\n")
     assert rt.main([str(results), "--write", str(readme)]) == 0
     assert "\n".join(table) in readme.read_text()
+    line["prefetch"]["demo_t5"]["order"] = [0, 2, 2, 0]
+    line["date"] = "2026-12-05 23:30:00 UTC"
+    with open(results, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    caption = rt.make_input_pipeline_table(rt.load_results([str(results)])).split("\n")[-1]
+    assert "(in the order 0, 2, 2, 0)" in caption
 
 
 def ops_line(date: str) -> dict:
