@@ -275,26 +275,18 @@ the gradients and optimizer temporaries, in float32 on CPU.
 """
 
 COMPILED_NOTES = """
-**What the compiled programs show.** The dense model without FSDP (T5.1.1-XXL on (16, 1, 16))
-compiles to the planned collectives: the gradient reduction equal, the tensor-parallel
-all-reduces at 2x (float32 on CPU). Two layouts do not, and the plan marks what they would
-cost once fixed, not what they cost today:
-
-- *FSDP* (`FSDP=True`): about two orders of magnitude more bytes than planned, nearly all
-  all-reduces and all-gathers over the batch axes of activation-sized buffers, and XLA's temp
-  bytes explode with them. GSPMD propagates the parameters' `embed -> (data, expert)` sharding
-  into the activations (replicated over the batch, sharded over `embed`) instead of gathering
-  the weights, the layout the plan assumes (and MaxText's FSDP uses). The tiny test models
-  show the same. The layers would need to pin their matmul inputs to the batch-sharded
-  layout (or gather the weights explicitly) before each dot.
-- *MoE layers at scale*: in ST-MoE-32B's sparse layers GSPMD gathers the whole batch's routing
-  groups over `expert` for the masked dispatch and combine einsums (<float32>[256, 4096,
-  5120] buffers in the encoder) instead of keeping them group-local and moving only the
-  expert buffers with the all-to-all: 20x the planned traffic over the batch axes and 3x the
-  all-to-all bytes on (1, 64, 8). The dispatch mask's sharding is propagated back from the
-  expert-sharded layout; constraining the dispatch and combine tensors to the group-sharded
-  layout before the einsums should restore the plan. (On the small meshes of the tests the
-  planned all-to-all does appear.)
+**What the compiled programs show.** Every layout compiles to the planned collectives: the
+gradient reduction and FSDP traffic within 2% of the plan on all five meshes (FSDP included),
+and the tensor-parallel all-reduces and MoE all-to-alls at 2x the plan's bytes, which is
+agreement here (XLA:CPU carries them in float32 where an accelerator carries bf16). An earlier
+version of this table, compiled before the steps ran under `jax.set_mesh`, showed FSDP at up to
+two orders of magnitude over the plan: every activation sharding constraint was being skipped,
+so GSPMD re-laid whole batches along `embed` instead of gathering the weights. With the
+constraints active and the layers gathering their FSDP-sharded parameters at use, that is gone.
+XLA's temporary bytes stay 4-7x the plan's activation estimate: on the CPU they also hold the
+float32 gradients and optimizer temporaries and float32 copies of the bf16 activations, so
+they bound the activation memory from above rather than measure it; peak memory per device
+on an accelerator is not measured here.
 
 With micro-batches the gradient reduction runs once per micro-batch (XLA reduces inside the
 accumulation loop); the plan counts it so.
