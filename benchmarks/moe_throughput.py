@@ -83,10 +83,10 @@ from encdec_throughput import encdec_batch
 from train_throughput import (CpuLoad, add_side_by_side_flags, check_finite,
                               check_side_by_side_flags, compile_info, environment_fields,
                               hf_param_count, hf_variants, import_side_libraries, make_batch,
-                              matmul_fields, measure_matmuls, measure_memory,
-                              memory_child_line, moetx_optimizer_factory, optimizer_settings,
-                              peak_rss_mb, release_freed_memory, reserve_stdout_for_json,
-                              run_memory, side_by_side_fields, time_round_robin, token_loss)
+                              matmul_fields, measure_matmuls, memory_child_line,
+                              moetx_optimizer_factory, optimizer_settings, peak_rss_mb,
+                              reserve_stdout_for_json, run_memory, run_memory_child,
+                              side_by_side_fields, time_round_robin, token_loss)
 
 MEASUREMENTS = ("moe_vs_dense", "dispatch_paths", "moetx_vs_hf_switch")
 
@@ -274,13 +274,9 @@ def moe_vs_dense_memory_child(args, jax, np) -> dict:
     import moetx.moe.layers  # noqa: F401
     import moetx.trainer.trainer  # noqa: F401
 
-    baseline = peak_rss_mb()
-    runner = moe_vs_dense_runner(args, jax, np, args.only_model)
-    timed = time_round_robin({args.only_model: runner.step}, args.steps, args.warmup, log)
-    line = memory_child_line(args.only_model, None, baseline, timed)
-    log(f"memory child {args.only_model}: peak RSS {line['peak_rss_mb']:,.0f} MiB "
-        f"(baseline {baseline:,.0f})")
-    return line
+    return run_memory_child(
+        args.only_model, lambda: moe_vs_dense_runner(args, jax, np, args.only_model).step,
+        args.steps, args.warmup, log)
 
 
 def measure_moe_vs_dense(args, jax, np, runners: dict) -> dict:
@@ -592,13 +588,8 @@ def main(argv=None) -> int:
                 f"{result['overhead_ratio']:.2f}")
             if args.memory:
                 runners.pop("masked", None)
-                import gc
-
-                gc.collect()
-                release_freed_memory()
-                result.update(measure_memory(
-                    os.path.abspath(__file__), argv, [], xla_flags_before, log,
-                    children=[(m, ["--only_model", m]) for m in ("moe", "dense")]))
+                run_memory(result, args, argv, os.path.abspath(__file__), xla_flags_before, log,
+                           children=[(m, ["--only_model", m]) for m in ("moe", "dense")])
         elif name == "dispatch_paths":
             result = measure_dispatch_paths(args, jax, np, runners)
             log("dispatch " + ", ".join(f"{d} {result[f'{d}_step_time_s'] * 1e3:.0f} ms"

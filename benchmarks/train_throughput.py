@@ -582,8 +582,10 @@ def peer_memory(result: dict) -> None:
 
 
 def run_memory(result: dict, args, argv: list[str], script: str, xla_flags_user: str,
-               log) -> None:
-    """`--memory`: measure moetx's and each successfully timed HF variant's peak RSS.
+               log, children: list[tuple[str, list[str]]] | None = None) -> None:
+    """`--memory`: measure moetx's and each successfully timed HF variant's peak RSS (or, with
+    `children`, those children's; see `measure_memory`). The caller drops its own references to
+    the timed models first.
 
     Returns this process's freed memory to the system first: the allocator setting keeps
     freed blocks, and the timed models' ~10 GB at T5.1.1-small's shape beside a child's made
@@ -595,8 +597,22 @@ def run_memory(result: dict, args, argv: list[str], script: str, xla_flags_user:
     log(f"memory: this process holds {current_rss_mb():,.0f} MiB while the children run")
     modes = [k[len("hf_"):-len("_step_time_s")] for k in result
              if k.startswith("hf_") and k.endswith("_step_time_s")]
-    result.update(measure_memory(script, argv, modes, xla_flags_user, log))
-    peer_memory(result)
+    result.update(measure_memory(script, argv, modes, xla_flags_user, log, children=children))
+    if children is None:
+        peer_memory(result)
+
+
+def run_memory_child(name: str, build, steps: int, warmup: int, log) -> dict:
+    """The body of a memory child (`--only_side`, `--only_model`): reads the RSS baseline,
+    calls `build()` for one side's step function (no arguments, returns the loss), trains it
+    `warmup` + `steps` steps alone and returns its `memory_child_line`. The caller imports
+    every side's libraries before, so that the baseline is the same whichever side is built."""
+    baseline = peak_rss_mb()
+    timed = time_round_robin({name: build()}, steps, warmup, log)
+    line = memory_child_line(name, None, baseline, timed)
+    log(f"memory child {name}: peak RSS {line['peak_rss_mb']:,.0f} MiB "
+        f"(baseline {baseline:,.0f})")
+    return line
 
 
 def environment_fields(args, jax, torch, xla_flags_user: str) -> dict:

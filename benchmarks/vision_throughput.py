@@ -50,8 +50,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_throughput import (  # noqa: E402  (same directory; no heavy imports)
-    CpuLoad, current_rss_mb, matmul_fields, measure_matmuls, measure_memory, memory_child_line,
-    peak_rss_mb, release_freed_memory, reserve_stdout_for_json, time_round_robin, versions)
+    CpuLoad, matmul_fields, measure_matmuls, reserve_stdout_for_json, run_memory,
+    run_memory_child, time_round_robin, versions)
 
 _T0 = time.perf_counter()
 
@@ -180,23 +180,19 @@ def memory_child(args, out, jax, np, torch, images, labels, overrides, dropout,
     import moetx.trainer.trainer  # noqa: F401
     import moetx.vision.model  # noqa: F401
 
-    baseline = peak_rss_mb()
-    if args.only_side == "moetx":
-        tr, state, batch, _ = build_moetx(args, jax, np, images, labels, overrides)
+    def build():
+        if args.only_side == "moetx":
+            tr, state, batch, _ = build_moetx(args, jax, np, images, labels, overrides)
 
-        def step():
-            nonlocal state
-            state, sums = tr.train_step(state, batch)
-            return float(jax.block_until_ready(sums)["loss"])
-    else:
+            def step():
+                nonlocal state
+                state, sums = tr.train_step(state, batch)
+                return float(jax.block_until_ready(sums)["loss"])
+            return step
         timm_step, _ = build_timm(args, torch, images, labels, dropout, drop_path)
+        return lambda: float(timm_step())
 
-        def step():
-            return float(timm_step())
-    timed = time_round_robin({args.only_side: step}, args.steps, args.warmup, log)
-    line = memory_child_line(args.only_side, None, baseline, timed)
-    log(f"memory child {args.only_side}: peak RSS {line['peak_rss_mb']:,.0f} MiB "
-        f"(baseline {baseline:,.0f})")
+    line = run_memory_child(args.only_side, build, args.steps, args.warmup, log)
     out.write(json.dumps(line) + "\n")
     return 0
 
@@ -214,6 +210,7 @@ def step_flops(jax, tr, batch: dict) -> float | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    xla_flags_user = os.environ.get("XLA_FLAGS", "")  # the children tune from these themselves
     out = reserve_stdout_for_json(xla_tuning=not args.no_xla_tuning)
 
     import jax
@@ -287,17 +284,11 @@ def main(argv=None) -> int:
             "ratio_moetx_over_timm": tm_t / mx_t,
         })
     if args.memory:
-        import gc
-
         del state, tr, batch, timm_step, steps, timed
-        gc.collect()
-        release_freed_memory()
-        log(f"memory: this process holds {current_rss_mb():,.0f} MiB while the children run")
         argv_used = sys.argv[1:] if argv is None else list(argv)
-        mem = measure_memory(os.path.abspath(__file__), argv_used, [], os.environ.get(
-            "XLA_FLAGS", ""), log, children=[("moetx", ["--only_side", "moetx"]),
-                                           ("timm", ["--only_side", "timm"])])
-        result.update(mem)
+        run_memory(result, args, argv_used, os.path.abspath(__file__), xla_flags_user, log,
+                   children=[("moetx", ["--only_side", "moetx"]),
+                             ("timm", ["--only_side", "timm"])])
     result.update({
         "background_cpu_cores": None if load.cores is None else round(load.cores, 2),
         "steal_cpu_cores": None if load.steal_cores is None else round(load.steal_cores, 2),
