@@ -32,7 +32,9 @@ relative position bias, gated-GELU MLP, no biases, untied logits; by default the
    float differences between XLA and torch can flip an argmax, after which the row diverges.
    Where a call's time goes: both sides also decode one token in the same round-robin
    (`*_one_token_s`: encoding, set-up and one step); the rest of a call, over its T - 1 further
-   steps, is the cost of one cached decoder step (`*_per_token_step_ms`).
+   steps, is the cost of one cached decoder step (`*_per_token_step_ms`). With `--memory`,
+   each side also decodes alone in a child process (`--only_decode moetx|hf`, from its own
+   initial weights, 1 + 1 calls) for its peak RSS (`moetx_peak_rss_mb`, `hf_peak_rss_mb`).
 
 Steps/calls are timed round-robin (one moetx, one of each HF variant, ...) after `--warmup`
 untimed ones per side, median of `--steps`. The f32 and bf16 matmul rates are measured in the
@@ -66,7 +68,8 @@ from train_throughput import (CpuLoad, add_side_by_side_flags, check_finite,
                               hf_param_count, hf_variants, import_side_libraries, matmul_fields,
                               measure_matmuls, memory_child_line, moetx_optimizer_factory,
                               optimizer_settings, peak_rss_mb, reserve_stdout_for_json,
-                              run_memory, side_by_side_fields, time_round_robin, token_loss)
+                              run_memory, run_memory_child, side_by_side_fields,
+                              time_round_robin, token_loss)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,8 +93,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="do not call moetx.util.xla_env.configure_cpu_defaults()")
     p.add_argument("--skip_decode", action="store_true",
                    help="time the training step only (print only the first JSON line)")
+    p.add_argument("--only_decode", choices=("moetx", "hf"),
+                   help="a memory child of the decode measurement: this side's greedy decoding "
+                        "alone (its weights, 1 + 1 calls), its peak RSS line")
     add_side_by_side_flags(p)
     args = p.parse_args(argv)
+    if args.only_decode and (args.only_side or args.memory or args.skip_decode):
+        p.error("--only_decode is a memory child of its own: no --only_side, --memory or "
+                "--skip_decode with it")
     for name in ("d_model", "layers", "heads", "head_dim", "d_ff", "vocab", "batch",
                  "input_length", "target_length", "steps", "threads"):
         if getattr(args, name) <= 0:
@@ -212,6 +221,54 @@ def build_hf(torch, cfg, params_np, train: bool):
     return model.train(train)
 
 
+def moetx_decoder(jax, np, model, params, enc_np, length: int):
+    """moetx's cached greedy decoding of `enc_np` (a function of the length; `length` tokens
+    by default) with eos outside the vocabulary, so that no row stops early."""
+    enc = jax.device_put(enc_np, jax.devices()[0])
+    predict = jax.jit(model.predict_batch,
+                      static_argnames=("max_decode_length", "eos_id", "temperature"))
+    rng = jax.random.PRNGKey(0)
+    eos_id = model.config.vocab_size
+
+    def decode(n: int = length):
+        out = predict(params, enc, max_decode_length=n, rng=rng, eos_id=eos_id, temperature=0.0)
+        return np.asarray(jax.block_until_ready(out))
+
+    return decode
+
+
+def hf_decoder(torch, hf_eval, enc_np, length: int, eos_id: int):
+    """HF `generate`, greedy with its KV cache, exactly `length` new tokens (a function of the
+    length, like `moetx_decoder`)."""
+    enc = torch.from_numpy(enc_np.astype("int64"))
+    mask = torch.ones_like(enc)
+
+    def decode(n: int = length):
+        with torch.inference_mode():
+            out = hf_eval.generate(
+                input_ids=enc, attention_mask=mask, do_sample=False, num_beams=1,
+                max_new_tokens=n, min_new_tokens=n, use_cache=True, eos_token_id=eos_id,
+                pad_token_id=0, decoder_start_token_id=0)
+        return out.numpy()
+
+    return decode
+
+
+def decoder_of(side: str, args, jax, np, torch, cfg, model, input_shapes, batch_np):
+    """`--only_decode`: one side's decoding alone, from its own initial weights (moetx's
+    initialisation; HF's), for its peak RSS. The call returns the number of tokens it
+    produced (what the memory line records in place of a loss)."""
+    enc_np, n = batch_np["encoder_input_tokens"], args.target_length
+    if side == "moetx":
+        params = jax.jit(lambda rng: model.get_initial_variables(rng, input_shapes))(
+            jax.random.PRNGKey(0))["params"]
+        decode = moetx_decoder(jax, np, model, params, enc_np, n)
+    else:
+        decode = hf_decoder(torch, build_hf(torch, cfg, None, train=False), enc_np, n,
+                            args.vocab)
+    return lambda: float(decode().size)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -238,7 +295,7 @@ def main(argv=None) -> int:
         + (f", only {args.only_side}" if args.only_side else ""))
 
     mm = mm_load = None
-    if not args.only_side:
+    if not (args.only_side or args.only_decode):
         log("measuring f32 and bf16 matmul FLOP/s")
         with CpuLoad() as mm_load:
             mm = measure_matmuls(jax, jnp, torch)
@@ -262,6 +319,13 @@ def main(argv=None) -> int:
     cfg = moetx_config(args)
     model, input_shapes = moetx_encdec_model(args, cfg)
     batch_np = make_batch(np, args)
+    if args.only_decode:
+        import_side_libraries()
+        emit(run_memory_child(args.only_decode, lambda: decoder_of(
+            args.only_decode, args, jax, np, torch, cfg, model, input_shapes, batch_np),
+            args.steps, args.warmup, log))
+        json_out.close()
+        return 0
     tokens = b * (n_in + n_tg)
     import_side_libraries()
     baseline_mb = peak_rss_mb()
@@ -362,31 +426,15 @@ def main(argv=None) -> int:
         return 0
 
     # -------------------------------------------------------------------- 2. greedy decode
-    eos_id = args.vocab  # outside the vocabulary: no row can stop early, on either side
+    eos_id = args.vocab
     enc_np = batch_np["encoder_input_tokens"]
     params_dev = jax.device_put(params_np, jax.devices()[0])
-    enc_dev = jax.device_put(enc_np, jax.devices()[0])
-    predict = jax.jit(model.predict_batch,
-                      static_argnames=("max_decode_length", "eos_id", "temperature"))
-    rng = jax.random.PRNGKey(0)
-
-    def moetx_decode(length: int = n_tg):
-        out = predict(params_dev, enc_dev, max_decode_length=length, rng=rng, eos_id=eos_id,
-                      temperature=0.0)
-        return np.asarray(jax.block_until_ready(out))
-
+    moetx_decode = moetx_decoder(jax, np, model, params_dev, enc_np, n_tg)
     log("building HF T5ForConditionalGeneration (eval) with the same weights")
     hf_eval = build_hf(torch, cfg, params_np, train=False)
     enc_long = torch.from_numpy(enc_np.astype(np.int64))
     attention_mask = torch.ones_like(enc_long)
-
-    def hf_decode(length: int = n_tg):
-        with torch.inference_mode():
-            out = hf_eval.generate(
-                input_ids=enc_long, attention_mask=attention_mask, do_sample=False, num_beams=1,
-                max_new_tokens=length, min_new_tokens=length, use_cache=True,
-                eos_token_id=eos_id, pad_token_id=0, decoder_start_token_id=0)
-        return out.numpy()
+    hf_decode = hf_decoder(torch, hf_eval, enc_np, n_tg, eos_id)
 
     dec = time_round_robin({"moetx": moetx_decode, "hf": hf_decode,
                             "moetx_one": lambda: moetx_decode(1), "hf_one": lambda: hf_decode(1)},
@@ -428,7 +476,7 @@ def main(argv=None) -> int:
             first_div[r] = {"position": p, "moetx_top2_margin": float(top2[1] - top2[0]),
                             "logit_diff_there": float(np.abs(mx_logits[r, p]
                                                              - hf_logits[r, p]).max())}
-    emit({
+    decode_line = {
         "benchmark": "encdec_decode_throughput",
         **common,
         "decode": "greedy, KV cache",
@@ -462,7 +510,12 @@ def main(argv=None) -> int:
         "steal_cpu_cores": {"matmul": mm_load.steal_cores, "decode": dec.load.steal_cores},
         "own_cpu_cores": dec.load.own_cores,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    })
+    }
+    if args.memory:
+        del params_dev, hf_eval, moetx_decode, hf_decode, dec
+        run_memory(decode_line, args, argv, os.path.abspath(__file__), xla_flags_before, log,
+                   children=[(side, ["--only_decode", side]) for side in ("moetx", "hf")])
+    emit(decode_line)
     log(f"decode: moetx {generated / mx_dt:,.0f} tok/s ({mx_dt * 1e3:.0f} ms/call), HF "
         f"{generated / hf_dt:,.0f} tok/s ({hf_dt * 1e3:.0f} ms/call), ratio {hf_dt / mx_dt:.2f}; "
         f"one token: moetx {mx_one * 1e3:.0f} ms, HF {hf_one * 1e3:.0f} ms; a further step: moetx "

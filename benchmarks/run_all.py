@@ -29,6 +29,8 @@ Modes:
                           (means.py);
                input_pipeline  sequence packing per pretraining objective and tf.data
                           prefetching in `make demo`'s jobs (input_pipeline.py);
+               compile_cache  time to the first step, JAX's compilation cache cold and warm,
+                          for `make demo`'s job and T5.1.1-small (compile_cache.py);
                step_ops   attention and the logits head + loss alone, in each way of computing
                           them (blocked / chunked, layouts, jax.nn.dot_product_attention),
                           beside torch's (step_ops.py);
@@ -191,6 +193,10 @@ def side_by_side_rows(s: dict, memory: bool, quick: bool) -> list[Row]:
     rows.append(Row("input_pipeline", "input_pipeline.py",
                     _flags(batches=2, steps=20, repeats=1) if quick else (), 60.0 if quick
                     else 400.0))
+    # Time to the first step with the compilation cache cold and warm.
+    rows.append(Row("compile_cache", "compile_cache.py",
+                    _flags(repeats=1) + ("--only", "demo") if quick else (),
+                    150.0 if quick else 900.0))
     # The attention path and the loss head alone, variant by variant, beside torch's.
     rows.append(Row("step_ops", "step_ops.py",
                     (*width(heads["t5"]),

@@ -61,6 +61,7 @@ DECODE = {"benchmark": "encdec_decode_throughput", "row": "encdec_adafactor",
           "run_all": {"mode": "side_by_side"}, **ENC_SHAPE,
           "moetx_generated_tokens_per_sec": 50.0, "hf_generated_tokens_per_sec": 25.0,
           "moetx_first_call_s": 3.0, "hf_first_call_s": 1.5,
+          "moetx_peak_rss_mb": 1900.0, "hf_peak_rss_mb": 1600.0,
           "peak_flops_f32_matmul": 200e9, "peak_flops_bf16_matmul": 300e9,
           "background_cpu_cores": {"matmul": 0.01, "decode": 0.0},
           "date": "2026-12-05 10:05:00 UTC"}
@@ -88,7 +89,7 @@ EXPECTED_TABLE = "\n".join([
     "| HF torch.compile: 600 tok/s | 0.62× | 29.0% / 46.6% | 26.0 / 95.0 s "
     "| 3,000 / 2,800 MiB |",
     "| Greedy decode, T5.1.1 enc-dec (d 512, 8+8 layers, 8 × 512→114) | – | 50.0 tok/s "
-    "| HF generate: 25.0 tok/s | 2.00× | – | 3.0 / 1.5 s | – |",
+    "| HF generate: 25.0 tok/s | 2.00× | – | 3.0 / 1.5 s | 1,900 / 1,600 MiB |",
     "| Decoder-only Llama (RoPE, SwiGLU) (d 512, 8 layers, 8 × 512) | adamw | 1,234 tok/s "
     "| HF eager (compile failed): 98.8 tok/s | 12.50× | 30.0% / 2.4% | 10.0 / 2.0 s | – |",
     "",
@@ -459,3 +460,27 @@ def test_step_ops_line_becomes_its_own_tables(results, tmp_path):
     readme.write_text(f"{rt.START}\n{rt.END}\n")
     with pytest.raises(SystemExit, match="ops-table:start"):
         rt.main([str(results), "--write", str(readme)])
+
+
+def test_compile_cache_line_becomes_its_table(results, tmp_path):
+    run = lambda i, c, w, o: {"init_or_restore_s": i, "compilation_s": c,  # noqa: E731
+                              "command_s": w, "other_cpu_cores": o}
+    line = {"benchmark": "compile_cache", "row": "compile_cache",
+            "run_all": {"mode": "side_by_side"}, "steps": 2, "repeats": 1,
+            "date": "2026-12-06 03:00:00 UTC",
+            "setups": {"demo": {
+                "runs": {"cold": [run(6.0, 6.0, 30.0, 0.05)], "warm": [run(1.5, 1.5, 20.0, 0.2)]},
+                "mean": {"cold": run(6.0, 6.0, 30.0, None), "warm": run(1.5, 1.5, 20.0, None)},
+                "first_step_speedup": 4.0}}}
+    with open(results, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    records = rt.load_results([str(results)])
+    assert rt.make_table(records) == EXPECTED_TABLE  # not a row of the main table
+    table = rt.make_compile_cache_table(records).split("\n")
+    assert table[2] == "| `make demo` (MoE-Primer decoder, 16 × 128) | cold | 6.0 | 6.0 | – | 30.0 |"
+    assert table[3].endswith("| warm | 1.5 | 1.5 | 4.0× sooner | 20.0 |")
+    assert "2 steps from a new `MODEL_DIR`" in table[-1] and "0.20 CPU cores at most" in table[-1]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{rt.START}\n{rt.END}\n{rt.CACHE_START}\n{rt.CACHE_END}\n")
+    assert rt.main([str(results), "--write", str(readme)]) == 0
+    assert "\n".join(table) in readme.read_text()
