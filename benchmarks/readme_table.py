@@ -272,6 +272,14 @@ def caption(records: list[dict]) -> str:
         parts.append("Peak RSS: each side alone in a child process (2 steps) that first imports "
                      "the libraries of both sides (moetx's bring TensorFlow through SeqIO), "
                      f"{span(baselines)} MiB before any model is built.")
+    arena = [(rec.get("row") or rec.get("benchmark"), rec["moetx_malloc_arena_max_8_peak_rss_mb"],
+              rec["moetx_peak_rss_mb"]) for rec in records
+             if rec.get("moetx_malloc_arena_max_8_peak_rss_mb") and rec.get("moetx_peak_rss_mb")]
+    if arena:
+        parts.append("moetx's peak RSS with `MALLOC_ARENA_MAX=8` set, which turns its allocator "
+                     "setting (freed heap kept for reuse) off, against as shipped: "
+                     + ", ".join(f"{off:,.0f} / {on:,.0f} MiB ({row})" for row, off, on in arena)
+                     + ".")
     if loads:
         parts.append(f"Background load while timing: up to {max(loads):.2f} cores.")
     # A row failed when its last line is a failure; a later successful run of it supersedes.

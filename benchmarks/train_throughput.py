@@ -533,26 +533,36 @@ def memory_child_line(side: str, peer: str | None, baseline_mb: float, timed: Ro
             "failed": timed.failed}
 
 
+# The moetx memory child run once more with the allocator as glibc ships it: a `MALLOC_*`
+# variable makes `xla_env.configure_cpu_allocator` stand aside (it keeps freed heap blocks for
+# reuse, which makes the step faster and the peak RSS higher).
+ALLOCATOR_OFF_CHILD = ("moetx_malloc_arena_max_8", ["--only_side", "moetx"],
+                       {"MALLOC_ARENA_MAX": "8"})
+
+
 def measure_memory(script: str, argv: list[str], hf_modes: list[str], xla_flags_user: str,
-                   log, children: list[tuple[str, list[str]]] | None = None) -> dict:
-    """Runs `script argv --only_side ...` once for moetx and once per HF mode in `hf_modes`, one
-    child at a time, each training 2 steps, and returns `{name}_peak_rss_mb` and
-    `{name}_rss_over_baseline_mb` for `moetx` and `hf_{mode}`, `rss_baseline_mb` and any
-    `memory_error`. `children` ([(name, extra flags)]) replaces those children (e.g. moetx and
-    timm)."""
+                   log, children: list[tuple] | None = None) -> dict:
+    """Runs `script argv --only_side ...` once for moetx, once for moetx with the allocator
+    setting off (`ALLOCATOR_OFF_CHILD`) and once per HF mode in `hf_modes`, one child at a
+    time, each training 2 steps, and returns `{name}_peak_rss_mb` and
+    `{name}_rss_over_baseline_mb` for `moetx`, `moetx_malloc_arena_max_8` and `hf_{mode}`,
+    `rss_baseline_mb` and any `memory_error`. `children` ([(name, extra flags[, extra
+    environment])]) replaces those children (e.g. moetx and timm)."""
     base = [a for a in argv if a != "--memory"] + ["--steps", "1", "--warmup", "1"]
     if children is None:
-        children = [("moetx", ["--only_side", "moetx"])]
+        children = [("moetx", ["--only_side", "moetx"]), ALLOCATOR_OFF_CHILD]
         children += [(f"hf_{m}", ["--only_side", "hf", "--peer", m]) for m in hf_modes]
     env = dict(os.environ)
     env["XLA_FLAGS"] = xla_flags_user  # the child applies the same tuning itself
     out: dict = {"rss_baseline_mb": {}}
     errors = {}
-    for name, extra in children:
+    for name, extra, *child_env in children:
         cmd = [sys.executable, script, *base, *extra]
-        log(f"memory: {name} child ({' '.join(extra)})")
+        extra_env = child_env[0] if child_env else {}
+        log(f"memory: {name} child ({' '.join(extra)}"
+            + "".join(f", {k}={v}" for k, v in extra_env.items()) + ")")
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env)
+                              env={**env, **extra_env})
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode != 0 or not lines:
             errors[name] = (f"exit {proc.returncode}: "
