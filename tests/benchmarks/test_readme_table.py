@@ -479,7 +479,8 @@ def test_compile_cache_line_becomes_its_table(results, tmp_path):
     records = rt.load_results([str(results)])
     assert rt.make_table(records) == EXPECTED_TABLE  # not a row of the main table
     table = rt.make_compile_cache_table(records).split("\n")
-    assert table[2] == "| `make demo` (MoE-Primer decoder, 16 × 128) | cold | 6.0 | 6.0 | – | 30.0 |"
+    assert table[2] == ("| `make demo` (MoE-Primer decoder, 16 × 128) | cold | 6.0 | 6.0 | – "
+                        "| 30.0 |")
     assert table[3].endswith("| warm | 1.5 | 1.5 | 4.0× sooner | 20.0 |")
     assert "2 steps from a new `MODEL_DIR`" in table[-1] and "0.20 CPU cores at most" in table[-1]
     readme = tmp_path / "README.md"

@@ -71,3 +71,33 @@ def test_allocator_keeps_freed_large_blocks_so_repeated_steps_fault_no_new_pages
     out = subprocess.run([sys.executable, "-c", _FAULTS, "1"], capture_output=True, text=True,
                          env=dict(env, MALLOC_ARENA_MAX="2"), timeout=120)
     assert out.stdout.split()[0] == "False"
+
+
+def test_init_compile_options_only_undo_the_flag_moetx_added():
+    added = ("--xla_force_host_platform_device_count=8 "
+             "--xla_cpu_experimental_ynn_fusion_type=+eltwise")
+    options = xla_env.init_compile_options("cpu", added)
+    assert options == {"xla_cpu_experimental_ynn_fusion_type": (
+        "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE")}
+    assert xla_env.init_compile_options("gpu", added) is None
+    assert xla_env.init_compile_options("cpu", "--xla_force_host_platform_device_count=8") is None
+    user = "--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce"
+    assert xla_env.init_compile_options("cpu", user) is None
+
+
+def test_an_initializer_compiled_with_them_plans_less_memory_for_the_same_values():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    added = f"--xla_cpu_experimental_ynn_fusion_type={xla_env._XLA_CPU_FLAGS[0][1]}"
+    if added not in os.environ.get("XLA_FLAGS", "").split():
+        pytest.skip("the tuned XLA CPU flag is not in effect here (another jaxlib or machine)")
+    init = jax.nn.initializers.normal(1.0)
+    lowered = jax.jit(lambda key: init(key, (2048, 512), jnp.float32)).lower(
+        jax.random.PRNGKey(0))
+    as_tuned, for_init = lowered.compile(), lowered.compile(xla_env.init_compile_options())
+    temp = lambda c: c.memory_analysis().temp_size_in_bytes  # noqa: E731
+    assert temp(for_init) < temp(as_tuned) / 3, (temp(for_init), temp(as_tuned))
+    a, b = (np.asarray(c(jax.random.PRNGKey(0))) for c in (as_tuned, for_init))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
