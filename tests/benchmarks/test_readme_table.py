@@ -106,6 +106,15 @@ EXPECTED_TABLE = "\n".join([
 ])
 
 
+def written_between(results, tmp_path, start: str, end: str) -> str:
+    """The text of a README holding the main table's markers and `start` ... `end`, after
+    `readme_table.py results --write` rewrote it."""
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{rt.START}\n{rt.END}\n{start}\n{end}\n")
+    assert rt.main([str(results), "--write", str(readme)]) == 0
+    return readme.read_text()
+
+
 @pytest.fixture
 def results(tmp_path):
     """A results file: a stale enc-dec line later replaced, Llama (compile failed), decode, a
@@ -358,10 +367,7 @@ def test_means_line_becomes_its_own_table(results, tmp_path):
     assert table[3].startswith("| bfloat16 activations") and "| 2.00× |" in table[3]
     assert table[5].startswith("| as shipped, measured again last | 11.00 |")
     assert "differ by 10.0%" in table[-1] and "f32 270, bf16 1,000 GFLOP/s" in table[-1]
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{rt.START}\n{rt.END}\n{rt.MEANS_START}\n{rt.MEANS_END}\n")
-    assert rt.main([str(results), "--write", str(readme)]) == 0
-    assert "\n".join(table) in readme.read_text()
+    assert "\n".join(table) in written_between(results, tmp_path, rt.MEANS_START, rt.MEANS_END)
 
 
 def test_means_table_shows_xla_peak_memory_where_the_line_has_it(results):
@@ -410,10 +416,7 @@ def test_input_pipeline_line_becomes_its_tables(results, tmp_path):
     assert table[8].endswith("| 2 | 250 | 1.0 | 0.05 | 0.80× |")
     assert "first 50 batches of 8 rows" in table[-1] and "trained 2 times for 60" in table[-1]
     assert "without prefetching first each time" in table[-1]  # a line from before `order`
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{rt.START}\n{rt.END}\n{rt.INPUT_START}\n{rt.INPUT_END}\n")
-    assert rt.main([str(results), "--write", str(readme)]) == 0
-    assert "\n".join(table) in readme.read_text()
+    assert "\n".join(table) in written_between(results, tmp_path, rt.INPUT_START, rt.INPUT_END)
     line["prefetch"]["demo_t5"]["order"] = [0, 2, 2, 0]
     line["date"] = "2026-12-05 23:30:00 UTC"
     with open(results, "a") as f:
@@ -483,7 +486,4 @@ def test_compile_cache_line_becomes_its_table(results, tmp_path):
                         "| 30.0 |")
     assert table[3].endswith("| warm | 1.5 | 1.5 | 4.0× sooner | 20.0 |")
     assert "2 steps from a new `MODEL_DIR`" in table[-1] and "0.20 CPU cores at most" in table[-1]
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{rt.START}\n{rt.END}\n{rt.CACHE_START}\n{rt.CACHE_END}\n")
-    assert rt.main([str(results), "--write", str(readme)]) == 0
-    assert "\n".join(table) in readme.read_text()
+    assert "\n".join(table) in written_between(results, tmp_path, rt.CACHE_START, rt.CACHE_END)
