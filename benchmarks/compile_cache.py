@@ -83,17 +83,11 @@ def run_once(setup: str, cache_dir: str, root: str, steps: int, env: dict) -> di
     """One training command; its timing scalars, wall time and the machine's other load."""
     model_dir = os.path.join(root, f"run_{time.monotonic_ns()}")
     cmd = train_command(setup, model_dir, steps)
-    children0 = os.times()
     with CpuLoad() as load:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**env, "MOETX_COMPILATION_CACHE": cache_dir})
         wall = time.perf_counter() - t0
-    children1 = os.times()
-    # CpuLoad counts the command's CPU as another process's; take it out.
-    command_cpu = (children1.children_user - children0.children_user
-                   + children1.children_system - children0.children_system)
-    other = None if load.cores is None else max(0.0, load.cores - command_cpu / wall)
     if proc.returncode != 0:
         raise RuntimeError(f"{setup}: the training command exited {proc.returncode}: "
                            + " | ".join(proc.stderr.strip().splitlines()[-3:]))
@@ -107,8 +101,8 @@ def run_once(setup: str, cache_dir: str, root: str, steps: int, env: dict) -> di
         raise RuntimeError(f"{setup}: the run logged no {', '.join(missing)}")
     shutil.rmtree(model_dir, ignore_errors=True)
     return {"init_or_restore_s": scalars[TIMINGS[0]], "compilation_s": scalars[TIMINGS[1]],
-            "command_s": wall, "command_cpu_cores": command_cpu / wall,
-            "other_cpu_cores": other}
+            "command_s": wall, "command_cpu_cores": load.children_cores,
+            "other_cpu_cores": load.cores}
 
 
 def measure(setup: str, args, env: dict) -> dict:

@@ -221,14 +221,13 @@ def build_hf(torch, cfg, params_np, train: bool):
     return model.train(train)
 
 
-def moetx_decoder(jax, np, model, params, enc_np, length: int):
+def moetx_decoder(jax, np, model, params, enc_np, length: int, eos_id: int):
     """moetx's cached greedy decoding of `enc_np` (a function of the length; `length` tokens
-    by default) with eos outside the vocabulary, so that no row stops early."""
+    by default), stopping only at `eos_id`."""
     enc = jax.device_put(enc_np, jax.devices()[0])
     predict = jax.jit(model.predict_batch,
                       static_argnames=("max_decode_length", "eos_id", "temperature"))
     rng = jax.random.PRNGKey(0)
-    eos_id = model.config.vocab_size
 
     def decode(n: int = length):
         out = predict(params, enc, max_decode_length=n, rng=rng, eos_id=eos_id, temperature=0.0)
@@ -265,7 +264,7 @@ def decoder_of(side: str, args, jax, np, torch, cfg, model, input_shapes, batch_
         rng = jax.random.PRNGKey(0)
         init = jax.jit(lambda r: model.get_initial_variables(r, input_shapes)).lower(rng)
         params = init.compile(xla_env.init_compile_options())(rng)["params"]
-        decode = moetx_decoder(jax, np, model, params, enc_np, n)
+        decode = moetx_decoder(jax, np, model, params, enc_np, n, args.vocab)
     else:
         decode = hf_decoder(torch, build_hf(torch, cfg, None, train=False), enc_np, n,
                             args.vocab)
@@ -429,10 +428,10 @@ def main(argv=None) -> int:
         return 0
 
     # -------------------------------------------------------------------- 2. greedy decode
-    eos_id = args.vocab
+    eos_id = args.vocab  # outside the vocabulary: no row can stop early, on either side
     enc_np = batch_np["encoder_input_tokens"]
     params_dev = jax.device_put(params_np, jax.devices()[0])
-    moetx_decode = moetx_decoder(jax, np, model, params_dev, enc_np, n_tg)
+    moetx_decode = moetx_decoder(jax, np, model, params_dev, enc_np, n_tg, eos_id)
     log("building HF T5ForConditionalGeneration (eval) with the same weights")
     hf_eval = build_hf(torch, cfg, params_np, train=False)
     enc_long = torch.from_numpy(enc_np.astype(np.int64))

@@ -249,23 +249,36 @@ def versions(jax, torch) -> dict:
 class CpuLoad:
     """CPU time used by *other* processes (and, on a virtual machine, taken by the hypervisor's
     steal) while a section runs, in cores: a noise indicator, since this machine's cores are
-    shared with other work. None where the machine's CPU times cannot be read (not Linux)."""
+    shared with other work. None where the machine's CPU times cannot be read (not Linux).
+    The CPU of child processes the section started and waited for (a command it times) is
+    counted apart, in `children_cores`, not as other processes'."""
 
     def __init__(self):
         self.cores = None  # other processes and steal
         self.steal_cores = None  # steal alone
         self.own_cores = None  # this process
+        self.children_cores = None  # the section's waited-for child processes
 
     def __enter__(self):
         # Imported here, not at the top: the benchmarks set XLA's flags before jax is imported.
         from moetx.trainer.metrics import HostCpuMeter
 
+        self._children = self._children_cpu()
+        self._wall = time.perf_counter()
         self._meter = HostCpuMeter()
         return self
 
+    @staticmethod
+    def _children_cpu() -> float:
+        t = os.times()
+        return t.children_user + t.children_system
+
     def __exit__(self, *exc):
         window = self._meter.window()
-        self.cores = window.get("other_cpu_cores")
+        wall = max(time.perf_counter() - self._wall, 1e-9)
+        self.children_cores = (self._children_cpu() - self._children) / wall
+        other = window.get("other_cpu_cores")
+        self.cores = None if other is None else max(0.0, other - self.children_cores)
         self.steal_cores = window.get("steal_cpu_cores")
         self.own_cores = window.get("own_cpu_cores")
         return False

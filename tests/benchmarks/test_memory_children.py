@@ -5,6 +5,7 @@ measurement), while the timed run's `check_finite` refuses a NaN."""
 import math
 import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -41,3 +42,14 @@ def test_cpu_load_counts_its_own_time_apart_from_other_work():
     assert 0.05 < load.own_cores <= 1.05
     assert load.own_cores + load.cores <= 1.1 * os.cpu_count()
     assert 0.0 <= load.steal_cores <= load.cores + 1e-9
+
+
+def test_cpu_load_counts_a_timed_child_process_apart_from_other_work():
+    busy = "import time\nend = time.perf_counter() + 0.5\nwhile time.perf_counter() < end: pass"
+    with tt.CpuLoad() as load:
+        subprocess.run([sys.executable, "-c", busy], check=True)
+    if load.cores is None:
+        pytest.skip("the machine's CPU times cannot be read here (not Linux)")
+    # One busy child process: up to one core, counted as the child's, not as other work.
+    assert 0.3 < load.children_cores <= 1.05
+    assert load.cores + load.children_cores + load.own_cores <= 1.1 * os.cpu_count()
