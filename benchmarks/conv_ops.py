@@ -6,6 +6,8 @@ Each row times value-and-grad of sum(conv(x, w)^2) with respect to x and w (batc
 JAX, NCHW for torch), median of `--steps` round-robin calls. The shapes are the two kinds
 `moetx.vision.models.conv_ops` replaces (depthwise convs; dense convs on maps no larger than the
 kernel plus one) and one that stays on lax. `path` says which implementation `conv_ops` picks.
+Depthwise rows also time `autodiff_bwd`: conv_ops' forward with the gradient autodiff derives
+from it, in place of the written-out one.
 
 Prints one JSON line on stdout; progress goes to stderr.
 
@@ -58,7 +60,7 @@ def main(argv=None) -> int:
     from moetx.vision.models import conv_ops
 
     torch.set_num_threads(args.threads)
-    dn = conv_ops._channels_last_numbers(2)
+    dn = conv_ops.channels_last_numbers(2)
     rows = []
     rng = np.random.default_rng(0)
     for name, hw, c, stride, depthwise in SHAPES:
@@ -87,6 +89,9 @@ def main(argv=None) -> int:
 
         steps = {"lax": jax_step(lax.conv_general_dilated),
                  "conv_ops": jax_step(conv_ops.conv_general_dilated), "torch": torch_step}
+        if depthwise:  # the same forward, its gradient by autodiff (k*k padded cotangents)
+            steps["autodiff_bwd"] = jax_step(
+                lambda x, w, strides, pads, **_: conv_ops.shifted_sum(x, w, strides, pads))
         rr = time_round_robin(steps, args.steps, 2, log)
         ms = {k: statistics.median(v) * 1e3 for k, v in rr.times.items()}
         uses_lax = "conv_general_dilated" in str(jax.make_jaxpr(
@@ -98,6 +103,7 @@ def main(argv=None) -> int:
                      "conv_ops_ms": round(ms["conv_ops"], 2), "torch_ms": round(ms["torch"], 2),
                      "speedup_over_lax": round(ms["lax"] / ms["conv_ops"], 2),
                      "conv_ops_over_torch_time": round(ms["conv_ops"] / ms["torch"], 2),
+                     "autodiff_bwd_ms": round(ms["autodiff_bwd"], 2) if depthwise else None,
                      "background_cpu_cores": round(rr.load.cores, 2)})
         log(json.dumps(rows[-1]))
     out = {"benchmark": "conv_ops", "batch": args.batch, "steps": args.steps,

@@ -33,6 +33,10 @@ CASES = [
     ((2, 8, 8, 6), (3, 3, 1, 6), (2, 2), "SAME", 6, "depthwise"),
     ((2, 7, 6, 4), (5, 5, 1, 4), (2, 2), ((2, 2), (2, 2)), 4, "depthwise"),
     ((2, 3, 5, 5, 4), (3, 3, 3, 1, 4), (1, 2, 2), "SAME", 4, "depthwise"),
+    # pads wider than the kernel: the input gradient's spread crops (negative pads)
+    ((2, 4, 4, 4), (3, 3, 1, 4), (1, 1), ((1, 3), (3, 0)), 4, "depthwise"),
+    # stride leaves the last input rows unread
+    ((2, 8, 7, 4), (3, 3, 1, 4), (3, 2), ((0, 0), (0, 0)), 4, "depthwise"),
     ((2, 2, 2, 8), (3, 3, 8, 5), (1, 1), ((1, 1), (1, 1)), 1, "patches"),
     ((2, 4, 4, 8), (3, 3, 8, 5), (2, 2), ((1, 1), (1, 1)), 1, "patches"),
     ((2, 3, 4, 8), (3, 3, 8, 5), (2, 1), "SAME", 1, "patches"),
@@ -101,3 +105,14 @@ def test_conv_ops_is_not_a_model_family():
     assert {"resnet_rs", "coatnet", "efficientnet_v2", "gmlp"} <= set(families)
     with pytest.raises(ValueError, match="families"):
         models.create("conv_ops/tiny", 10)
+
+
+def test_depthwise_input_gradient_is_one_conv():
+    """The written-out backward spreads the cotangent once; autodiff of the shifted sum would
+    pad each of the k*k taps' cotangents back to the input's size."""
+    x = jnp.ones((2, 8, 8, 4))
+    w = jnp.ones((3, 3, 1, 4))
+    f = lambda x, w: jnp.sum(conv_ops.conv_general_dilated(  # noqa: E731
+        x, w, (1, 1), "SAME", dimension_numbers=_numbers(2), feature_group_count=4) ** 2)
+    jaxpr = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w))
+    assert jaxpr.count(" pad[") <= 3  # forward input, spread cotangent, kernel-grad input

@@ -16,17 +16,28 @@ slow generic loops:
   matmul over explicit patches (the k*k shifted slices concatenated along channels), which
   goes to YNNPACK's dot.
 
-Measured on the 2-core dev machine (idle), batch 16, value-and-grad of sum(conv(x, w)^2) with
-respect to x and w, median of 7, by `.venv/bin/python benchmarks/conv_ops.py` (which also times
-torch's oneDNN on the same shapes):
+The depthwise conv's gradient is written out rather than left to autodiff. Autodiff of the
+sum of slices pads each tap's cotangent back to the input's size and adds the k*k copies; the
+input gradient is instead one more sum of shifted slices (the transposed conv), and the kernel
+gradient one reduction per tap.
 
-                                 lax      conv_ops   torch
-  depthwise 3x3   56x56x144    510 ms     104 ms     67 ms
-                  16x16x128/2   25 ms     1.8 ms    1.5 ms
-                   2x2x1536     59 ms     1.3 ms    6.9 ms
-  dense 3x3        2x2x512     192 ms     4.1 ms    5.3 ms
-                   4x4x512/2   122 ms     4.0 ms    6.5 ms
-                   8x8x128/2   1.2 ms    (lax)      1.1 ms   larger maps stay on lax
+Measured on the 2-core dev machine (idle), batch 16, value-and-grad of sum(conv(x, w)^2) with
+respect to x and w, median of 9, by `.venv/bin/python benchmarks/conv_ops.py --steps 9` (which
+also times torch's oneDNN on the same shapes; "autodiff" is conv_ops' forward with autodiff's
+gradient):
+
+                                 lax      conv_ops   autodiff   torch
+  depthwise 3x3   56x56x144    648 ms     88 ms      79 ms     25 ms
+                  16x16x128/2   40 ms     4.1 ms     7.7 ms    2.7 ms
+                   2x2x1536     42 ms     2.4 ms     3.3 ms    8.2 ms
+  dense 3x3        2x2x512     283 ms     7.3 ms               7.8 ms
+                   4x4x512/2   157 ms     7.1 ms               9.7 ms
+                   8x8x128/2   2.9 ms    (lax)                 2.1 ms   larger maps stay on lax
+
+At the largest shape both gradients spend most of their time in the kernel gradient's k*k
+reductions over the whole batch. In whole training steps the written-out gradient is the
+faster (each A/B in one process, round-robin, idle): EfficientNetV2-B0 at 96², batch 16,
+292 -> 282 ms and 306 -> 292 ms a step; CoAtNet-0 at 64², 635 -> 599 and 633 -> 620 ms.
 
 Anything else (feature groups other than 1 or depthwise, dilation, channel-first layouts,
 1x1 kernels) goes to `lax.conv_general_dilated` unchanged.
@@ -34,6 +45,7 @@ Anything else (feature groups other than 1 or depthwise, dilation, channel-first
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any, Sequence
@@ -77,15 +89,61 @@ def _taps(xp: jax.Array, kernel: Sequence[int], strides: Sequence[int]):
         yield tap, lax.slice(xp, start, limit, (1,) + tuple(strides) + (1,))
 
 
-def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-                   pads: Sequence[tuple[int, int]]) -> jax.Array:
-    """Depthwise conv as a sum of shifted slices. x [B, *spatial, C], kernel [*k, 1, C]."""
-    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+def shifted_sum(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                 pads: Sequence[tuple[int, int]]) -> jax.Array:
+    """The depthwise conv's computation, x [B, *spatial, C], kernel [*k, 1, C]: the sum over
+    the taps of the padded input's strided slice times that tap's weights. `depthwise_conv`
+    is this with its gradient written out; differentiating this directly gives autodiff's."""
+    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)]) if any(map(any, pads)) else x
     out = None
     for tap, piece in _taps(xp, kernel.shape[:-2], strides):
         term = piece * kernel[tap + (0,)]
         out = term if out is None else out + term
     return out
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                   pads: Sequence[tuple[int, int]]) -> jax.Array:
+    """Depthwise conv as a sum of shifted slices. x [B, *spatial, C], kernel [*k, 1, C].
+
+    Its gradient is written out (`_depthwise_bwd`) rather than derived by autodiff, which pads
+    every tap's cotangent back to the input's size and adds the k*k copies."""
+    return _depthwise(x, kernel, tuple(strides), tuple(tuple(p) for p in pads))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x, kernel, strides, pads):
+    return shifted_sum(x, kernel, strides, pads)
+
+
+def _depthwise_fwd(x, kernel, strides, pads):
+    return shifted_sum(x, kernel, strides, pads), (x, kernel)
+
+
+def _depthwise_bwd(strides, pads, residuals, dy):
+    x, kernel = residuals
+    taps = kernel.shape[:-2]
+    nd = len(taps)
+    # Input gradient: the transposed conv, itself one sum of shifted slices. Spread dy to
+    # the stride's spacing (interior padding) and pad it so that every input position's
+    # window covers the outputs that read it (negative pads crop rows no output read); then
+    # correlate with the flipped kernel at stride 1.
+    config = [(0, 0, 0)]
+    for k, (lo, _), n, o, s in zip(taps, pads, x.shape[1:-1], dy.shape[1:-1], strides):
+        config.append((k - 1 - lo, n + lo - (o - 1) * s - 1, s - 1))
+    config.append((0, 0, 0))
+    spread = lax.pad(dy, jnp.zeros((), dy.dtype), config)
+    dx = shifted_sum(spread, jnp.flip(kernel, axis=tuple(range(nd))), (1,) * nd,
+                      ((0, 0),) * nd)
+    # Kernel gradient: per tap, the sum over batch and positions of the input slice that tap
+    # reads times the output cotangent.
+    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    axes = tuple(range(dy.ndim - 1))
+    dw = jnp.stack([jnp.sum(piece * dy, axis=axes) for _, piece in _taps(xp, taps, strides)])
+    return dx.astype(x.dtype), dw.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def patches_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
