@@ -16,7 +16,9 @@ train_throughput.py) of `moetx.trainer.trainer.Trainer.train_step` on one device
    sparse_every s; with s = 1 that is d_ff * k). `--dense_mlp times_k` gives every layer
    d_ff * k instead (then the dense model does more work than the MoE model when s > 1).
    `overhead_ratio` = MoE step time / dense step time; `model_flops_per_step` of both (from
-   `flops_per_step`, which counts experts with k/E) shows how close the FLOPs are.
+   `flops_per_step`, which counts experts with k/E) shows how close the FLOPs are. The same
+   MoE with scatter dispatch (below) is timed in the same round-robin:
+   `overhead_ratio_scatter`.
 
 2. `dispatch_paths`: the same MoE model with `MoeConfig.dispatch` masked (one-hot einsums),
    scatter (index scatter/gather into the same capacity buffers) and dropless (ragged_dot over
@@ -258,11 +260,11 @@ def dense_mlp_dim(args) -> int:
     return args.d_ff * (s - 1 + k) // s if args.dense_mlp == "equal_flops" else args.d_ff * k
 
 
-def moe_vs_dense_runner(args, jax, np, which: str) -> MoetxRunner:
-    """The MoE (masked dispatch) or the dense model of `moe_vs_dense` on its batch."""
+def moe_vs_dense_runner(args, jax, np, which: str, dispatch: str = "masked") -> MoetxRunner:
+    """The MoE (`dispatch`) or the dense model of `moe_vs_dense` on its batch."""
     batch_np = make_batch(np, args.vocab, args.batch, args.length)
     shapes = decoder_model(args).input_shapes(args.batch, args.length)
-    model = (decoder_model(args, moe_config(args, "masked")) if which == "moe"
+    model = (decoder_model(args, moe_config(args, dispatch)) if which == "moe"
              else decoder_model(args, mlp_dim=dense_mlp_dim(args)))
     return MoetxRunner(jax, model, batch_np, shapes, args.optimizer)
 
@@ -281,14 +283,20 @@ def moe_vs_dense_memory_child(args, jax, np) -> dict:
 
 def measure_moe_vs_dense(args, jax, np, runners: dict) -> dict:
     dense_mlp = dense_mlp_dim(args)
-    log(f"building MoE (masked) and dense (mlp_dim {dense_mlp}) models")
+    log(f"building MoE (masked and scatter dispatch) and dense (mlp_dim {dense_mlp}) models")
     moe = runners.get("masked") or moe_vs_dense_runner(args, jax, np, "moe")
     runners["masked"] = moe
+    # The same MoE with index dispatch (the same function: first losses equal), where XLA's
+    # CPU runs the one-hot dispatch/combine einsums as real matmuls.
+    scatter = runners.get("scatter") or moe_vs_dense_runner(args, jax, np, "moe", "scatter")
+    runners["scatter"] = scatter
     dense = moe_vs_dense_runner(args, jax, np, "dense")
-    first, times, load, *_ = time_round_robin({"moe": moe.step, "dense": dense.step}, args.steps,
-                                               args.warmup, log)
+    first, times, load, *_ = time_round_robin(
+        {"moe": moe.step, "moe_scatter": scatter.step, "dense": dense.step}, args.steps,
+        args.warmup, log)
     tokens = args.batch * args.length
     tm, td = statistics.median(times["moe"]), statistics.median(times["dense"])
+    ts = statistics.median(times["moe_scatter"])
     mcfg = moe.model.config.moe
     return {
         "benchmark": "moe_vs_dense",
@@ -309,6 +317,11 @@ def measure_moe_vs_dense(args, jax, np, runners: dict) -> dict:
         "moe_step_time_s": tm, "dense_step_time_s": td,
         "moe_tokens_per_sec": tokens / tm, "dense_tokens_per_sec": tokens / td,
         "overhead_ratio": tm / td,
+        "moe_scatter_step_time_s": ts, "moe_scatter_tokens_per_sec": tokens / ts,
+        "overhead_ratio_scatter": ts / td,
+        "moe_scatter_mfu": scatter.flops_per_step / ts / args.peak,
+        "moe_scatter_first_step_s": first["moe_scatter"],
+        "moe_scatter_first_loss": scatter.first_loss,
         "moe_mfu": moe.flops_per_step / tm / args.peak,
         "dense_mfu": dense.flops_per_step / td / args.peak,
         "moe_first_step_s": first["moe"], "dense_first_step_s": first["dense"],

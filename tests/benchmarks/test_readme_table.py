@@ -335,7 +335,7 @@ def test_a_profiled_moe_vs_dense_line_also_becomes_the_moe_profile_table(results
                         "| MoE − dense ms |")
     assert table[4] == "| router (logits, top-k, capacity masks) | 30 | 27.3% | 0 | 0.0% | +30 |"
     assert "MoE 110 ms a profiled step (105 unprofiled), dense 100 (95)" in table[-1]
-    assert "top-1 of 8 experts in one layer of every 2" in table[-1]
+    assert "top-1 of 8 experts (masked dispatch) in one layer of every 2" in table[-1]
 
 
 def means_line(date: str) -> dict:
@@ -487,3 +487,21 @@ def test_compile_cache_line_becomes_its_table(results, tmp_path):
     assert table[3].endswith("| warm | 1.5 | 1.5 | 4.0× sooner | 20.0 |")
     assert "2 steps from a new `MODEL_DIR`" in table[-1] and "0.20 CPU cores at most" in table[-1]
     assert "\n".join(table) in written_between(results, tmp_path, rt.CACHE_START, rt.CACHE_END)
+
+
+def test_moe_row_shows_the_faster_dispatch_and_names_the_other():
+    line = {"benchmark": "moe_vs_dense", "model": {"d_model": 512, "layers": 8, "experts": 8,
+                                                   "top_k": 1},
+            "batch": 8, "length": 512, "dense_tokens_per_sec": 500.0, "dense_mfu": 0.3,
+            "moe_tokens_per_sec": 450.0, "overhead_ratio": 500.0 / 450.0, "moe_mfu": 0.27,
+            "moe_scatter_tokens_per_sec": 480.0, "overhead_ratio_scatter": 500.0 / 480.0,
+            "moe_scatter_mfu": 0.29}
+    row = rt.to_row(line)
+    assert (row.moetx, row.mfu_moetx) == (480.0, 0.29)
+    assert "scatter dispatch (masked: step 1.11× dense)" in row.label
+    row = rt.to_row({**line, "moe_scatter_tokens_per_sec": 400.0,
+                     "overhead_ratio_scatter": 1.25})
+    assert row.moetx == 450.0 and "masked dispatch (scatter: step 1.25× dense)" in row.label
+    old = {k: v for k, v in line.items() if "scatter" not in k}  # lines before the scatter MoE
+    row = rt.to_row(old)
+    assert row.moetx == 450.0 and "dispatch" not in row.label
