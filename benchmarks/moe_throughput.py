@@ -261,7 +261,8 @@ def dense_mlp_dim(args) -> int:
 
 
 def moe_vs_dense_runner(args, jax, np, which: str, dispatch: str = "masked") -> MoetxRunner:
-    """The MoE (`dispatch`) or the dense model of `moe_vs_dense` on its batch."""
+    """The MoE with `dispatch`, or the dense model of equal active FLOPs, on the batch of
+    `moe_vs_dense` and `dispatch_paths`."""
     batch_np = make_batch(np, args.vocab, args.batch, args.length)
     shapes = decoder_model(args).input_shapes(args.batch, args.length)
     model = (decoder_model(args, moe_config(args, dispatch)) if which == "moe"
@@ -387,13 +388,10 @@ def _dropped(runner) -> float | None:
 
 
 def measure_dispatch_paths(args, jax, np, runners: dict) -> dict:
-    batch_np = make_batch(np, args.vocab, args.batch, args.length)
-    shapes = decoder_model(args).input_shapes(args.batch, args.length)
     for d in ("masked", "scatter", "dropless"):
         if d not in runners:
             log(f"building MoE model, dispatch={d}")
-            runners[d] = MoetxRunner(jax, decoder_model(args, moe_config(args, d)), batch_np,
-                                     shapes, args.optimizer)
+            runners[d] = moe_vs_dense_runner(args, jax, np, "moe", d)
     paths = ("masked", "scatter", "dropless")
     first, times, load, *_ = time_round_robin({d: runners[d].step for d in paths}, args.steps,
                                                args.warmup, log)

@@ -167,6 +167,10 @@ def _shape(rec: dict) -> str:
     return f"d {d}, {m.get('layers')} layers, {rec.get('batch')} × {rec.get('length')}"
 
 
+# The MoE dispatches a `moe_vs_dense` line may time, and the prefix of each one's fields.
+MOE_DISPATCH_KEYS = {"masked": "moe", "scatter": "moe_scatter"}
+
+
 def to_row(rec: dict) -> TableRow | None:
     """The table line of one JSON line, or None for lines the table does not show."""
     kind = rec.get("benchmark")
@@ -199,14 +203,15 @@ def to_row(rec: dict) -> TableRow | None:
                         rec.get("moetx_peak_rss_mb"), rec.get("hf_peak_rss_mb"))
     if kind == "moe_vs_dense":
         m = rec.get("model", {})
-        # Lines that also time the scatter dispatch show the faster of the two and name it.
-        dispatch, other = "masked", "scatter"
-        if rec.get("moe_scatter_tokens_per_sec", 0) > rec["moe_tokens_per_sec"]:
-            dispatch, other = other, dispatch
-        key = "moe" if dispatch == "masked" else "moe_scatter"
-        ratio_other = rec.get("overhead_ratio" if other == "masked" else "overhead_ratio_scatter")
-        how = (f", {dispatch} dispatch ({other}: step {ratio_other:.2f}× dense)"
-               if ratio_other is not None else "")
+        # Lines that also time the scatter dispatch show the faster of the two and name the
+        # other's step time over the dense step's.
+        rate = {d: rec.get(f"{k}_tokens_per_sec") for d, k in MOE_DISPATCH_KEYS.items()}
+        timed = [d for d, r in rate.items() if r is not None]
+        dispatch = max(timed, key=lambda d: rate[d])
+        key = MOE_DISPATCH_KEYS[dispatch]
+        how = "".join(f", {dispatch} dispatch ({d}: step "
+                      f"{rec['dense_tokens_per_sec'] / rate[d]:.2f}× dense)"
+                      for d in timed if d != dispatch)
         label = (f"MoE top-{m.get('top_k')} of {m.get('experts')}{how} vs dense of equal "
                  f"FLOPs, decoder ({_shape(rec)})")
         return TableRow(label, opt, "tok/s", rec[f"{key}_tokens_per_sec"], "moetx dense",

@@ -89,12 +89,17 @@ def _taps(xp: jax.Array, kernel: Sequence[int], strides: Sequence[int]):
         yield tap, lax.slice(xp, start, limit, (1,) + tuple(strides) + (1,))
 
 
+def _padded(x: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
+    """x [B, *spatial, C] padded with zeros by `pads` along the spatial axes."""
+    return jnp.pad(x, [(0, 0), *pads, (0, 0)]) if any(map(any, pads)) else x
+
+
 def shifted_sum(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                  pads: Sequence[tuple[int, int]]) -> jax.Array:
     """The depthwise conv's computation, x [B, *spatial, C], kernel [*k, 1, C]: the sum over
     the taps of the padded input's strided slice times that tap's weights. `depthwise_conv`
     is this with its gradient written out; differentiating this directly gives autodiff's."""
-    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)]) if any(map(any, pads)) else x
+    xp = _padded(x, pads)
     out = None
     for tap, piece in _taps(xp, kernel.shape[:-2], strides):
         term = piece * kernel[tap + (0,)]
@@ -137,7 +142,7 @@ def _depthwise_bwd(strides, pads, residuals, dy):
                       ((0, 0),) * nd)
     # Kernel gradient: per tap, the sum over batch and positions of the input slice that tap
     # reads times the output cotangent.
-    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    xp = _padded(x, pads)
     axes = tuple(range(dy.ndim - 1))
     dw = jnp.stack([jnp.sum(piece * dy, axis=axes) for _, piece in _taps(xp, taps, strides)])
     return dx.astype(x.dtype), dw.reshape(kernel.shape).astype(kernel.dtype)
@@ -150,7 +155,7 @@ def patches_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
                  pads: Sequence[tuple[int, int]], precision: Any = None) -> jax.Array:
     """Dense conv as one matmul over explicit patches. x [B, *spatial, C_in], kernel
     [*k, C_in, C_out]; the patches concatenate the taps in the kernel's row-major order."""
-    xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    xp = _padded(x, pads)
     cols = jnp.concatenate([piece for _, piece in _taps(xp, kernel.shape[:-2], strides)],
                            axis=-1)
     w = kernel.reshape(math.prod(kernel.shape[:-1]), kernel.shape[-1])
