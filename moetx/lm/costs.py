@@ -90,9 +90,11 @@ class _Ledger:
 
 def activation_costs(model: Any, mesh_shape: Mapping[str, int], rules,
                      input_shapes: Mapping[str, tuple[int, ...]],
-                     num_microbatches: int = 1) -> ActivationCosts:
+                     num_microbatches: int = 1, platform: str | None = None
+                     ) -> ActivationCosts:
     """The activation collectives and memory of `model`'s train step on a mesh of
-    `mesh_shape` under `rules`, for a batch of `input_shapes`.
+    `mesh_shape` under `rules`, for a batch of `input_shapes`, on `platform` ('cpu', 'gpu',
+    'tpu'; None: JAX's default backend), which decides what MoE's `dispatch='auto'` runs.
 
     Raises ValueError for a model that is not a moetx Transformer LM (no `TransformerConfig`).
     """
@@ -154,7 +156,8 @@ def activation_costs(model: Any, mesh_shape: Mapping[str, int], rules,
 
     def sparse_mlp(moe, length):
         """A MoE layer over the whole batch's `b * length` rows."""
-        if moe.dispatch == "dropless":
+        dispatch = moe_layers.resolve_dispatch(moe, platform)
+        if dispatch == "dropless":
             notes.append("dropless dispatch: expert traffic not modelled")
             return rows_of(length) * 2 * d * act
         groups, per_group = moe_layers.num_groups(b * length, moe.group_size, dp, moe.grouping)
@@ -171,7 +174,7 @@ def activation_costs(model: Any, mesh_shape: Mapping[str, int], rules,
         tp_all_reduce(slots, d, n_wi, "expert wi input grad (bwd)", ex_tp)
         rows = rows_of(length)
         kept = rows * (2 * d * act + 2 * e * 4.0)  # input, norm; router logits + probs
-        if moe.dispatch == "masked":
+        if dispatch == "masked":
             kept += local_groups * per_group * e * capacity * 2 * act  # dispatch, combine
         kept += slots * (4 * d * act + (n_wi + 1 + (1 if n_wi > 1 else 0)) * f / ex_tp * act)
         return kept

@@ -10,9 +10,15 @@ Three dispatch paths compute the same function (tests check outputs and gradient
 
 * `masked`: one-hot dispatch/combine einsums (TPU-friendly; O(G·T·E·C) memory).
 * `scatter`: the router's indices scatter tokens into expert buffers and gather them back
-  (CPU/GPU-friendly; same capacity and drops).
+  (same capacity and drops; on XLA's CPU backend 5-9% faster a step than `masked`, whose
+  einsums run there as real matmuls).
 * `dropless`: no capacity at all: tokens sorted by expert and multiplied with grouped matmuls
   (`jax.lax.ragged_dot`); nothing is dropped.
+
+The default, `auto`, is not a fourth path: it picks `scatter` when the step is traced for CPUs
+and `masked` otherwise (TPUs, GPUs, where only `masked` was measured) and for experts-choose
+routing, which has only the masked path (`resolve_dispatch`). The plan tool traces for the
+device it plans (`dispatch_platform`), not for the CPU it runs on.
 
 Expert parallelism: expert inputs `[G, E, C, d]` are laid out with the group axis over the batch
 axes, then transposed to `[E, G, C, d]` with the expert axis over the mesh's `expert` axis and the
@@ -25,6 +31,8 @@ single-device ones).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -43,6 +51,13 @@ Array = jax.Array
 # Dtypes the router's logits may be computed in (`MoeConfig.router_dtype`).
 ROUTER_DTYPES = ("float32", "bfloat16")
 
+# `MoeConfig.dispatch` values; 'auto' resolves to one of the others (`resolve_dispatch`).
+DISPATCHES = ("auto", "masked", "scatter", "dropless")
+
+# The platform 'auto' resolves for while set (`dispatch_platform`); None: JAX's default backend.
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("moe_dispatch_platform",
+                                                                      default=None)
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +68,8 @@ class MoeConfig:
       num_experts: E.
       num_selected_experts: k of tokens-choose top-k routing.
       router_type: 'tokens_choose' or 'experts_choose' (encoders only).
-      dispatch: 'masked', 'scatter' or 'dropless' (tokens-choose only).
+      dispatch: 'auto' (default: 'scatter' on CPUs, 'masked' elsewhere and for experts-choose
+        routing), 'masked', 'scatter' or 'dropless' (the last two tokens-choose only).
       train_capacity_factor, eval_capacity_factor: CF used with and without dropout (training /
         evaluation), capacity = max(round(CF * tokens_per_group / E), min_expert_capacity).
       min_expert_capacity: the capacity floor (4).
@@ -81,7 +97,7 @@ class MoeConfig:
     num_experts: int = 8
     num_selected_experts: int = 2
     router_type: str = "tokens_choose"
-    dispatch: str = "masked"
+    dispatch: str = "auto"
     train_capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
     min_expert_capacity: int = 4
@@ -107,10 +123,10 @@ class MoeConfig:
         if self.router_type not in ("tokens_choose", "experts_choose"):
             raise ValueError(f"router_type must be 'tokens_choose' or 'experts_choose', got "
                              f"{self.router_type!r}.")
-        if self.dispatch not in ("masked", "scatter", "dropless"):
-            raise ValueError(f"dispatch must be 'masked', 'scatter' or 'dropless', got "
+        if self.dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch must be one of {', '.join(map(repr, DISPATCHES))}, got "
                              f"{self.dispatch!r}.")
-        if self.router_type == "experts_choose" and self.dispatch != "masked":
+        if self.router_type == "experts_choose" and self.dispatch not in ("auto", "masked"):
             raise ValueError("experts_choose routing has only the masked dispatch path.")
         if self.grouping not in ("mesh", "fixed"):
             raise ValueError(f"grouping must be 'mesh' or 'fixed', got {self.grouping!r}.")
@@ -124,6 +140,32 @@ class MoeConfig:
         """Flaxformer's MIXED layout: layer i is sparse iff i % k == k - 1."""
         k = self.sparse_every
         return k > 0 and layer % k == k - 1
+
+
+@contextlib.contextmanager
+def dispatch_platform(platform: str | None):
+    """While open, `dispatch='auto'` resolves for `platform` ('cpu', 'gpu', 'tpu'; None: JAX's
+    default backend) instead of the backend this process runs on: a plan for TPUs traced on
+    simulated CPU devices gets the TPU's masked dispatch. JAX's trace cache does not key on
+    it: open it before the function is first traced (a jitted function traced for one platform
+    keeps that trace)."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def resolve_dispatch(cfg: MoeConfig, platform: str | None = None) -> str:
+    """The dispatch path `cfg` runs: its `dispatch`, or for 'auto' 'masked' under experts-choose
+    routing and else 'scatter' on CPUs and 'masked' on other platforms. `platform` defaults to
+    the one `dispatch_platform` set, else JAX's default backend."""
+    if cfg.dispatch != "auto":
+        return cfg.dispatch
+    if cfg.router_type == "experts_choose":
+        return "masked"
+    platform = platform or _PLATFORM.get() or jax.default_backend()
+    return "scatter" if platform == "cpu" else "masked"
 
 
 def _batch_shards() -> int:
@@ -246,7 +288,7 @@ class MoeLayer(nn.Module):
         if cfg.router_type == "experts_choose":
             self.router = routing.ExpertsChooseMaskedRouter(**common)
         else:
-            cls = (routing.TokensChooseMaskedRouter if cfg.dispatch == "masked"
+            cls = (routing.TokensChooseMaskedRouter if resolve_dispatch(cfg) == "masked"
                    else routing.TokensChooseScatterRouter)
             self.router = cls(
                 **common, num_selected_experts=cfg.num_selected_experts,
@@ -273,7 +315,7 @@ class MoeLayer(nn.Module):
         tokens = constrain(flat.reshape(g, t, d), ("batch", None, "embed"))
         cf = cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor
         capacity = routing.expert_capacity(t, cfg.num_experts, cf, cfg.min_expert_capacity)
-        if cfg.dispatch == "dropless":
+        if resolve_dispatch(cfg) == "dropless":
             out = self._dropless(tokens, deterministic, padding_mask, n_tokens)
         else:
             routed = self.router(tokens, capacity, deterministic, padding_mask=padding_mask)

@@ -128,6 +128,7 @@ def plan(model: Any, mesh_shape: Sequence[int], batch_size: int,
     import jax.numpy as jnp
 
     from moetx.lm import costs as transformer_costs
+    from moetx.moe import layers as moe_layers
     from moetx.trainer import optimizers, partitioning, step_plan, trainer as trainer_lib
 
     if devices is None:
@@ -140,13 +141,16 @@ def plan(model: Any, mesh_shape: Sequence[int], batch_size: int,
                                   num_microbatches=num_microbatches)
     try:
         costs = transformer_costs.activation_costs(model, dict(mesh.shape), rules, shapes,
-                                                   num_microbatches)
+                                                   num_microbatches, device.platform)
     except ValueError:
         costs = None
     batch = {k: jax.ShapeDtypeStruct(s, jnp.int32) for k, s in shapes.items()}
-    result = step_plan.plan_step(
-        trainer, batch, device, costs.collectives if costs else (),
-        costs.activation_bytes if costs else None, compile=compile)
+    # The step is traced on simulated CPU devices but planned for `device`: MoE's 'auto'
+    # dispatch takes that device's path.
+    with moe_layers.dispatch_platform(device.platform):
+        result = step_plan.plan_step(
+            trainer, batch, device, costs.collectives if costs else (),
+            costs.activation_bytes if costs else None, compile=compile)
     return result, costs
 
 

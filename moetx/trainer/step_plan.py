@@ -83,6 +83,11 @@ class DeviceSpec:
     dcn_bandwidth: float | None
     compute_efficiency: float
 
+    @property
+    def platform(self) -> str:
+        """JAX's platform name for this kind: 'cpu', 'tpu' or 'gpu'."""
+        return "cpu" if self.kind == CPU else "tpu" if self.kind.startswith("tpu") else "gpu"
+
 
 GiB = 2 ** 30
 

@@ -55,6 +55,40 @@ def test_masked_scatter_dropless_agree_without_drops(k, layer_input_and_params):
                                g, grads[0])
 
 
+def test_auto_dispatch_is_scatter_on_cpus_and_masked_elsewhere(layer_input_and_params):
+    """The default `dispatch='auto'` runs the scatter path when traced for CPUs and the masked
+    one for TPUs and GPUs (`dispatch_platform`) and under experts-choose routing; explicit
+    values are kept; the two traces compute the same output."""
+    x, params = layer_input_and_params
+    cfg = moe_layers.MoeConfig()
+    assert cfg.dispatch == "auto"
+    resolve = moe_layers.resolve_dispatch
+    assert [resolve(cfg, p) for p in ("cpu", "gpu", "tpu")] == ["scatter", "masked", "masked"]
+    experts_choose = moe_layers.MoeConfig(router_type="experts_choose")
+    assert resolve(experts_choose, "cpu") == "masked"
+    for d in ("masked", "scatter", "dropless"):
+        assert resolve(moe_layers.MoeConfig(dispatch=d), "tpu") == d
+    assert jax.default_backend() == "cpu" and resolve(cfg) == "scatter"
+    with moe_layers.dispatch_platform("tpu"):
+        assert resolve(cfg) == "masked"
+    assert resolve(cfg) == "scatter"
+
+    layer = _layer("auto")
+    traced, outs = {}, {}
+    for platform in ("cpu", "tpu"):
+        # A new function per platform: JAX's trace cache does not key on the platform set.
+        apply = lambda p, x: layer.apply({"params": p}, x)  # noqa: E731
+        with moe_layers.dispatch_platform(platform):
+            traced[platform] = str(jax.make_jaxpr(apply)(params, x))
+            outs[platform] = jax.jit(apply)(params, x)
+    assert "scatter-add" in traced["cpu"] and "scatter-add" not in traced["tpu"]
+    np.testing.assert_allclose(outs["cpu"], outs["tpu"], atol=1e-5)
+    with pytest.raises(ValueError, match="'auto', 'masked', 'scatter', 'dropless'"):
+        moe_layers.MoeConfig(dispatch="einsum")
+    with pytest.raises(ValueError, match="only the masked"):
+        moe_layers.MoeConfig(router_type="experts_choose", dispatch="scatter")
+
+
 def _identity_layer(capacity_factor):
     cfg = moe_layers.MoeConfig(num_experts=4, num_selected_experts=1, group_size=8,
                                train_capacity_factor=capacity_factor,

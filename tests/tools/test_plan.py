@@ -23,7 +23,7 @@ from moetx.lm import models, transformer
 from moetx.moe import layers as moe_layers
 from moetx.lm import costs as transformer_costs
 from moetx.tools import plan as plan_tool
-from moetx.trainer import metrics, sharding_plan, step_plan
+from moetx.trainer import metrics, partitioning, sharding_plan, step_plan
 from tests.conftest import count_params_from_shapes, make_trainer
 
 V5P = step_plan.DEVICES["tpu-v5p"]
@@ -49,9 +49,11 @@ def _compiled_plan(model, mesh_shape, batch_size, length, num_microbatches=1, fs
     trainer = make_trainer(model, mesh_shape, batch_size=batch_size, length=length,
                            num_microbatches=num_microbatches, fsdp=fsdp)
     costs = transformer_costs.activation_costs(model, dict(trainer.mesh.shape), trainer.rules,
-                                               trainer.input_shapes, num_microbatches)
-    result = step_plan.plan_step(trainer, _batch(trainer), V5P, costs.collectives,
-                                 costs.activation_bytes, compile=True)
+                                               trainer.input_shapes, num_microbatches,
+                                               V5P.platform)
+    with moe_layers.dispatch_platform(V5P.platform):  # as the tool: traced for the TPU
+        result = step_plan.plan_step(trainer, _batch(trainer), V5P, costs.collectives,
+                                     costs.activation_bytes, compile=True)
     assert result.unknown_trip_counts == 0
     return (step_plan.totals_by_kind(result.collectives),
             step_plan.totals_by_kind(result.compiled_collectives), result)
@@ -147,6 +149,25 @@ def test_collective_bytes_of_a_moe_on_a_2_2_2_mesh_match_in_total():
     assert compiled[step_plan.MODEL_PARALLEL_ALL_REDUCE] == pytest.approx(
         analytic[step_plan.MODEL_PARALLEL_ALL_REDUCE], rel=0.15)
     assert sum(compiled.values()) == pytest.approx(sum(analytic.values()), rel=0.25)
+
+
+def test_auto_dispatch_is_planned_for_the_planned_device():
+    """MoE's default `dispatch='auto'` is planned as the device would run it: a TPU plan holds
+    the masked path's one-hot dispatch/combine tensors (its memory equals an explicit 'masked'
+    config's), a CPU plan the scatter path's, though both are traced on this CPU."""
+    shapes = {"decoder_input_tokens": (8, 16)}
+    mesh, rules = {"data": 1, "expert": 1, "model": 1}, partitioning.standard_logical_axis_rules()
+
+    def memory(dispatch, platform):
+        model = _decoder(moe=dataclasses.replace(_moe(), dispatch=dispatch))
+        return transformer_costs.activation_costs(model, mesh, rules, shapes, 1,
+                                                  platform).activation_bytes
+
+    assert _moe().dispatch == "auto"
+    assert dataclasses.replace(V5P, kind=step_plan.CPU).platform == "cpu"
+    assert (V5P.platform, step_plan.DEVICES["h100"].platform) == ("tpu", "gpu")
+    assert memory("auto", "tpu") == memory("masked", "cpu") > memory("scatter", "tpu")
+    assert memory("auto", "cpu") == memory("scatter", "tpu")
 
 
 def test_one_device_moves_nothing():
