@@ -66,8 +66,9 @@ import time
 from train_throughput import (CpuLoad, add_side_by_side_flags, check_finite,
                               check_side_by_side_flags, compile_info, environment_fields,
                               hf_param_count, hf_variants, import_side_libraries, matmul_fields,
-                              measure_matmuls, memory_child_line, moetx_optimizer_factory,
-                              optimizer_settings, peak_rss_mb, reserve_stdout_for_json,
+                              measure_matmuls, measure_read_bandwidth, memory_child_line,
+                              moetx_optimizer_factory, optimizer_settings, peak_rss_mb,
+                              reserve_stdout_for_json,
                               run_memory, run_memory_child, side_by_side_fields,
                               time_round_robin, token_loss)
 
@@ -219,6 +220,49 @@ def build_hf(torch, cfg, params_np, train: bool):
     assert model.lm_head.weight is not model.shared.weight
     assert model.encoder.embed_tokens.weight is model.shared.weight
     return model.train(train)
+
+
+def decode_step_bytes(cfg, batch: int, input_length: int, target_length: int) -> dict:
+    """The float32 bytes one cached greedy decoder step of `cfg` must read, whoever runs it:
+    the decoder layers' weights (self-attention, the cross-attention's query and output
+    projections, the MLP; the cross-attention keys and values are projected once, before the
+    loop), the logits head ([d, vocab]), the cached cross-attention keys and values of the
+    encoder's `input_length` positions, and the self-attention cache at its mean filled length
+    over the `target_length` steps. Norms, position biases and the embedding rows looked up are
+    left out (under 0.1%)."""
+    d, heads, dk, f = cfg.emb_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+    kv_heads = cfg.num_kv_heads or heads
+    layers, n_wi = cfg.num_decoder_layers, len(cfg.mlp_activations)
+    per_layer = (2 * d * heads * dk + 2 * d * kv_heads * dk  # self-attention q, o; k, v
+                 + 2 * d * heads * dk  # cross-attention q, o
+                 + (n_wi + 1) * d * f)  # MLP
+    mean_filled = (target_length + 1) / 2
+    parts = {"decoder_weights": layers * per_layer, "logits_head": d * cfg.vocab_size,
+             "cross_kv_cache": layers * 2 * batch * kv_heads * input_length * dk,
+             "self_kv_cache": layers * 2 * batch * kv_heads * mean_filled * dk}
+    out = {k: 4.0 * v for k, v in parts.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def decode_floor_fields(step_bytes: dict, bandwidth: dict, hf_call_s: float,
+                        moetx_one_s: float, moetx_step_ms: float, hf_step_ms: float,
+                        target_length: int) -> dict:
+    """What bounds cached decoding on this machine: the per-step floor (`step_bytes` read at
+    the faster measured read bandwidth), each side's measured step over it, and the step time
+    moetx would need for 2x `generate` with its measured encoding and first token."""
+    best = max(bandwidth.values())
+    floor_ms = step_bytes["total"] / best * 1e3
+    needed_ms = (hf_call_s / 2 - moetx_one_s) / max(target_length - 1, 1) * 1e3
+    return {
+        "decode_step_bytes": step_bytes,
+        "read_bandwidth_gbs": {k: round(v / 1e9, 2) for k, v in bandwidth.items()},
+        "per_token_step_floor_ms": floor_ms,
+        "moetx_per_token_step_over_floor": moetx_step_ms / floor_ms,
+        "hf_per_token_step_over_floor": hf_step_ms / floor_ms,
+        # <= 0: 2x is out of reach even if every further step took no time.
+        "per_token_step_ms_for_2x_generate": needed_ms,
+    }
 
 
 def moetx_decoder(jax, np, model, params, enc_np, length: int, eos_id: int):
@@ -496,6 +540,9 @@ def main(argv=None) -> int:
         "hf_one_token_s": hf_one,
         "moetx_per_token_step_ms": per_token_ms["moetx"],
         "hf_per_token_step_ms": per_token_ms["hf"],
+        **decode_floor_fields(decode_step_bytes(cfg, b, args.input_length, n_tg),
+                              measure_read_bandwidth(jax, jnp, torch), hf_dt, mx_one,
+                              per_token_ms["moetx"], per_token_ms["hf"], n_tg),
         "all_rows_decoded_full_length": all_decoded,
         "same_tokens": float(same.mean()),
         "same_rows": float(same.all(axis=1).mean()),

@@ -374,6 +374,18 @@ def measure_matmuls(jax, jnp, torch) -> dict[str, float]:
     return out
 
 
+def measure_read_bandwidth(jax, jnp, torch, nbytes: int = 256 * 2 ** 20) -> dict[str, float]:
+    """Bytes/s at which a jitted JAX sum and torch's sum read a float32 array of `nbytes` (far
+    larger than the caches; best of 5 rounds of 5): what a memory-bound step streams at best."""
+    x = jnp.ones(nbytes // 4, jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    t = torch.ones(nbytes // 4, dtype=torch.float32)
+    t.sum()
+    return {"jax": nbytes / best_time(lambda: f(x).block_until_ready(), 5),
+            "torch": nbytes / best_time(lambda: t.sum(), 5)}
+
+
 def matmul_fields(mm: dict[str, float]) -> dict:
     """The JSON fields of a `measure_matmuls` result: the MFU denominators (the fastest rate
     either library reached, per dtype), each library's best, and every rate in GFLOP/s."""
