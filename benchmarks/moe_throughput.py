@@ -35,7 +35,9 @@ train_throughput.py) of `moetx.trainer.trainer.Trainer.train_step` on one device
    entropy + 1e-4 logit z-loss. (HF's Switch experts are ungated, hence ReLU rather than
    T5.1.1's gated GELU.)
      moetx  `EncoderDecoderModel` with `MoeConfig(num_selected_experts=1, group_size=
-            --input_length)`, so an encoder routing group is one sequence.
+            --input_length)`, so an encoder routing group is one sequence, and moetx's
+            default dispatch ('auto': scatter on CPUs; `--switch_dispatch`, recorded resolved
+            as `model.moetx_dispatch`).
      HF     `transformers.SwitchTransformersForConditionalGeneration` from
             `moetx.convert.hf.switch_config_to_hf`, loaded with moetx's initial weights
             (`moetx_to_hf_switch`), `expert_capacity` = moetx's capacity of a group of one
@@ -116,8 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--switch_batch", type=int, default=8)
     p.add_argument("--input_length", type=int, default=128)
     p.add_argument("--target_length", type=int, default=32)
-    p.add_argument("--switch_dispatch", choices=("masked", "scatter", "dropless"),
-                   default="masked")
+    p.add_argument("--switch_dispatch", choices=("auto", "masked", "scatter", "dropless"),
+                   default="auto", help="moetx's MoeConfig.dispatch in the Switch row (default: "
+                   "moetx's own default, 'auto': scatter on CPUs)")
     # Timing.
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compile)")
@@ -527,7 +530,7 @@ def measure_switch(args, jax, np, torch, mm_fields: dict | None) -> dict:
                   "head_dim": args.head_dim, "d_ff": args.d_ff, "mlp": "relu",
                   "vocab": args.vocab, "experts": E, "top_k": 1, "sparse_every": 2,
                   "logits": "tied", "capacity_factor": 1.25, "jitter": 0.0,
-                  "moetx_dispatch": args.switch_dispatch},
+                  "moetx_dispatch": moe_layers.resolve_dispatch(moe)},
         "batch": b, "input_length": n, "target_length": t,
         "tokens_per_step": tokens,
         "optimizer": optimizer_settings(args.optimizer),

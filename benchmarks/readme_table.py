@@ -188,8 +188,9 @@ def to_row(rec: dict) -> TableRow | None:
         elif kind == "encdec_train_throughput":
             label = f"T5.1.1 enc-dec ({_shape(rec)})"
         else:
-            label = (f"Switch enc-dec, {m.get('experts')} experts top-{m.get('top_k', 1)} "
-                     f"({_shape(rec)})")
+            dispatch = m.get("moetx_dispatch")
+            label = (f"Switch enc-dec, {m.get('experts')} experts top-{m.get('top_k', 1)}"
+                     f"{f', {dispatch} dispatch' if dispatch else ''} ({_shape(rec)})")
         rss_peer = rec.get(f"{p}_peak_rss_mb", rec.get("hf_peak_rss_mb"))
         return TableRow(label, opt, "tok/s", rec["moetx_tokens_per_sec"], peer_label,
                         rec[f"{p}_tokens_per_sec"], rec.get("moetx_mfu"), rec.get(f"{p}_mfu"),
