@@ -137,17 +137,18 @@ def plan(model: Any, mesh_shape: Sequence[int], batch_size: int,
     rules = partitioning.standard_logical_axis_rules(fsdp=fsdp)
     lengths = default_lengths(model) if lengths is None else lengths
     shapes = model.input_shapes(batch_size, lengths)
-    trainer = trainer_lib.Trainer(model, optimizers.make_optimizer, mesh, rules, shapes,
-                                  num_microbatches=num_microbatches)
-    try:
-        costs = transformer_costs.activation_costs(model, dict(mesh.shape), rules, shapes,
-                                                   num_microbatches, device.platform)
-    except ValueError:
-        costs = None
-    batch = {k: jax.ShapeDtypeStruct(s, jnp.int32) for k, s in shapes.items()}
-    # The step is traced on simulated CPU devices but planned for `device`: MoE's 'auto'
-    # dispatch takes that device's path.
+    # Every trace runs on simulated CPU devices but is planned for `device`: MoE's 'auto'
+    # dispatch takes that device's path (the initialisation's too, though both paths hold the
+    # same parameters).
     with moe_layers.dispatch_platform(device.platform):
+        trainer = trainer_lib.Trainer(model, optimizers.make_optimizer, mesh, rules, shapes,
+                                      num_microbatches=num_microbatches)
+        try:
+            costs = transformer_costs.activation_costs(model, dict(mesh.shape), rules, shapes,
+                                                       num_microbatches, device.platform)
+        except ValueError:
+            costs = None
+        batch = {k: jax.ShapeDtypeStruct(s, jnp.int32) for k, s in shapes.items()}
         result = step_plan.plan_step(
             trainer, batch, device, costs.collectives if costs else (),
             costs.activation_bytes if costs else None, compile=compile)

@@ -170,6 +170,20 @@ def test_auto_dispatch_is_planned_for_the_planned_device():
     assert memory("auto", "cpu") == memory("scatter", "tpu")
 
 
+def test_the_tool_traces_auto_dispatch_for_the_planned_device(monkeypatch):
+    """`plan` for a TPU, run on this CPU: every 'auto' resolution in its traces (the
+    initialisation, the activation model, the compiled step) gives the TPU's masked path."""
+    resolved = []
+
+    def spy(cfg, platform=None, resolve=moe_layers.resolve_dispatch):
+        resolved.append(resolve(cfg, platform))
+        return resolved[-1]
+
+    monkeypatch.setattr(moe_layers, "resolve_dispatch", spy)
+    plan_tool.plan(_decoder(moe=_moe()), (1, 1, 1), 4, 16, V5P, compile=True)
+    assert len(resolved) >= 3 and set(resolved) == {"masked"}, resolved
+
+
 def test_one_device_moves_nothing():
     """On a 1-device mesh every collective is zero: in the plan of a MoE model, and in the
     plan and the compiled program of a dense one; the step time is the compute time."""
