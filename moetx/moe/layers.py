@@ -285,10 +285,11 @@ class MoeLayer(nn.Module):
                              "causal decoder. Set MoeConfig.batch_prioritized_routing=False.")
         common = dict(num_experts=cfg.num_experts, jitter_noise=cfg.jitter_noise,
                       logits_dtype=jnp.dtype(cfg.router_dtype))
+        self.dispatch = resolve_dispatch(cfg)  # the path this trace runs ('auto' resolved)
         if cfg.router_type == "experts_choose":
             self.router = routing.ExpertsChooseMaskedRouter(**common)
         else:
-            cls = (routing.TokensChooseMaskedRouter if resolve_dispatch(cfg) == "masked"
+            cls = (routing.TokensChooseMaskedRouter if self.dispatch == "masked"
                    else routing.TokensChooseScatterRouter)
             self.router = cls(
                 **common, num_selected_experts=cfg.num_selected_experts,
@@ -315,7 +316,7 @@ class MoeLayer(nn.Module):
         tokens = constrain(flat.reshape(g, t, d), ("batch", None, "embed"))
         cf = cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor
         capacity = routing.expert_capacity(t, cfg.num_experts, cf, cfg.min_expert_capacity)
-        if resolve_dispatch(cfg) == "dropless":
+        if self.dispatch == "dropless":
             out = self._dropless(tokens, deterministic, padding_mask, n_tokens)
         else:
             routed = self.router(tokens, capacity, deterministic, padding_mask=padding_mask)
