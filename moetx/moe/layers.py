@@ -18,7 +18,7 @@ Three dispatch paths compute the same function (tests check outputs and gradient
 The default, `auto`, is not a fourth path: it picks `scatter` when the step is traced for CPUs
 and `masked` otherwise (TPUs, GPUs, where only `masked` was measured) and for experts-choose
 routing, which has only the masked path (`resolve_dispatch`). The plan tool traces for the
-device it plans (`dispatch_platform`), not for the CPU it runs on.
+device it plans (`moetx.util.platform.trace_for`), not for the CPU it runs on.
 
 Expert parallelism: expert inputs `[G, E, C, d]` are laid out with the group axis over the batch
 axes, then transposed to `[E, G, C, d]` with the expert axis over the mesh's `expert` axis and the
@@ -31,8 +31,6 @@ single-device ones).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import math
@@ -43,8 +41,9 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from moetx.nn.layers import constrain, default_kernel_init, get_activation
+from moetx.nn.layers import constrain, default_kernel_init, dense_contract, get_activation
 from moetx.moe import routing
+from moetx.util import platform as platform_lib
 
 Array = jax.Array
 
@@ -53,10 +52,6 @@ ROUTER_DTYPES = ("float32", "bfloat16")
 
 # `MoeConfig.dispatch` values; 'auto' resolves to one of the others (`resolve_dispatch`).
 DISPATCHES = ("auto", "masked", "scatter", "dropless")
-
-# The platform 'auto' resolves for while set (`dispatch_platform`); None: JAX's default backend.
-_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("moe_dispatch_platform",
-                                                                      default=None)
 
 
 @gin.configurable
@@ -142,29 +137,15 @@ class MoeConfig:
         return k > 0 and layer % k == k - 1
 
 
-@contextlib.contextmanager
-def dispatch_platform(platform: str | None):
-    """While open, `dispatch='auto'` resolves for `platform` ('cpu', 'gpu', 'tpu'; None: JAX's
-    default backend) instead of the backend this process runs on: a plan for TPUs traced on
-    simulated CPU devices gets the TPU's masked dispatch. JAX's trace cache does not key on
-    it: open it before the function is first traced (a jitted function traced for one platform
-    keeps that trace)."""
-    token = _PLATFORM.set(platform)
-    try:
-        yield
-    finally:
-        _PLATFORM.reset(token)
-
-
 def resolve_dispatch(cfg: MoeConfig, platform: str | None = None) -> str:
     """The dispatch path `cfg` runs: its `dispatch`, or for 'auto' 'masked' under experts-choose
     routing and else 'scatter' on CPUs and 'masked' on other platforms. `platform` defaults to
-    the one `dispatch_platform` set, else JAX's default backend."""
+    the one being traced for (`moetx.util.platform.traced_platform`)."""
     if cfg.dispatch != "auto":
         return cfg.dispatch
     if cfg.router_type == "experts_choose":
         return "masked"
-    platform = platform or _PLATFORM.get() or jax.default_backend()
+    platform = platform or platform_lib.traced_platform()
     return "scatter" if platform == "cpu" else "masked"
 
 
@@ -246,10 +227,10 @@ class ExpertsMlp(nn.Module):
 
     def __call__(self, x: Array) -> Array:
         """x: <dtype>[E, n, embed] (n tokens per expert) -> <dtype>[E, n, embed]."""
-        hs = [get_activation(act)(jnp.einsum("end,edf->enf", x, jnp.asarray(w(), self.dtype)))
+        hs = [get_activation(act)(dense_contract(x, jnp.asarray(w(), self.dtype), batch_dims=1))
               for act, w in zip(self.activations, self.wi)]
         h = functools.reduce(lambda a, b: a * b, hs)
-        return jnp.einsum("enf,efd->end", h, jnp.asarray(self.wo(), self.dtype))
+        return dense_contract(h, jnp.asarray(self.wo(), self.dtype), batch_dims=1)
 
     def ragged(self, x: Array, group_sizes: Array) -> Array:
         """Dropless form: x <dtype>[M, embed] sorted by expert, `group_sizes` <int32>[E] tokens

@@ -128,8 +128,8 @@ def plan(model: Any, mesh_shape: Sequence[int], batch_size: int,
     import jax.numpy as jnp
 
     from moetx.lm import costs as transformer_costs
-    from moetx.moe import layers as moe_layers
     from moetx.trainer import optimizers, partitioning, step_plan, trainer as trainer_lib
+    from moetx.util import platform as platform_lib
 
     if devices is None:
         devices = jax.devices() if -1 in mesh_shape else jax.devices()[:math.prod(mesh_shape)]
@@ -138,9 +138,9 @@ def plan(model: Any, mesh_shape: Sequence[int], batch_size: int,
     lengths = default_lengths(model) if lengths is None else lengths
     shapes = model.input_shapes(batch_size, lengths)
     # Every trace runs on simulated CPU devices but is planned for `device`: MoE's 'auto'
-    # dispatch takes that device's path (the initialisation's too, though both paths hold the
-    # same parameters).
-    with moe_layers.dispatch_platform(device.platform):
+    # dispatch and the dense layers' kernel gradient take that device's path (the
+    # initialisation's too, though both paths hold the same parameters).
+    with platform_lib.trace_for(device.platform):
         trainer = trainer_lib.Trainer(model, optimizers.make_optimizer, mesh, rules, shapes,
                                       num_microbatches=num_microbatches)
         try:

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from moetx.lm import models, transformer
 from moetx.moe import layers as moe_layers
 from moetx.trainer import partitioning
+from moetx.util import platform as platform_lib
 from tests.conftest import make_trainer, packed_batch
 
 
@@ -57,7 +58,7 @@ def test_masked_scatter_dropless_agree_without_drops(k, layer_input_and_params):
 
 def test_auto_dispatch_is_scatter_on_cpus_and_masked_elsewhere(layer_input_and_params):
     """The default `dispatch='auto'` runs the scatter path when traced for CPUs and the masked
-    one for TPUs and GPUs (`dispatch_platform`) and under experts-choose routing; explicit
+    one for TPUs and GPUs (`moetx.util.platform.trace_for`) and under experts-choose routing; explicit
     values are kept; the two traces compute the same output."""
     x, params = layer_input_and_params
     cfg = moe_layers.MoeConfig()
@@ -69,7 +70,7 @@ def test_auto_dispatch_is_scatter_on_cpus_and_masked_elsewhere(layer_input_and_p
     for d in ("masked", "scatter", "dropless"):
         assert resolve(moe_layers.MoeConfig(dispatch=d), "tpu") == d
     assert jax.default_backend() == "cpu" and resolve(cfg) == "scatter"
-    with moe_layers.dispatch_platform("tpu"):
+    with platform_lib.trace_for("tpu"):
         assert resolve(cfg) == "masked"
     assert resolve(cfg) == "scatter"
 
@@ -78,7 +79,7 @@ def test_auto_dispatch_is_scatter_on_cpus_and_masked_elsewhere(layer_input_and_p
     for platform in ("cpu", "tpu"):
         # A new function per platform: JAX's trace cache does not key on the platform set.
         apply = lambda p, x: layer.apply({"params": p}, x)  # noqa: E731
-        with moe_layers.dispatch_platform(platform):
+        with platform_lib.trace_for(platform):
             traced[platform] = str(jax.make_jaxpr(apply)(params, x))
             outs[platform] = jax.jit(apply)(params, x)
     assert "scatter-add" in traced["cpu"] and "scatter-add" not in traced["tpu"]

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from moetx.nn import layers
+from moetx.util import platform as platform_lib
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -50,3 +51,69 @@ def test_gelu_exact_is_x_times_the_normal_cdf_and_its_gradient_matches_jax():
     assert ACTIVATIONS["gelu_exact"] is gelu_exact
     # Not the tanh approximation: the two differ by up to ~5e-4 near |x| = 2.
     assert float(jnp.max(jnp.abs(gelu_exact(x) - jax.nn.gelu(x, approximate=True)))) > 1e-4
+
+
+def _dense_vjp(platform, x, kernel, g, batch_dims):
+    """`dense_contract`'s output, its (x, kernel) cotangents for `g`, and the backward's jaxpr,
+    traced for `platform`."""
+    f = functools.partial(layers.dense_contract, batch_dims=batch_dims)
+    with platform_lib.trace_for(platform):
+        y, vjp = jax.vjp(f, x, kernel)
+        text = str(jax.make_jaxpr(lambda x, k: jax.vjp(f, x, k)[1](g))(x, kernel))
+        return y, vjp(g), text
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("batch_dims, x_shape, k_shape, numpy_dk", [
+    (0, (2, 5, 12), (12, 7), "bti,bto->io"),  # DenseGeneral: x [batch, length, in]
+    (1, (3, 5, 12), (3, 12, 7), "eti,eto->eio"),  # MoE experts: x [experts, tokens, in]
+])
+def test_dense_contract_cpu_backward_equals_autodiffs(dtype, tol, batch_dims, x_shape, k_shape,
+                                                      numpy_dk):
+    """On CPUs `dense_contract` computes its kernel gradient from a materialised xᵀ; the output
+    and both gradients equal autodiff's einsum (what TPUs and GPUs run), in each dtype, with
+    and without a leading batch (expert) axis."""
+    ks = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(ks[0], x_shape).astype(dtype)
+    kernel = jax.random.normal(ks[1], k_shape).astype(dtype)
+    g = jax.random.normal(ks[2], x_shape[:-1] + k_shape[-1:]).astype(dtype)
+    y_cpu, (dx_cpu, dk_cpu), text_cpu = _dense_vjp("cpu", x, kernel, g, batch_dims)
+    y_tpu, (dx_tpu, dk_tpu), text_tpu = _dense_vjp("tpu", x, kernel, g, batch_dims)
+    assert "optimization_barrier" in text_cpu and "optimization_barrier" not in text_tpu
+    np.testing.assert_array_equal(y_cpu, y_tpu)
+    assert (dx_cpu.dtype, dk_cpu.dtype) == (dtype, dtype)
+    assert (dx_cpu.shape, dk_cpu.shape) == (x.shape, kernel.shape)
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    np.testing.assert_allclose(f32(dx_cpu), f32(dx_tpu), rtol=tol, atol=tol)
+    np.testing.assert_allclose(f32(dk_cpu), f32(dk_tpu), rtol=tol, atol=tol)
+    # Against numpy: dk = Σ_tokens x ⊗ g.
+    np.testing.assert_allclose(f32(dk_cpu), np.einsum(numpy_dk, f32(x), f32(g)),
+                               rtol=tol, atol=tol * 4)
+
+
+def test_dense_contract_rejects_shapes_that_do_not_match_its_batch_axes():
+    with pytest.raises(ValueError, match=r"kernel \[\*B, in, out\]; got \(3, 4\) and \(2, 4, 5\)"):
+        layers.dense_contract(jnp.ones((3, 4)), jnp.ones((2, 4, 5)))
+
+
+@pytest.mark.parametrize("batch_dims, x_shape, k_shape, eigen_form", [
+    (0, (64, 32), (32, 48), "lhs_contracting_dims={0}"),
+    (1, (4, 64, 32), (4, 32, 48), "lhs_batch_dims={0}, lhs_contracting_dims={1}"),
+])
+def test_dense_contract_cpu_kernel_gradient_contracts_the_left_operands_last_axis(
+        batch_dims, x_shape, k_shape, eigen_form):
+    """What the CPU path is for: in the compiled backward no dot contracts an axis of its left
+    operand other than the last (the form XLA's CPU backend sends to Eigen instead of
+    YNNPACK). Autodiff's einsum, traced for TPUs and compiled here, has one: the kernel
+    gradient."""
+    x, kernel = jnp.ones(x_shape), jnp.ones(k_shape)
+    f = functools.partial(layers.dense_contract, batch_dims=batch_dims)
+
+    def eigen_dots(platform):
+        with platform_lib.trace_for(platform):
+            grad = jax.jit(jax.grad(lambda x, k: jnp.sum(f(x, k) ** 2), argnums=(0, 1)))
+            text = grad.lower(x, kernel).compile().as_text()
+        return [line for line in text.splitlines() if " dot(" in line and eigen_form in line]
+
+    assert eigen_dots("tpu")
+    assert not eigen_dots("cpu")

@@ -24,6 +24,7 @@ from moetx.moe import layers as moe_layers
 from moetx.lm import costs as transformer_costs
 from moetx.tools import plan as plan_tool
 from moetx.trainer import metrics, partitioning, sharding_plan, step_plan
+from moetx.util import platform as platform_lib
 from tests.conftest import count_params_from_shapes, make_trainer
 
 V5P = step_plan.DEVICES["tpu-v5p"]
@@ -51,7 +52,7 @@ def _compiled_plan(model, mesh_shape, batch_size, length, num_microbatches=1, fs
     costs = transformer_costs.activation_costs(model, dict(trainer.mesh.shape), trainer.rules,
                                                trainer.input_shapes, num_microbatches,
                                                V5P.platform)
-    with moe_layers.dispatch_platform(V5P.platform):  # as the tool: traced for the TPU
+    with platform_lib.trace_for(V5P.platform):  # as the tool: traced for the TPU
         result = step_plan.plan_step(trainer, _batch(trainer), V5P, costs.collectives,
                                      costs.activation_bytes, compile=True)
     assert result.unknown_trip_counts == 0
