@@ -239,9 +239,10 @@ class RelativePositionBiases(nn.Module):
 
     `one_hot`: look the table up by a one-hot contraction (T5X / flaxformer; gather-free, the
     fast form on TPU) or by a gather, whose gradient is a scatter-add of the q*k values into
-    the [heads, buckets] table. None chooses the gather on CPU, where it is faster: the
-    gradient's contraction over q*k = 262144 positions with a [q, k, buckets] one-hot is a
-    skinny dot XLA CPU runs slowly (512 x 512, 6 heads: fwd + bwd 13.4 -> 1.8 ms alone).
+    the [heads, buckets] table. None chooses the gather when traced for CPUs
+    (`moetx.util.platform.traced_platform`), where it is faster: the gradient's contraction
+    over q*k = 262144 positions with a [q, k, buckets] one-hot is a skinny dot XLA CPU runs
+    slowly (512 x 512, 6 heads: fwd + bwd 13.4 -> 1.8 ms alone).
     """
 
     num_buckets: int
@@ -264,7 +265,8 @@ class RelativePositionBiases(nn.Module):
             (self.num_heads, self.num_buckets),
             jnp.float32,
         )
-        one_hot = self.one_hot if self.one_hot is not None else jax.default_backend() != "cpu"
+        one_hot = (self.one_hot if self.one_hot is not None
+                   else platform_lib.traced_platform() != "cpu")
         if one_hot:
             # Shape: [heads, q, k] via a one-hot contraction (gather-free, shards over heads).
             onehot = jax.nn.one_hot(buckets, self.num_buckets, dtype=self.dtype)

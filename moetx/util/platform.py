@@ -1,8 +1,9 @@
 """The platform a step is traced for, where that differs from the one this process runs on.
 
 Some layers trace a different computation per platform: MoE's `dispatch='auto'` (scatter on
-CPUs, masked one-hot einsums on TPUs and GPUs) and the dense layers' kernel gradient (a layout
-that XLA's CPU backend runs on its fast matmul path; `moetx.nn.layers.dense_contract`). They ask
+CPUs, masked one-hot einsums on TPUs and GPUs), the dense layers' kernel gradient (a layout
+that XLA's CPU backend runs on its fast matmul path; `moetx.nn.layers.dense_contract`) and the
+relative position bias's lookup (a gather on CPUs, a one-hot contraction elsewhere). They ask
 `traced_platform()`. It is JAX's default backend unless `trace_for` set another: the plan tool
 traces on simulated CPU devices a step that is meant for TPUs or GPUs, and must see what those
 devices would run.

@@ -37,6 +37,23 @@ def test_relative_position_bias_gather_equals_the_one_hot_contraction(bidirectio
     assert int(jnp.sum(jax.tree.leaves(g_gather)[0] != 0)) >= 3 * 6  # most buckets are used
 
 
+def test_relative_position_bias_default_lookup_follows_the_traced_platform():
+    """`one_hot=None` takes the gather when traced for CPUs and the one-hot contraction when
+    traced for TPUs or GPUs (`trace_for`: what the plan tool traces), same values either way."""
+    q = k = jnp.arange(9)
+    layer = layers.RelativePositionBiases(num_buckets=8, max_distance=10, num_heads=2)
+    params = layer.init(jax.random.PRNGKey(0), q, k, True)
+    traced = {}
+    for platform in ("cpu", "tpu"):
+        # A new function per platform: JAX's trace cache does not key on the platform set.
+        apply = lambda p: layer.apply(p, q, k, True)  # noqa: E731
+        with platform_lib.trace_for(platform):
+            traced[platform] = (str(jax.make_jaxpr(apply)(params)), apply(params))
+    assert "gather" in traced["cpu"][0] and "dot_general" not in traced["cpu"][0]
+    assert "dot_general" in traced["tpu"][0] and "gather" not in traced["tpu"][0]
+    np.testing.assert_allclose(traced["cpu"][1], traced["tpu"][1], rtol=1e-6)
+
+
 def test_gelu_exact_is_x_times_the_normal_cdf_and_its_gradient_matches_jax():
     import math
 
