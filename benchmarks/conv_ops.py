@@ -5,7 +5,8 @@ and torch (oneDNN), same shapes, same run.
 Each row times value-and-grad of sum(conv(x, w)^2) with respect to x and w (batch 16, NHWC for
 JAX, NCHW for torch), median of `--steps` round-robin calls. The shapes are the two kinds
 `moetx.vision.models.conv_ops` replaces (depthwise convs; dense convs on maps no larger than the
-kernel plus one) and one that stays on lax. `path` says which implementation `conv_ops` picks.
+kernel plus one; 1x1 convs, a matmul over channels) and one that stays on lax. `path` says which
+implementation `conv_ops` picks.
 Depthwise rows also time `autodiff_bwd`: conv_ops' forward with the gradient autodiff derives
 from it, in place of the written-out one.
 
@@ -28,14 +29,18 @@ from train_throughput import reserve_stdout_for_json, time_round_robin  # noqa: 
 
 _T0 = time.perf_counter()
 
-# (name, spatial, channels, stride, depthwise)
+# (name, kernel side, spatial, input channels, output channels, stride, depthwise)
 SHAPES = [
-    ("depthwise 3x3 56x56x144", 56, 144, 1, True),
-    ("depthwise 3x3 16x16x128 /2", 16, 128, 2, True),
-    ("depthwise 3x3 2x2x1536", 2, 1536, 1, True),
-    ("dense 3x3 2x2x512", 2, 512, 1, False),
-    ("dense 3x3 4x4x512 /2", 4, 512, 2, False),
-    ("dense 3x3 8x8x128 /2", 8, 128, 2, False),
+    ("depthwise 3x3 56x56x144", 3, 56, 144, 144, 1, True),
+    ("depthwise 3x3 16x16x128 /2", 3, 16, 128, 128, 2, True),
+    ("depthwise 3x3 2x2x1536", 3, 2, 1536, 1536, 1, True),
+    ("dense 3x3 2x2x512", 3, 2, 512, 512, 1, False),
+    ("dense 3x3 4x4x512 /2", 3, 4, 512, 512, 2, False),
+    ("dense 3x3 8x8x128 /2", 3, 8, 128, 128, 2, False),
+    # 1x1: CoAtNet-0's MBConv expansion and last MLP at 64², a ResNet bottleneck's reduction.
+    ("pointwise 1x1 32x32x64 -> 384", 1, 32, 64, 384, 1, False),
+    ("pointwise 1x1 2x2x3072 -> 768", 1, 2, 3072, 768, 1, False),
+    ("pointwise 1x1 16x16x256 -> 64", 1, 16, 256, 64, 1, False),
 ]
 
 
@@ -63,11 +68,11 @@ def main(argv=None) -> int:
     dn = conv_ops.channels_last_numbers(2)
     rows = []
     rng = np.random.default_rng(0)
-    for name, hw, c, stride, depthwise in SHAPES:
+    for name, k, hw, c, c_out, stride, depthwise in SHAPES:
         groups = c if depthwise else 1
         x = rng.standard_normal((args.batch, hw, hw, c), np.float32)
-        w = rng.standard_normal((3, 3, 1 if depthwise else c, c), np.float32) * 0.05
-        pad = ((1, 1), (1, 1))
+        w = rng.standard_normal((k, k, 1 if depthwise else c, c_out), np.float32) * 0.05
+        pad = ((k // 2, k // 2),) * 2
 
         def jax_step(conv):
             def loss(x, w):
@@ -83,7 +88,7 @@ def main(argv=None) -> int:
 
         def torch_step():
             xt.grad = wt.grad = None
-            y = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=1, groups=groups)
+            y = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=k // 2, groups=groups)
             (y ** 2).sum().backward()
             return xt.grad
 
@@ -98,7 +103,8 @@ def main(argv=None) -> int:
             lambda x, w: conv_ops.conv_general_dilated(
                 x, w, (stride, stride), pad, dimension_numbers=dn,
                 feature_group_count=groups))(x, w))
-        path = "lax" if uses_lax else ("depthwise" if depthwise else "patches")
+        path = ("lax" if uses_lax else "depthwise" if depthwise else "pointwise" if k == 1
+                else "patches")
         rows.append({"shape": name, "path": path, "lax_ms": round(ms["lax"], 2),
                      "conv_ops_ms": round(ms["conv_ops"], 2), "torch_ms": round(ms["torch"], 2),
                      "speedup_over_lax": round(ms["lax"] / ms["conv_ops"], 2),

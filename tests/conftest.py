@@ -219,3 +219,21 @@ def make_trainer(model, mesh_shape=(1, 1, 1), batch_size=8, length=32, num_micro
                                num_microbatches=num_microbatches, seed=0, ema_decay=ema_decay,
                                skip_nonfinite_updates=skip_nonfinite_updates,
                                donate_state=donate_state)
+
+
+def slow_form_dots(compiled_hlo: str) -> list[str]:
+    """The dots of a compiled CPU program whose left operand contracts an axis other than its
+    last: the form XLA's CPU backend runs on Eigen instead of YNNPACK (see
+    `moetx.nn.layers.dense_contract`). Operand shapes are looked up by name, since compiled HLO
+    prints `dot(%a, %b)` without them. Returns the offending instructions' lines."""
+    import re
+
+    ranks = {}
+    for m in re.finditer(r"%(\S+) = \w+\[([\d,]*)\]", compiled_hlo):
+        ranks[m.group(1)] = len(m.group(2).split(",")) if m.group(2) else 0
+    slow = []
+    for line in compiled_hlo.splitlines():
+        m = re.search(r" dot\(%(\S+?), %\S+?\).*?lhs_contracting_dims=\{([\d,]*)\}", line)
+        if m and m.group(2) != str(ranks[m.group(1)] - 1):
+            slow.append(line.strip())
+    return slow

@@ -114,6 +114,32 @@ def _cpu_dense_bwd(batch_dims: int, residuals, g: Array):
 _cpu_dense.defvjp(_cpu_dense_fwd, _cpu_dense_bwd)
 
 
+def dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
+                      preferred_element_type=None) -> Array:
+    """`lax.dot_general`'s signature over `dense_contract`, for flax's `nn.Dense(dot_general=)`.
+
+    Dense's contraction (lhs's last axis with rhs's first, no batch axes, default precision and
+    result type) goes through `dense_contract`; any other call goes to `lax.dot_general`
+    unchanged, so the result never depends on which path was taken.
+    """
+    (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+    if (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,) and rhs.ndim == 2
+            and not lhs_batch and not rhs_batch and precision is None
+            and preferred_element_type is None):
+        return dense_contract(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+class Dense(nn.Dense):
+    """flax's `nn.Dense` (same attributes, parameters and names) whose contraction is
+    `dense_contract`, so its kernel gradient takes XLA's fast matmul path on CPUs too. For layers
+    without logical axis names (the vision and ranking models); `DenseGeneral` is the
+    language models' layer."""
+
+    dot_general: Callable | None = dense_dot_general
+
+
 #: The logical axis the trainer's FSDP rules shard parameters along (over the batch axes; see
 #: `moetx.trainer.partitioning.standard_logical_axis_rules(fsdp=True)`).
 FSDP_AXIS = "embed"

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from moetx.nn.layers import Dense
 from moetx.vision import augment as augment_lib
 from moetx.vision import models
 from moetx.vision.model import ImageBatchMixin, softmax_cross_entropy
@@ -112,12 +113,12 @@ class TextEncoder(nn.Module):
             x = x + nn.MultiHeadDotProductAttention(
                 self.num_heads, name=f"block{i}_attn")(y, y, mask=attn_mask)
             y = nn.LayerNorm(name=f"block{i}_ln2")(x)
-            y = nn.Dense(self.mlp_dim, name=f"block{i}_mlp_in")(y)
-            x = x + nn.Dense(self.width, name=f"block{i}_mlp_out")(nn.gelu(y))
+            y = Dense(self.mlp_dim, name=f"block{i}_mlp_in")(y)
+            x = x + Dense(self.width, name=f"block{i}_mlp_out")(nn.gelu(y))
         x = nn.LayerNorm(name="final_ln")(x)
         w = valid[..., None].astype(x.dtype)
         pooled = jnp.sum(x * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1.0)
-        return nn.Dense(self.embed_dim, name="projection")(pooled)
+        return Dense(self.embed_dim, name="projection")(pooled)
 
 
 class DualEncoder(nn.Module):

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moetx.nn.layers import Dense
 from moetx.vision import augment as augment_lib
 from moetx.vision import models
 from moetx.vision.model import ImageBatchMixin, softmax_cross_entropy
@@ -178,8 +179,8 @@ class MultiTaskStudent(nn.Module):
     def __call__(self, images: Array, *, train: bool = False) -> dict[str, Array]:
         _, out = self.backbone(images, train=train)
         feats = out["pre_logits"]
-        return {t.name: nn.Dense(t.num_outputs, kernel_init=nn.initializers.zeros,
-                                 name=f"head_{t.name}")(feats) for t in self.tasks}
+        return {t.name: Dense(t.num_outputs, kernel_init=nn.initializers.zeros,
+                              name=f"head_{t.name}")(feats) for t in self.tasks}
 
 
 def multitask_loss(outputs: Mapping[str, Array], batch: Mapping[str, Array],

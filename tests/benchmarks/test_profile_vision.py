@@ -26,6 +26,10 @@ STEP = "jit(_train_step_impl)"
     (f"{STEP}/jvp(ResNet)/stage4_block0/conv2/conv/dot_general",
      ("conv_ops.py:patches_conv",), "conv"),
     (f"{STEP}/jvp(EfficientNetV2)/stage2_block1/expand/conv/conv_general_dilated", (), "conv"),
+    (f"{STEP}/transpose(jvp(CoAtNet))/stage1_block0/conv1/conv/transpose",
+     ("layers.py:dense_contract", "conv_ops.py:pointwise_conv"), "conv"),  # a 1x1 conv
+    (f"{STEP}/jvp(CoAtNet)/stage4_block0/mlp_fc1/...i,io->...o/dot_general",
+     ("conv_ops.py:pointwise_conv",), "conv"),
     (f"{STEP}/transpose(jvp(CoAtNet))/stage2_block0/conv3/reduce_sum", (), "conv"),  # bias
     (f"{STEP}/jvp(CoAtNet)/head/dot_general", (), "dense"),
     (f"{STEP}/jvp(CoAtNet)/stage4_block0/DropPath_1/jit(_bernoulli)/jit(_uniform)/xor", (),

@@ -9,6 +9,7 @@ import pytest
 
 from moetx.nn import layers
 from moetx.util import platform as platform_lib
+from tests.conftest import slow_form_dots
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
@@ -134,3 +135,48 @@ def test_dense_contract_cpu_kernel_gradient_contracts_the_left_operands_last_axi
 
     assert eigen_dots("tpu")
     assert not eigen_dots("cpu")
+
+
+def test_dense_is_flax_dense_with_the_fast_kernel_gradient():
+    """`layers.Dense` (the vision models' dense layer) has flax nn.Dense's variables, output and
+    gradients; only its compiled CPU gradient differs: no dot in the slow form
+    (`slow_form_dots`), where nn.Dense's kernel gradient has one."""
+    import flax.linen as nn
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 8)), jnp.float32)
+    ours, plain = layers.Dense(6, name="fc"), nn.Dense(6, name="fc")
+    variables = ours.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, variables) == {"params": {"kernel": (8, 6), "bias": (6,)}}
+    ref = plain.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(variables["params"]["kernel"], ref["params"]["kernel"])
+
+    def grad(module):
+        return jax.jit(jax.grad(lambda v, x: jnp.sum(jnp.tanh(module.apply(v, x))),
+                                argnums=(0, 1)))
+
+    np.testing.assert_allclose(ours.apply(variables, x), plain.apply(variables, x),
+                               rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad(ours)(variables, x)),
+                    jax.tree.leaves(grad(plain)(variables, x))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    compiled = lambda m: grad(m).lower(variables, x).compile().as_text()  # noqa: E731
+    assert not slow_form_dots(compiled(ours))
+    assert slow_form_dots(compiled(plain))
+
+
+def test_dense_dot_general_hands_other_contractions_to_lax():
+    """Only Dense's own contraction (last axis with the kernel's first, default precision and
+    type) takes `dense_contract`; anything else is `lax.dot_general` itself."""
+    x, k = jnp.ones((2, 3, 4)), jnp.ones((2, 4, 5))
+    batched = (((2,), (1,)), ((0,), (0,)))
+    np.testing.assert_array_equal(layers.dense_dot_general(x, k, batched),
+                                  jax.lax.dot_general(x, k, batched))
+    plain = (((2,), (0,)), ((), ()))
+    for kw in ({"precision": jax.lax.Precision.HIGHEST},
+               {"preferred_element_type": jnp.float32}):
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(
+            layers.dense_dot_general(x, k[0], plain, **kw))))(x))
+        assert "optimization_barrier" not in jaxpr
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: jnp.sum(
+        layers.dense_dot_general(x, k, plain))))(k[0]))
+    assert "optimization_barrier" in jaxpr  # traced on this CPU: dense_contract's CPU path

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from moetx.vision.models import common, gmlp
+from tests.conftest import slow_form_dots
 from tests.vision import conftest as timm_utils
 
 
@@ -63,6 +64,32 @@ def test_causal_mask_blocks_future_tokens(causal):
         assert changed[~future].all()
     else:
         assert changed.all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sgu_mixes_tokens_as_the_einsum_and_its_gradient_takes_the_fast_path(causal):
+    """The SGU mixes tokens with tokens last (a [.., N] x [N, M] matmul) and transposes around
+    it, so that its matmuls, forward and backward, are in the form XLA's CPU backend runs on
+    YNNPACK. It is the same function as einsum('bnc,nm->bmc') over LN(v) (random weights), and
+    the compiled gradient of a gMLP block has no dot in the slow form (`slow_form_dots`; the
+    einsum over the middle axis compiled to 2 of them per block)."""
+    z = jax.random.normal(jax.random.key(0), (3, 5, 8))
+    sgu = gmlp.SpatialGatingUnit(causal=causal)
+    shapes = jax.eval_shape(lambda: sgu.init(jax.random.key(0), z))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), shapes)
+    p = variables["params"]
+    out, state = sgu.apply(variables, z, capture_intermediates=True)
+    u, v = z[..., :4], state["intermediates"]["norm"]["__call__"][0]  # v = LN(second half)
+    w = p["kernel"] * (np.triu(np.ones((5, 5))) if causal else 1.0)
+    want = u * (jnp.einsum("bnc,nm->bmc", v, w) + p["bias"][None, :, None])
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+    block = gmlp.GmlpBlock(ffn_dim=16, causal=causal)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    params = block.init(jax.random.key(2), x)
+    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x) ** 2), argnums=(0, 1)))
+    assert not slow_form_dots(grad.lower(params, x).compile().as_text())
 
 
 def test_logits_match_timm_gmlp_s16():

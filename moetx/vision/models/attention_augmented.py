@@ -178,7 +178,7 @@ class AugmentedConv(nn.Module):
         a = avg_pool_ceil(x, self.strides)
         b, h, w, _ = a.shape
         n = self.heads
-        qkv = nn.Conv(2 * dk + dv, (1, 1), use_bias=False, name="qkv")(a)
+        qkv = common.pointwise(2 * dk + dv, "qkv", use_bias=False)(a)
         q, k, v = jnp.split(qkv, [dk, 2 * dk], axis=-1)
         q = q.reshape(b, h, w, n, dk // n) * (dk // n) ** -0.5
         k, v = k.reshape(b, h, w, n, dk // n), v.reshape(b, h, w, n, dv // n)
@@ -188,7 +188,7 @@ class AugmentedConv(nn.Module):
             rel_h = self.param("rel_height", init, (2 * h - 1, dk // n))
             rel_w = self.param("rel_width", init, (2 * w - 1, dk // n))
         o = relative_attention_2d(q, k, v, rel_h, rel_w).reshape(b, h, w, dv)
-        o = nn.Conv(dv, (1, 1), use_bias=False, name="attn_out")(o)
+        o = common.pointwise(dv, "attn_out", use_bias=False)(o)
         return jnp.concatenate([y, o], axis=-1)
 
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moetx.nn.layers import gelu_exact
+from moetx.nn.layers import Dense, gelu_exact
 from moetx.vision.models import common
 
 Array = jax.Array
@@ -98,7 +98,7 @@ class MBConvBlock(nn.Module):
         if self.stride == 2:
             shortcut = avg_pool2(shortcut)
         if x.shape[-1] != self.features:
-            shortcut = nn.Conv(self.features, (1, 1), name="shortcut")(shortcut)
+            shortcut = common.pointwise(self.features, "shortcut")(shortcut)
         mid = int(self.features * self.expand_ratio)
         y = bn(name="pre_norm")(x)
         y = common.conv(mid, 1, name="conv1")(y)
@@ -175,7 +175,7 @@ class RelativeAttention(nn.Module):
             raise ValueError(f"attention width {self.features} is not a multiple of head_dim "
                              f"{self.head_dim}; pick widths divisible by {self.head_dim}.")
         heads = self.features // self.head_dim
-        qkv = nn.Conv(3 * self.features, (1, 1), name="qkv")(x)
+        qkv = common.pointwise(3 * self.features, "qkv")(x)
         # Shape: [B, N, heads, 3, head_dim] -- timm's "head first" channel order.
         qkv = qkv.reshape(b, h * w, heads, 3, self.head_dim)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
@@ -187,7 +187,7 @@ class RelativeAttention(nn.Module):
         logits = logits + jnp.transpose(bias, (2, 0, 1))[None]
         attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         y = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, h, w, self.features)
-        return nn.Conv(self.features, (1, 1), name="proj")(y)
+        return common.pointwise(self.features, "proj")(y)
 
 
 class TransformerBlock(nn.Module):
@@ -213,12 +213,12 @@ class TransformerBlock(nn.Module):
         if self.stride == 2:
             shortcut, y = avg_pool2(shortcut), avg_pool2(y)
         if x.shape[-1] != self.features:
-            shortcut = nn.Conv(self.features, (1, 1), name="shortcut")(shortcut)
+            shortcut = common.pointwise(self.features, "shortcut")(shortcut)
         y = RelativeAttention(self.features, name="attn")(y)
         x = shortcut + common.DropPath(self.drop_path_rate)(y, train=train)
         y = nn.LayerNorm(epsilon=_LN_EPS, name="norm2")(x)
-        y = nn.Conv(int(self.features * self.mlp_ratio), (1, 1), name="mlp_fc1")(y)
-        y = nn.Conv(self.features, (1, 1), name="mlp_fc2")(gelu_exact(y))
+        y = common.pointwise(int(self.features * self.mlp_ratio), "mlp_fc1")(y)
+        y = common.pointwise(self.features, "mlp_fc2")(gelu_exact(y))
         return x + common.DropPath(self.drop_path_rate)(y, train=train)
 
 
@@ -277,10 +277,10 @@ class CoAtNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         x = nn.LayerNorm(epsilon=_LN_EPS, name="head_norm")(x)
         if self.head_hidden:
-            x = jnp.tanh(nn.Dense(self.head_hidden, name="head_hidden")(x))
+            x = jnp.tanh(Dense(self.head_hidden, name="head_hidden")(x))
         x = out["pre_logits"] = nn.Dropout(self.dropout, deterministic=not train)(x)
         if self.num_classes:
-            x = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(x)
+            x = Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(x)
         out["logits"] = x
         return x, out
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from moetx.nn.layers import Dense
 from moetx.vision.models import conv_ops
 
 # timm/torchvision initialise convolutions with kaiming_normal(fan_out, relu).
@@ -89,6 +90,13 @@ def conv(features: int, kernel_size: int | Sequence[int], strides: int | Sequenc
                    conv_general_dilated=conv_ops.conv_general_dilated)
 
 
+def pointwise(features: int, name: str | None = None, *, use_bias: bool = True) -> nn.Conv:
+    """A 2D 1x1 `nn.Conv` (flax's default init) computed as a matmul over channels
+    (`conv_ops.pointwise_conv`): the projections of the attention and MLP blocks."""
+    return nn.Conv(features, (1, 1), use_bias=use_bias, name=name,
+                   conv_general_dilated=conv_ops.conv_general_dilated)
+
+
 def batch_norm(train: bool, momentum: float, epsilon: float, *, zero_init: bool = False,
                name: str | None = None) -> nn.BatchNorm:
     """Flax BatchNorm over the channel axis; `momentum` is Flax's (= 1 - torch's momentum)."""
@@ -136,8 +144,8 @@ class SqueezeExcite(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         s = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), keepdims=True)
-        s = activation(self.act)(nn.Dense(self.reduced_features, name="reduce")(s))
-        s = nn.Dense(x.shape[-1], name="expand")(s)
+        s = activation(self.act)(Dense(self.reduced_features, name="reduce")(s))
+        s = Dense(x.shape[-1], name="expand")(s)
         return x * nn.sigmoid(s)
 
 

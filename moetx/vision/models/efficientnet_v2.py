@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moetx.nn.layers import Dense
 from moetx.vision.models import common
 
 # google/automl efficientnetv2/effnetv2_configs.py.
@@ -205,7 +206,7 @@ class EfficientNetV2(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         out["pre_logits"] = x
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, name="head")(x), out
+        return Dense(self.num_classes, name="head")(x), out
 
 
 def create(variant: str, num_classes: int, **overrides: Any) -> EfficientNetV2:

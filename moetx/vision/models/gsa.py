@@ -128,7 +128,7 @@ class GlobalSelfAttention(nn.Module):
         b, h, w, _ = x.shape
         n, dv = self.heads, self.features // self.heads
         dk = self.key_dim or dv
-        qkv = nn.Conv(n * (2 * dk + dv), (1, 1), use_bias=False, name="qkv")(x)
+        qkv = common.pointwise(n * (2 * dk + dv), "qkv", use_bias=False)(x)
         q, k, v = jnp.split(qkv, [n * dk, 2 * n * dk], axis=-1)
         q, k = q.reshape(b, h, w, n, dk), k.reshape(b, h, w, n, dk)
         v = v.reshape(b, h, w, n, dv)

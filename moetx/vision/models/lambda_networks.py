@@ -129,7 +129,7 @@ class LambdaLayer(nn.Module):
             raise ValueError(f"LambdaLayer: conv_size must be odd, got {self.conv_size}.")
         v = self.features // h
         bn = lambda name: common.batch_norm(train, 0.9, 1e-5, name=name)  # noqa: E731
-        dense = lambda f, name: nn.Conv(f, (1, 1), use_bias=False, name=name)  # noqa: E731
+        dense = lambda f, name: common.pointwise(f, name, use_bias=False)  # noqa: E731
         queries = bn("norm_q")(dense(h * k, "query")(x)).reshape(b, n, h, k)
         keys = dense(k * u, "key")(x).reshape(b, n, k, u)
         values = bn("norm_v")(dense(v * u, "value")(x)).reshape(b, n, v, u)

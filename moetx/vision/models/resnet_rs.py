@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from moetx.nn.layers import Dense
 from moetx.vision.models import common
 
 SpatialMixer = Callable[[int, int], nn.Module]
@@ -103,7 +104,7 @@ class SelfGating(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         g = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), keepdims=True)
-        return x * nn.sigmoid(nn.Dense(x.shape[-1], name="dense")(g))
+        return x * nn.sigmoid(Dense(x.shape[-1], name="dense")(g))
 
 
 class Bottleneck(nn.Module):
@@ -234,7 +235,7 @@ class ResNet(nn.Module):
         x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
         out["pre_logits"] = x
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        logits = nn.Dense(self.num_classes, name="head")(x)
+        logits = Dense(self.num_classes, name="head")(x)
         return logits, out
 
 

@@ -109,7 +109,7 @@ class LocalSelfAttention(nn.Module):
             raise ValueError(f"LocalSelfAttention needs features divisible by groups and by 2 and "
                              f"an odd window; got features={f}, groups={g}, window={kk}.")
         b, h, w, _ = x.shape
-        dense = lambda name: nn.Conv(f, (1, 1), use_bias=False, name=name)  # noqa: E731
+        dense = lambda name: common.pointwise(f, name, use_bias=False)  # noqa: E731
         q, k, v = (dense(n)(x).reshape(b, h, w, g, f // g) for n in ("query", "key", "value"))
         init = nn.initializers.normal((f // g) ** -0.5)
         rel_row = self.param("rel_row", init, (kk, f // 2))  # offset a - i = index - k//2

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moetx.nn.layers import Dense
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "s": dict(widths=(16, 32, 64), video=False),
     "m": dict(widths=(32, 64, 128, 128), video=False),
@@ -56,7 +58,7 @@ class TinyCNN(nn.Module):
         x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
         out["pre_logits"] = x
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        logits = nn.Dense(self.num_classes, name="head")(x)
+        logits = Dense(self.num_classes, name="head")(x)
         return logits, out
 
 
