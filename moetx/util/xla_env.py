@@ -28,6 +28,14 @@ benchmarks/README.md):
       Greedy decode 1.17x faster, eval step unchanged (within noise). Losses match the
       default to 1e-7 over 5 steps, and a sharded (4, 1, 2) mesh on 8 host devices gives the
       same losses.
+      Not for the vision classifiers: their train step is faster without it (2026-12-06, one
+      process per model, the same lowered step compiled both ways, 10 alternating steps,
+      medians, batch 16): EfficientNetV2-B0 at 96² 253 -> 175 ms, CoAtNet-0 at 64² 473 -> 347,
+      gMLP-S 280 -> 239, ResNet-RS-50 360 -> 346. Their many small feature maps make many
+      small elementwise fusions, where YNNPACK's per-call cost outweighs its threads. A model
+      says so with `xla_cpu_elementwise_fusion = False` (moetx.trainer.model), and the Trainer
+      compiles its steps with `without_elementwise_fusion()`. (At T5.1.1-small's shape the
+      language model's step is now neutral to it: 5.53 against 5.45 s, same A/B.)
 
 Tried and not adopted (no gain, within +-2% on the train step, unless noted):
   --xla_cpu_enable_fast_math=true, --xla_cpu_prefer_vector_width=512,
@@ -109,6 +117,23 @@ _YNN_DEFAULT_FUSION_TYPES = ("LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVI
                              "LIBRARY_FUSION_TYPE_REDUCE")
 
 
+def without_elementwise_fusion(platform_name: str | None = None,
+                               xla_flags: str | None = None) -> dict[str, str] | None:
+    """Compile options that take `+eltwise` (above) back for one program, or None (compile as
+    usual): only on CPU, and only where `configure_cpu_defaults` added the flag (a value the
+    user set is theirs). `platform_name` defaults to JAX's first device's."""
+    if platform_name is None:
+        import jax
+
+        platform_name = jax.devices()[0].platform
+    if platform_name != "cpu":
+        return None
+    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    if "--xla_cpu_experimental_ynn_fusion_type=+eltwise" not in flags.split():
+        return None
+    return {"xla_cpu_experimental_ynn_fusion_type": _YNN_DEFAULT_FUSION_TYPES}
+
+
 def init_compile_options(platform_name: str | None = None,
                          xla_flags: str | None = None) -> dict[str, str] | None:
     """Compile options for a program that initialises parameters, or None (compile as usual).
@@ -122,18 +147,8 @@ def init_compile_options(platform_name: str | None = None,
     so `Trainer.init_state` does not use them: its initialisation, compiled under the mesh,
     peaks at 1.4-1.5 GB either way, and a run's initial parameters stay what they were. They
     are for a program that only makes parameters to use them at once (the decode benchmark's
-    memory child). Only on CPU, and only where `configure_cpu_defaults` added the flag (a value
-    the user set is theirs)."""
-    if platform_name is None:
-        import jax
-
-        platform_name = jax.devices()[0].platform
-    if platform_name != "cpu":
-        return None
-    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
-    if "--xla_cpu_experimental_ynn_fusion_type=+eltwise" not in flags.split():
-        return None
-    return {"xla_cpu_experimental_ynn_fusion_type": _YNN_DEFAULT_FUSION_TYPES}
+    memory child). The options are `without_elementwise_fusion`'s."""
+    return without_elementwise_fusion(platform_name, xla_flags)
 
 
 # glibc mallopt() parameters (malloc.h) and values; see the module docstring.

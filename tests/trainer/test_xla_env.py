@@ -85,6 +85,55 @@ def test_init_compile_options_only_undo_the_flag_moetx_added():
     assert xla_env.init_compile_options("cpu", user) is None
 
 
+def test_without_elementwise_fusion_is_the_same_undoing():
+    added = "--xla_cpu_experimental_ynn_fusion_type=+eltwise"
+    assert (xla_env.without_elementwise_fusion("cpu", added)
+            == xla_env.init_compile_options("cpu", added) is not None)
+    assert xla_env.without_elementwise_fusion("tpu", added) is None
+    assert xla_env.without_elementwise_fusion("cpu", "") is None
+
+
+def test_the_trainer_compiles_a_model_that_opts_out_without_elementwise_fusions():
+    """`xla_cpu_elementwise_fusion = False` (the vision classifiers) compiles the train and eval
+    steps with `without_elementwise_fusion()`: fewer YNNPACK fusions in the compiled step, the
+    same loss and metrics; language models keep the default (no options)."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from moetx.trainer import optimizers, partitioning, trainer as trainer_lib
+    from moetx.vision import model as vision_model
+    from tests.conftest import make_trainer, tiny_model
+
+    if xla_env.without_elementwise_fusion() is None:
+        pytest.skip("the tuned XLA CPU flag is not in effect here (another jaxlib or machine)")
+    assert make_trainer(tiny_model()).compiler_options is None
+    mesh = partitioning.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.random((4, 8, 8, 3), np.float32),
+             "label": rng.integers(0, 10, 4).astype(np.int32), "mask": np.ones(4, np.float32)}
+    results = {}
+    for fusion in (False, True):
+        model = vision_model.ImageClassificationModel(model_name="tiny/s",
+                                                      num_classes=10)
+        if fusion:
+            model = dataclasses.replace(model)
+            object.__setattr__(model, "xla_cpu_elementwise_fusion", True)
+        tr = trainer_lib.Trainer(
+            model, lambda param_axes: optimizers.sgd_momentum(optimizers.constant_schedule(0.1)),
+            mesh, partitioning.standard_logical_axis_rules(),
+            model.input_shapes(4, {"image": (8, 8, 3)}), seed=0)
+        assert (tr.compiler_options is None) == fusion
+        fused = tr.lower_train_step().compile().as_text().count('"kind":"__ynn_fusion"')
+        state, sums = tr.train_step(tr.init_state(), tr.to_global(batch))
+        evals = tr._eval_step(state.params, state.model_state, tr.to_global(batch))
+        results[fusion] = fused, jax.device_get((sums, evals))
+    assert results[False][0] < results[True][0], (results[False][0], results[True][0])
+    for a, b in zip(jax.tree.leaves(results[False][1]), jax.tree.leaves(results[True][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_an_initializer_compiled_with_them_plans_less_memory_for_the_same_values():
     import jax
     import jax.numpy as jnp
