@@ -134,8 +134,8 @@ def dense_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
 class Dense(nn.Dense):
     """flax's `nn.Dense` (same attributes, parameters and names) whose contraction is
     `dense_contract`, so its kernel gradient takes XLA's fast matmul path on CPUs too. For layers
-    without logical axis names (the vision and ranking models); `DenseGeneral` is the
-    language models' layer."""
+    without logical axis names (the vision models); `DenseGeneral` is the language models'
+    layer."""
 
     dot_general: Callable | None = dense_dot_general
 

@@ -47,7 +47,7 @@ reductions over the whole batch. In whole training steps the written-out gradien
 faster (each A/B in one process, round-robin, idle): EfficientNetV2-B0 at 96², batch 16,
 292 -> 282 ms and 306 -> 292 ms a step; CoAtNet-0 at 64², 635 -> 599 and 633 -> 620 ms.
 
-Routing the 1x1 convs here made whole steps 10-20% faster (2026-12-06, idle, two runs a side,
+Routing the 1x1 convs here made whole steps 5-23% faster (2026-12-06, idle, two runs a side,
 `benchmarks/vision_throughput.py --skip_timm`): CoAtNet-0 at 64², 649/685 -> 614/527 ms;
 EfficientNetV2-B0 at 96², 348/339 -> 298/305 ms; ResNet-RS-50 at 64², 469/479 -> 375/435 ms.
 
