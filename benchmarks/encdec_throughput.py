@@ -303,11 +303,8 @@ def decoder_of(side: str, args, jax, np, torch, cfg, model, input_shapes, batch_
     produced (what the memory line records in place of a loss)."""
     enc_np, n = batch_np["encoder_input_tokens"], args.target_length
     if side == "moetx":
-        from moetx.util import xla_env
-
-        rng = jax.random.PRNGKey(0)
-        init = jax.jit(lambda r: model.get_initial_variables(r, input_shapes)).lower(rng)
-        params = init.compile(xla_env.init_compile_options())(rng)["params"]
+        params = jax.jit(lambda r: model.get_initial_variables(r, input_shapes))(
+            jax.random.PRNGKey(0))["params"]
         decode = moetx_decoder(jax, np, model, params, enc_np, n, args.vocab)
     else:
         decode = hf_decoder(torch, build_hf(torch, cfg, None, train=False), enc_np, n,

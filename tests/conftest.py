@@ -25,15 +25,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     # workers (which inherit this environment) share the directory.
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
-# The same XLA CPU defaults as the entry points, so tests run what users run; but not the
-# allocator setting that keeps freed heap for reuse (tested on its own in test_xla_env): a
-# long-lived test worker would hold the peak heap of its largest test for the whole session,
-# and two workers plus the commands tests start must fit this machine's memory. A MALLOC_*
-# variable is what makes `configure_cpu_allocator` stand aside, as it does for users.
+# Not the entry points' allocator setting that keeps freed heap for reuse (tested on its own in
+# test_xla_env): a long-lived test worker would hold the peak heap of its largest test for the
+# whole session, and two workers plus the commands tests start must fit this machine's memory.
+# A MALLOC_* variable is what makes `configure_cpu_allocator` stand aside, as it does for users;
+# the commands tests start inherit it.
 os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-from moetx.util import xla_env  # noqa: E402
-
-xla_env.configure_cpu_defaults()
 
 # Tests import TensorFlow (SeqIO) and torch (parity peers) in one process; triton must not load
 # after TensorFlow (segfault), and torch on the CPU never needs it.

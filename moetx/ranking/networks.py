@@ -96,9 +96,10 @@ class LSTMCell(nn.Module):
     """A standard LSTM cell with one fused gate kernel [in + H, 4H] over concat(x, h) and a
     forget-gate bias of +1 at init.
 
-    (flax's `nn.LSTMCell` / `OptimizedLSTMCell` keep eight separate [., H] kernels; with moetx's
-    XLA CPU flag `--xla_cpu_experimental_ynn_fusion_type=+eltwise` on jaxlib 0.10.2, XLA rejects
-    their fused program at run time: "Instruction with unsupported layout in YNN fusion".)
+    (flax's `nn.LSTMCell` / `OptimizedLSTMCell` keep eight separate [., H] kernels; with the XLA
+    CPU flag `--xla_cpu_experimental_ynn_fusion_type=+eltwise` on jaxlib 0.10.2, which moetx
+    set until 2026-12-06, XLA rejects their fused program at run time: "Instruction with
+    unsupported layout in YNN fusion".)
     """
 
     features: int

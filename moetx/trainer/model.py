@@ -68,9 +68,6 @@ class Model(Protocol):
         of the count in `summarize_metrics` and the prefix of the `<count_unit>_per_sec` rate.
       loss_metric: the summarized training metric that is the loss the model optimises (checked
         for NaN and logged as `loss` during training, as T5X's `loss`).
-      xla_cpu_elementwise_fusion (optional, default True): False compiles the model's train and
-        eval steps without the elementwise YNNPACK fusions `moetx.util.xla_env` turns on for
-        CPUs (faster for the vision classifiers; see `xla_env.without_elementwise_fusion`).
     """
 
     state_collections: tuple[str, ...]
@@ -164,7 +161,6 @@ class BaseModel(abc.ABC):
     state_collections: tuple[str, ...] = ()
     count_unit: str = "examples"
     loss_metric: str = "loss"
-    xla_cpu_elementwise_fusion: bool = True
 
     @property
     @abc.abstractmethod

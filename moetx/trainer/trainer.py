@@ -30,7 +30,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moetx.trainer import metrics as metrics_lib, optimizers, partitioning
 from moetx.trainer import model as model_lib
-from moetx.util import xla_env
 
 Array = jax.Array
 
@@ -131,19 +130,15 @@ class Trainer:
             k: partitioning.batch_sharding(mesh, self.rules, len(s))
             for k, s in self.input_shapes.items()}
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        # None (compile as usual) unless the model asks for the CPU's elementwise fusions off.
-        self.compiler_options = (
-            None if getattr(model, "xla_cpu_elementwise_fusion", True)
-            else xla_env.without_elementwise_fusion(mesh.devices.flat[0].platform))
         self._train_step = jax.jit(
             self._train_step_impl, in_shardings=(self.state_shardings, self.batch_shardings),
             out_shardings=(self.state_shardings, self._replicated),
-            donate_argnums=(0,) if donate_state else (), compiler_options=self.compiler_options)
+            donate_argnums=(0,) if donate_state else ())
         self._eval_step = jax.jit(
             self._eval_step_impl, in_shardings=(self.state_shardings.params,
                                                 self.state_shardings.model_state,
                                                 self.batch_shardings),
-            out_shardings=self._replicated, compiler_options=self.compiler_options)
+            out_shardings=self._replicated)
 
     # ------------------------------------------------------------------------------ state
     def init_state(self) -> TrainState:

@@ -129,9 +129,6 @@ class ImageClassificationModel(ImageBatchMixin):
     std: Sequence[float] = (0.5,)
 
     count_unit = "examples"
-    # Faster on CPUs without XLA's elementwise YNNPACK fusions (4-31% a step; see
-    # moetx.util.xla_env): the Trainer compiles this model's steps without them.
-    xla_cpu_elementwise_fusion = False
 
     def __post_init__(self):
         if not 0.0 <= self.label_smoothing < 1.0:
