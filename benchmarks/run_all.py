@@ -173,13 +173,14 @@ def side_by_side_rows(s: dict, memory: bool, quick: bool) -> list[Row]:
                     _cost(s["d_model"], s["d_ff"], s["layers"], s["vocab"], dec_tokens, runs + 3,
                           2, memory)))
     # Where the enc-dec step's time goes, per op family, beside torch's (the README's profile
-    # table): one warmup, one timed and one profiled step per side.
+    # table): three warmup steps (a process's first few steps at this shape can spend seconds
+    # faulting in heap pages), one timed and one profiled step per side.
     rows.append(Row("profile_encdec", "profile_step.py",
                     (*width(heads["t5"]),
                      *_flags(layers=s["layers"], batch=s["batch"],
                              input_length=s["input_length"], target_length=s["target_length"],
-                             steps=1, warmup=1)),
-                    _cost(s["d_model"], s["d_ff"], 2 * s["layers"], s["vocab"], enc_tokens, 3,
+                             steps=1, warmup=3)),
+                    _cost(s["d_model"], s["d_ff"], 2 * s["layers"], s["vocab"], enc_tokens, 5,
                           2)))
     # The means of issue 16 one by one on the Adafactor enc-dec step (moetx only).
     rows.append(Row("means", "means.py",
