@@ -17,21 +17,23 @@ XLA flags measured and not set (no gain, within +-2% on the train step, unless n
   --xla_cpu_experimental_ynn_fusion_type=+eltwise (hand elementwise fusions to YNNPACK too).
       moetx added it on CPUs from 2026-11-22, when it made the demo train step 1.11-1.13x
       faster (540 -> 485 ms at d 256, batch 16 x 128) and the tiny one 1.33x. After the
-      language models' kernel-gradient change it turned into a loss everywhere; measured
+      language models' kernel-gradient change it was neutral or a loss everywhere; measured
       2026-12-06 (jaxlib 0.10.2, idle, the same lowered train step compiled with and without
       it in one process, alternating steps, medians; with -> without):
         demo model (d 256, 4 layers, vocab 8k, batch 16 x 128)    424 -> 391 ms
         tiny model (d 32, 2 layers)                                87 ->  71 ms
-        decoder-only at T5.1.1-small's width, 8 x 512 tokens    8.79 -> 5.74 s (Adafactor)
-        Llama-style, same size                                   9.29 -> 6.22 s (AdamW)
-        T5.1.1-small's encoder-decoder                           5.53 -> 5.45 s
-        EfficientNetV2-B0 at 96², batch 16                        253 -> 175 ms
-        CoAtNet-0 / gMLP-S / ResNet-RS-50 at 64²    473 / 280 / 360 -> 347 / 239 / 346 ms
-      With it the decoder-only steps were bimodal (5.8 s or 12 s a step, 6 of 14 slow); without
-      it they were steady. Cached greedy decoding at T5.1.1-small's shape, separate processes:
-      22.2-22.7 against 19.6-22.2 ms a step. It also made random initialisers materialise their
-      intermediates (a [32128, 512] normal initializer planned 879 MiB of temporaries, 188
-      without) and XLA rejected flax's LSTM cells' fused program under it.
+        decoder-only at T5.1.1-small's width, 8 x 512 tokens  5.84-5.87 -> 5.71-5.76 s (Adafactor)
+        Llama-style, same size                                 6.23-6.34 -> 6.14-6.46 s (AdamW)
+        T5.1.1-small's encoder-decoder                              5.53 -> 5.45 s
+        EfficientNetV2-B0 at 96², batch 16                           253 -> 175 ms
+        CoAtNet-0 / gMLP-S / ResNet-RS-50 at 64²       473 / 280 / 360 -> 347 / 239 / 346 ms
+      (The decoder-only figures are the ranges of the steps that did not stall: 6 of the 14
+      steps with the flag took ~12 s, none without it, but stalls of that kind were later seen
+      without the flag too, from heap page faults; see the allocator paragraph.) Cached greedy
+      decoding at T5.1.1-small's shape, separate processes: 22.2-22.7 against 19.6-22.2 ms a
+      step. It also made random initialisers materialise their intermediates (a [32128, 512]
+      normal initializer planned 879 MiB of temporaries, 188 without), and XLA rejected flax's
+      LSTM cells' fused program under it.
   --xla_cpu_enable_fast_math=true, --xla_cpu_prefer_vector_width=512,
   --xla_cpu_use_onednn=true, --xla_cpu_experimental_onednn_fusion_type=... and
   --xla_cpu_experimental_xnn_fusion_type=... (nothing gets fused: no-ops in this build),
@@ -56,7 +58,9 @@ moetx train step took 1.37M minor page faults and 2.6-2.8 s of kernel (sys) CPU 
 memory in the heap for the next step: 0 page faults, 0.03 s sys per step (measured 2026-12-04
 with another job on one of the 2 cores, so the wall-clock gain, -14% on a 2-layer model, is
 noisy). It applies to the whole process: torch in the same process gains too. The cost: the
-process keeps its peak heap instead of returning it. Skipped when the user set any `MALLOC_*`
+process keeps its peak heap instead of returning it. Not every process is spared: on
+2026-12-06 one process at that shape spent 7.6 and 11.2 s of kernel time in steps 2 and 3
+(~950,000 minor faults each) and none after; three other processes had no such step. Skipped when the user set any `MALLOC_*`
 variable or `GLIBC_TUNABLES`, or `MOETX_XLA_CPU_DEFAULTS=0` (the opt-out's name is older than
 this module's only setting being the allocator).
 """
