@@ -8,9 +8,11 @@ What jaxlib 0.10.2 does by default on CPU: f32 dots already go to YNNPACK (`__yn
 default fusion types `dot`, `individual_dot`, `reduce`), multi-threaded over all cores. A bare
 1024^2 / 2048^2 f32 matmul runs at ~500 GFLOP/s on the 2-core AMD EPYC (AVX-512) dev machine,
 about 2.2x torch 2.13's (MKL, ~215 GFLOP/s on 2 threads; MKL does not use AVX-512 on AMD),
-also with `--xla_force_host_platform_device_count=8`. This machine's 2 cores are often shared;
-with another process busy on one core JAX's matmul drops to ~250 GFLOP/s. No flag makes the
-bare matmul faster (all dots on Eigen instead of YNNPACK: about the same, 470 vs 468 GFLOP/s).
+also with `--xla_force_host_platform_device_count=8` (on 2026-12-06 the same matmul ran at
+195-217 GFLOP/s, as fast as torch's: this machine's speed varies by day). Its 2 cores are
+often shared; with another process busy on one core JAX's matmul drops to ~250 GFLOP/s. No flag
+makes the bare matmul faster (all dots on Eigen instead of YNNPACK: about the same, 470 vs 468
+GFLOP/s).
 
 XLA flags measured and not set (no gain, within +-2% on the train step, unless noted):
 
@@ -60,9 +62,9 @@ with another job on one of the 2 cores, so the wall-clock gain, -14% on a 2-laye
 noisy). It applies to the whole process: torch in the same process gains too. The cost: the
 process keeps its peak heap instead of returning it. Not every process is spared: on
 2026-12-06 one process at that shape spent 7.6 and 11.2 s of kernel time in steps 2 and 3
-(~950,000 minor faults each) and none after; three other processes had no such step. Skipped when the user set any `MALLOC_*`
-variable or `GLIBC_TUNABLES`, or `MOETX_XLA_CPU_DEFAULTS=0` (the opt-out's name is older than
-this module's only setting being the allocator).
+(~950,000 minor faults each) and none after; three other processes had no such step. Skipped
+when the user set any `MALLOC_*` variable or `GLIBC_TUNABLES`, or `MOETX_XLA_CPU_DEFAULTS=0`
+(the opt-out's name is older than this module's only setting being the allocator).
 """
 
 from __future__ import annotations
