@@ -62,7 +62,7 @@ with another job on one of the 2 cores, so the wall-clock gain, -14% on a 2-laye
 noisy). It applies to the whole process: torch in the same process gains too. The cost: the
 process keeps its peak heap instead of returning it. Not every process is spared: on
 2026-12-06 one process at that shape spent 7.6 and 11.2 s of kernel time in steps 2 and 3
-(~950,000 minor faults each) and none after; three other processes had no such step. Skipped
+(~950,000 minor faults each) and none after; five other processes had no such step. Skipped
 when the user set any `MALLOC_*` variable or `GLIBC_TUNABLES`, or `MOETX_XLA_CPU_DEFAULTS=0`
 (the opt-out's name is older than this module's only setting being the allocator).
 """

@@ -21,14 +21,23 @@ for _ in range(10):
 print(configured, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
+linux_x86_64 = pytest.mark.skipif(
+    not (sys.platform == "linux" and os.uname().machine == "x86_64"),
+    reason="the allocator settings are made on Linux x86-64 only")
 
-@pytest.mark.skipif(not (sys.platform == "linux" and os.uname().machine == "x86_64"),
-                    reason="the allocator settings are made on Linux x86-64 only")
+
+def _env_without_malloc_settings() -> dict[str, str]:
+    """This environment without the variables that make `configure_cpu_allocator` stand aside
+    (the test session sets MALLOC_ARENA_MAX) or opt out of it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")
+            and k not in ("GLIBC_TUNABLES", xla_env.OPT_OUT_ENV)}
+
+
+@linux_x86_64
 def test_allocator_keeps_freed_large_blocks_so_repeated_steps_fault_no_new_pages():
     """A 48 MiB block freed and allocated again (as XLA's per-step buffers are) is served from
     the heap once the allocator is configured, instead of a fresh mmap whose pages fault in."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env = _env_without_malloc_settings()
     runs = {}
     for flag in ("0", "1"):
         out = subprocess.run([sys.executable, "-c", _FAULTS, flag], env=env, capture_output=True,
@@ -46,19 +55,17 @@ def test_allocator_keeps_freed_large_blocks_so_repeated_steps_fault_no_new_pages
     assert out.stdout.split()[0] == "False"
 
 
-@pytest.mark.skipif(not (sys.platform == "linux" and os.uname().machine == "x86_64"),
-                    reason="the allocator settings are made on Linux x86-64 only")
+@linux_x86_64
 @pytest.mark.parametrize("command", ["train", "convert"])
 def test_every_command_sets_up_the_allocator_before_jax_and_leaves_xla_flags_alone(command):
     """Importing any `moetx.cli` command runs the one preamble (`moetx/cli/__init__.py`): the
     allocator keeps freed large blocks (few page faults on the repeated 48 MiB blocks), and the
     user's `XLA_FLAGS` reach XLA unchanged (no flag added: see xla_env's docstring for why
     `+eltwise` is no longer set)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "MOETX_XLA_CPU_DEFAULTS")}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=3"
-    code = (f"import moetx.cli.{command}, os, sys\n"
-            + _FAULTS.replace("sys.argv[1] == \"1\"", "False")
+    env = dict(_env_without_malloc_settings(),
+               XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    # Argument "0": the snippet does not configure the allocator itself; the preamble must.
+    code = (f"import moetx.cli.{command}, os\n" + _FAULTS
             + "import jax; print(os.environ['XLA_FLAGS']); print(jax.device_count())")
     out = subprocess.run([sys.executable, "-c", code, "0"], env=env, capture_output=True,
                          text=True, timeout=300)
