@@ -7,7 +7,11 @@ T5.1.1 encoder-decoder step (by default T5.1.1-small's: batch 8, 6 heads x 64, i
 targets 114): the encoder's self-attention (512 x 512, a per-head position bias), the
 cross-attention (114 x 512, a padding-mask bias shared by the heads) and the decoder's
 self-attention (114 x 114, position bias plus the causal mask). The gradient is taken with
-respect to Q, K, V and the bias (the position bias is trained).
+respect to Q, K, V and the self-attentions' bias. That bias is the one both moetx's and HF's
+steps build once per stack and share across its layers: [batch, heads, q, k], mask plus the
+trained position bias, so each layer's bias gradient is an array of that shape (the stack's
+sum over the batch into the [1, heads, q, k] position bias happens once, outside the layers).
+The cross-attention's bias is the padding mask, [batch, 1, 1, k], and has no gradient.
 
   einsum             moetx's attention today (`MultiHeadDotProductAttention._attend`): float32
                      logits by einsum over [batch, length, heads, d_kv] operands, bias added,
@@ -171,25 +175,29 @@ def jax_attention_variants(jax, jnp, chunk: int) -> dict:
 
 
 def attention_shapes(args) -> dict:
-    """name -> (query length, key length, bias heads (heads or 1), bias batch, causal, layers)."""
+    """name -> (query length, key length, bias heads (heads or 1), causal, bias trained,
+    layers). A trained bias is the stack's [batch, heads, q, k] one (mask plus position bias,
+    built once per stack and shared by its layers, in moetx's step and in HF's); an untrained
+    one the cross-attention's padding mask [batch, 1, 1, k]."""
     return {
-        "encoder_self": (args.input_length, args.input_length, args.heads, 1, False, args.layers),
-        "cross": (args.target_length, args.input_length, 1, args.batch, False, args.layers),
-        "decoder_self": (args.target_length, args.target_length, args.heads, 1, True,
+        "encoder_self": (args.input_length, args.input_length, args.heads, False, True,
+                         args.layers),
+        "cross": (args.target_length, args.input_length, 1, False, False, args.layers),
+        "decoder_self": (args.target_length, args.target_length, args.heads, True, True,
                          args.layers),
     }
 
 
-def attention_inputs(np, args, lq: int, lk: int, bias_heads: int, bias_batch: int,
-                     causal: bool) -> dict:
+def attention_inputs(np, args, lq: int, lk: int, trained_bias: bool, causal: bool) -> dict:
     rng = np.random.default_rng(0)
     b, h, d = args.batch, args.heads, args.head_dim
     shape = {"q": (b, lq, h, d), "k": (b, lk, h, d), "v": (b, lk, h, d), "w": (b, lq, h, d)}
     x = {n: (rng.standard_normal(s) * (d ** -0.25 if n in "qk" else 1.0)).astype(np.float32)
          for n, s in shape.items()}
-    bias = rng.standard_normal((bias_batch, bias_heads, 1 if bias_batch > 1 else lq, lk))
-    if bias_batch > 1:  # padding mask: the last eighth of each row's keys are padding
-        bias = np.zeros_like(bias)
+    if trained_bias:  # a position bias per head, the same for every example
+        bias = np.broadcast_to(rng.standard_normal((1, h, lq, lk)), (b, h, lq, lk)).copy()
+    else:  # padding mask: the last eighth of each row's keys are padding
+        bias = np.zeros((b, 1, 1, lk))
         bias[..., lk - lk // 8:] = -1e9
     if causal:
         bias = bias + np.triu(np.full((lq, lk), -1e9), 1)
@@ -197,13 +205,14 @@ def attention_inputs(np, args, lq: int, lk: int, bias_heads: int, bias_batch: in
     return x
 
 
-def jax_grad_fn(jax, jnp, f, w):
-    """jit(value_and_grad(sum(f(*inputs) * w))) over every input."""
+def jax_grad_fn(jax, jnp, f, w, trained: int | None = None):
+    """jit(value_and_grad(sum(f(*inputs) * w))) over the first `trained` inputs (all: None)."""
     def loss(*inputs):
         return jnp.sum(f(*inputs) * w)
 
     def run(*inputs):
-        return jax.value_and_grad(loss, argnums=tuple(range(len(inputs))))(*inputs)
+        n = len(inputs) if trained is None else trained
+        return jax.value_and_grad(loss, argnums=tuple(range(n)))(*inputs)
 
     return jax.jit(run)
 
@@ -222,14 +231,14 @@ def torch_attention_variants(torch) -> dict:
 
 
 def torch_grad_fn(torch, f, inputs: list, w):
-    """A no-argument step: forward, sum(out * w), backward into each input's .grad; returns
-    (value, grads) as numpy."""
+    """A no-argument step: forward, sum(out * w), backward into the .grad of each input that
+    requires one; returns (value, those grads) as numpy."""
     def step():
         for t in inputs:
             t.grad = None
         value = (f(*inputs) * w).sum()
         value.backward()
-        return value.item(), [t.grad.numpy() for t in inputs]
+        return value.item(), [t.grad.numpy() for t in inputs if t.requires_grad]
 
     return step
 
@@ -301,26 +310,28 @@ def measure_attention(args, jax, jnp, np, torch) -> dict:
     shapes = {}
     jax_fns = jax_attention_variants(jax, jnp, args.chunk)
     torch_fns = torch_attention_variants(torch)
-    for shape, (lq, lk, bh, bb, causal, layers) in attention_shapes(args).items():
+    for shape, (lq, lk, bh, causal, trained, layers) in attention_shapes(args).items():
         log(f"attention {shape}: q {lq} x k {lk}")
-        x = attention_inputs(np, args, lq, lk, bh, bb, causal)
+        x = attention_inputs(np, args, lq, lk, trained, causal)
         args_jax = [jnp.asarray(x[n]) for n in ("q", "k", "v", "bias")]
         steps = {}
         for name, f in jax_fns.items():
-            g = jax_grad_fn(jax, jnp, f, jnp.asarray(x["w"]))
+            g = jax_grad_fn(jax, jnp, f, jnp.asarray(x["w"]), None if trained else 3)
             steps[name] = lambda g=g: to_numpy(np, jax.block_until_ready(g(*args_jax)))
         heads_major = lambda a: np.ascontiguousarray(a.transpose(0, 2, 1, 3))  # noqa: E731
-        t_in = [torch.tensor(heads_major(x[n]) if n != "bias" else x[n], requires_grad=True)
+        t_in = [torch.tensor(heads_major(x[n]) if n != "bias" else x[n],
+                             requires_grad=n != "bias" or trained)
                 for n in ("q", "k", "v", "bias")]
         t_w = torch.tensor(heads_major(x["w"]))
         for name, f in torch_fns.items():
             step = torch_grad_fn(torch, f, t_in, t_w)
             # Gradients back to JAX's layout so every variant compares with einsum's.
             steps[name] = lambda step=step: (lambda v, g: (v, [heads_major(a) for a in g[:3]]
-                                                           + [g[3]]))(*step())
+                                                           + g[3:]))(*step())
         timed = time_round_robin(steps, args.steps, args.warmup, log, what="calls")
         shapes[shape] = {"query_length": lq, "key_length": lk, "bias_heads": bh,
-                         "bias_batch": bb, "causal": causal, "layers": layers,
+                         "bias_batch": args.batch, "bias_trained": trained, "causal": causal,
+                         "layers": layers,
                          "variants": summarize(np, timed, timed.first_out["einsum"], layers),
                          "background_cpu_cores": timed.load.cores}
     return shapes

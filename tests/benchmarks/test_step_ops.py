@@ -33,8 +33,8 @@ def test_chunks_cover_the_range_once():
 
 @pytest.mark.parametrize("shape", ["encoder_self", "cross", "decoder_self"])
 def test_attention_variants_agree(shape):
-    lq, lk, bias_heads, bias_batch, causal, _ = step_ops.attention_shapes(ARGS)[shape]
-    x = step_ops.attention_inputs(np, ARGS, lq, lk, bias_heads, bias_batch, causal)
+    lq, lk, _, causal, trained, _ = step_ops.attention_shapes(ARGS)[shape]
+    x = step_ops.attention_inputs(np, ARGS, lq, lk, trained, causal)
     inputs = [x[n] for n in ("q", "k", "v", "bias")]
     want = reference_attention(*[a.astype(np.float64) for a in inputs])
     grads = {}
