@@ -50,6 +50,14 @@ train_throughput.py) of `moetx.trainer.trainer.Trainer.train_step` on one device
    groups hold `group_size` tokens (here 128 / target_length sequences), so the encoders drop
    the same tokens but the decoders may not, and the first losses can differ slightly. Both
    groupings are reported.
+   The two sides run different amounts of expert work for the same function. moetx, like T5X
+   and flaxformer, computes every slot of its static capacity buffers (experts x capacity rows
+   per group, filled or not); HF runs each expert on the tokens routed to it and kept, a
+   dynamic shape. `expert_rows` counts both, at the initial weights, beside the routed rows
+   (tokens x top-k) that `model_flops_per_step` counts, and `executed_flops_per_step` /
+   `*_mfu_executed` put each side's own rows in the FLOPs. `--profile` adds one step of
+   moetx and one of HF eager per op family (`profile`: router, dispatch and combine, experts,
+   ...).
 
 `--memory` also measures peak RSS in child processes that build one side each and train it 2
 steps: moetx's and each HF variant's for `moetx_vs_hf_switch` (`--only_side`), and the MoE and
@@ -90,7 +98,7 @@ from train_throughput import (CpuLoad, add_side_by_side_flags, check_finite,
                               matmul_fields, measure_matmuls, memory_child_line,
                               moetx_optimizer_factory, optimizer_settings, peak_rss_mb,
                               reserve_stdout_for_json, run_memory, run_memory_child,
-                              side_by_side_fields, time_round_robin, token_loss)
+                              side_by_side_fields, time_round_robin, token_loss, torch_optimizer)
 
 MEASUREMENTS = ("moe_vs_dense", "dispatch_paths", "moetx_vs_hf_switch")
 
@@ -128,8 +136,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", choices=MEASUREMENTS, action="append",
                    help="run only these measurements (repeatable)")
     p.add_argument("--profile", action="store_true",
-                   help="moe_vs_dense: also profile one step of each model per op family "
-                        "(router, dispatch/combine, experts, ...; `profile` in its line)")
+                   help="moe_vs_dense and moetx_vs_hf_switch: also profile one step of each "
+                        "model (MoE and dense; moetx and HF eager) per op family (router, "
+                        "dispatch/combine, experts, ...; `profile` in its line)")
     p.add_argument("--no_xla_tuning", action="store_true",
                    help="do not call moetx.util.xla_env.configure_cpu_defaults()")
     add_side_by_side_flags(p)
@@ -345,22 +354,27 @@ _DISPATCH_COMBINE = ("gtd,gtec->gecd", "gecd,gtec->gtd")
 
 
 def classify_moe(op_name: str, stack: tuple[str, ...]) -> str | None:
-    """The family of one HLO instruction of a decoder train step (dense or MoE) from its
-    metadata (`op_name`: the Flax module path; the Python stack); None without metadata."""
+    """The family of one HLO instruction of a train step (decoder-only or encoder-decoder,
+    dense or MoE, masked or scatter dispatch) from its metadata (`op_name`: the Flax module
+    path; the Python stack); None without metadata."""
     if not op_name and not stack:
         return None
     where = " ".join(stack)
     if "optimizers.py:" in where or ":global_norm" in where:
         return "optimizer"
-    if "losses.py:" in where or "logits_dense" in op_name or ":_num_correct" in where:
+    # A tied head's logits are the embedding's `attend`.
+    if ("losses.py:" in where or "logits_dense" in op_name or "token_embedder.attend" in op_name
+            or ":_num_correct" in where):
         return "logits_loss"
     if any(e in op_name for e in _DISPATCH_COMBINE):
         return "dispatch_combine"
     if "/router/" in op_name or "routing.py:" in where:
         return "router"
-    if "/expert/" in op_name or "ExpertsMlp" in where:
+    if "/expert/" in op_name or "._experts/" in op_name or "ExpertsMlp" in where:
         return "experts"
-    if re.search(r"layer_norm|decoder_norm", op_name) or "RMSNorm" in where:
+    if "._scatter/" in op_name:
+        return "dispatch_combine"  # scatter dispatch: index scatters, gathers and the combine
+    if re.search(r"layer_norm|encoder_norm|decoder_norm", op_name) or "RMSNorm" in where:
         return "layer_norms"
     if "/mlp/" in op_name or "MlpBlock" in where:
         return "mlp"  # dense MLPs, and the MoE layers' grouping reshapes and transposes
@@ -449,9 +463,12 @@ def build_hf_switch(torch, cfg, params_np, capacity: int):
     return model.train()
 
 
-def switch_loss_fn(torch, batch_np, aux_loss_factor: float):
+def switch_loss_fn(torch, batch_np, aux_loss_factor: float, profiled: bool = False):
     """`loss_of(model)`: cross entropy + 1e-4 logit z-loss + aux_loss_factor * (encoder +
-    decoder load-balancing loss), as moetx's objective."""
+    decoder load-balancing loss), as moetx's objective. `profiled`: the token loss runs in a
+    `fam:logits_loss` range (`profile_switch`)."""
+    import contextlib
+
     enc = torch.from_numpy(batch_np["encoder_input_tokens"].astype("int64"))
     dec_in = torch.from_numpy(batch_np["decoder_input_tokens"].astype("int64"))
     targets = torch.from_numpy(batch_np["decoder_target_tokens"].astype("int64"))
@@ -459,10 +476,93 @@ def switch_loss_fn(torch, batch_np, aux_loss_factor: float):
     def loss_of(model):
         out = model(input_ids=enc, decoder_input_ids=dec_in, output_router_logits=True,
                     use_cache=False)
-        return (token_loss(torch, out.logits, targets)
-                + aux_loss_factor * (out.encoder_aux_loss + out.decoder_aux_loss))
+        with (torch.autograd.profiler.record_function("fam:logits_loss") if profiled
+              else contextlib.nullcontext()):
+            loss = token_loss(torch, out.logits, targets)
+        return loss + aux_loss_factor * (out.encoder_aux_loss + out.decoder_aux_loss)
 
     return loss_of
+
+
+def hf_switch_family_hooks(torch, model) -> list:
+    """`fam:<family>` ranges (`MOE_FAMILIES`) around the modules of an HF Switch model: the
+    experts module's own work (index selects and adds) is dispatch and combine, the expert MLPs
+    inside it are experts, the other MLPs are dense; returns the hooks' handles."""
+    from profile_step import range_module
+    from transformers.models.switch_transformers import modeling_switch_transformers as st
+
+    experts = [m for m in model.modules() if isinstance(m, st.SwitchTransformersExperts)]
+    expert_mlps = {id(e) for m in experts for e in m.values()}
+    handles = []
+    for m in model.modules():
+        family = (
+            "attention" if isinstance(m, st.SwitchTransformersAttention)
+            else "layer_norms" if isinstance(m, st.SwitchTransformersLayerNorm)
+            else "router" if isinstance(m, st.SwitchTransformersTop1Router)
+            else "dispatch_combine" if isinstance(m, st.SwitchTransformersExperts)
+            else ("experts" if id(m) in expert_mlps else "mlp")
+            if isinstance(m, st.SwitchTransformersDenseActDense) else None)
+        if family:
+            handles.extend(range_module(torch, m, family))
+    handles.extend(range_module(torch, model.lm_head, "logits_loss"))
+    return handles
+
+
+def hf_switch_expert_rows(torch, model, loss_of) -> int:
+    """Rows the expert MLPs of an HF Switch model compute in one forward pass: the tokens
+    routed to an expert and kept within its capacity (HF runs each expert on those rows only,
+    where moetx's capacity buffers hold experts x capacity rows per group, filled or not)."""
+    from transformers.models.switch_transformers import modeling_switch_transformers as st
+
+    rows = []
+
+    def count(module, inputs, output):
+        rows.append(int(inputs[1].sum()))  # selected_experts: one-hot, zeroed when dropped
+
+    handles = [m.register_forward_hook(count) for m in model.modules()
+               if isinstance(m, st.SwitchTransformersExperts)]
+    with torch.no_grad():
+        loss_of(model)
+    for h in handles:
+        h.remove()
+    return sum(rows)
+
+
+def profile_switch(args, jax, torch, mx, cfg, params_np, capacity: int, batch_np,
+                   aux_loss_factor: float) -> dict:
+    """One step of moetx's and of HF eager's Switch model under each profiler, time per
+    `MOE_FAMILIES` family (`profile_step.profile_moetx` / `profile_hf`), after one warm step;
+    HF's model starts from the same initial weights."""
+    from profile_step import profile_hf, profile_moetx
+
+    settings = argparse.Namespace(warmup=1, steps=1, top=10, trace_dir=None, dump_hlo=None)
+    log("profiling the moetx Switch step")
+    out = {}
+    out["moetx"], mx.state = profile_moetx(jax, mx.tr, mx.state, mx.batch, settings,
+                                           MOE_FAMILIES, classify_moe)
+    model = build_hf_switch(torch, cfg, params_np, capacity)
+    handles = hf_switch_family_hooks(torch, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, clip = torch_optimizer(torch, args.optimizer, params)
+    loss_of = switch_loss_fn(torch, batch_np, aux_loss_factor, profiled=True)
+    rf = torch.autograd.profiler.record_function
+
+    def step():
+        with rf("fam:optimizer"):
+            opt.zero_grad(set_to_none=True)
+        loss = loss_of(model)
+        loss.backward()
+        with rf("fam:optimizer"):
+            if clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+        return float(loss.detach())
+
+    log("profiling the HF eager Switch step")
+    out["hf_eager"] = profile_hf(torch, step, settings, MOE_FAMILIES)
+    for h in handles:
+        h.remove()
+    return out
 
 
 def measure_switch(args, jax, np, torch, mm_fields: dict | None) -> dict:
@@ -523,6 +623,19 @@ def measure_switch(args, jax, np, torch, mm_fields: dict | None) -> dict:
     mx_sparse = {s: [i for i in range(args.switch_layers) if moe.is_sparse(i)]
                  for s in ("encoder", "decoder")}
     tokens = b * (n + t)
+    groups = {"encoder": capacity_info(args, moe, b * n),
+              "decoder": capacity_info(args, moe, b * t)}
+    rows = {what: sum(groups[s][f"{what}_rows_per_layer"] * len(mx_sparse[s]) for s in groups)
+            for what in ("expert", "routed")}
+    # The initial weights route as in each side's first step.
+    hf_rows = hf_switch_expert_rows(torch, build_hf_switch(torch, cfg, params_np, capacity),
+                                    switch_loss_fn(torch, batch_np, moe.aux_loss_factor))
+    # Forward and backward of one row through one expert's wi and wo.
+    row_flops = 6 * 2 * args.d_model * args.d_ff
+    executed = {"moetx": mx.flops_per_step + (rows["expert"] - rows["routed"]) * row_flops,
+                "hf": mx.flops_per_step + (hf_rows - rows["routed"]) * row_flops}
+    profile = (profile_switch(args, jax, torch, mx, cfg, params_np, capacity, batch_np,
+                              moe.aux_loss_factor) if args.profile else None)
     result = {
         "benchmark": "moetx_vs_hf_switch",
         "model": {"d_model": args.d_model, "encoder_layers": args.switch_layers,
@@ -536,9 +649,7 @@ def measure_switch(args, jax, np, torch, mm_fields: dict | None) -> dict:
         "optimizer": optimizer_settings(args.optimizer),
         "peer_modes": args.peer,
         "sparse_layers_moetx": mx_sparse, "sparse_layers_hf": hf_sparse,
-        "moetx_groups": {
-            "encoder": capacity_info(args, moe, b * n),
-            "decoder": capacity_info(args, moe, b * t)},
+        "moetx_groups": groups,
         "hf_expert_capacity": capacity,
         "hf_groups": f"one per sequence ({n} encoder / {t} decoder tokens), capacity "
                      f"{capacity} in both stacks",
@@ -548,10 +659,22 @@ def measure_switch(args, jax, np, torch, mm_fields: dict | None) -> dict:
         "model_flops_per_step": mx.flops_per_step,
         **side_by_side_fields(timed, tokens, mx.flops_per_step, mm_fields),
         "moetx_fraction_dropped": _dropped(mx),
+        "expert_rows": {"routed": rows["routed"], "moetx": rows["expert"], "hf": hf_rows,
+                        "note": "expert MLP rows a step computes, both stacks: routed = tokens "
+                                "x top-k (what model_flops_per_step counts); moetx = experts x "
+                                "capacity per group, filled or not; hf = the routed tokens kept "
+                                "within capacity, at the initial weights"},
+        "executed_flops_per_step": executed,
+        **({"profile": profile} if profile else {}),
         "hf_attn_implementation": attn_impl, "threads": args.threads,
         "background_cpu_cores": timed.load.cores, "own_cpu_cores": timed.load.own_cores,
         "steal_cpu_cores": timed.load.steal_cores,
     }
+    # MFU of the work each side runs: the model FLOPs with each side's expert rows.
+    peak = mm_fields["peak_flops_f32_matmul"]
+    result["moetx_mfu_executed"] = executed["moetx"] / result["moetx_step_time_s"] / peak
+    if "peer" in result:
+        result["peer_mfu_executed"] = executed["hf"] / result["peer_step_time_s"] / peak
     if "hf_compile" in steps:
         result["hf_compile"] = compile_info(torch)
     return result

@@ -21,7 +21,8 @@ Modes:
                decoder_*  decoder-only at that width: 8 layers, sequence 512, batch 8, T5.1.1
                           options (`t5`) and the Llama option set (`llama`, vs LlamaForCausalLM);
                switch_*   the encoder-decoder above with 8 experts in every 2nd layer, top-1
-                          (ReLU experts: HF Switch has no gated experts; tied logits);
+                          (ReLU experts: HF Switch has no gated experts; tied logits; the
+                          Adafactor row also profiles both sides per op family);
                moe_vs_dense  moetx's decoder with 8 experts top-1 in every 2nd layer vs the
                           dense model of equal active FLOPs (no HF side);
                means      the means of issue 16 one by one (bf16 activations, remat
@@ -162,9 +163,11 @@ def side_by_side_rows(s: dict, memory: bool, quick: bool) -> list[Row]:
                         ("--only", "moetx_vs_hf_switch",
                          *_flags(switch_layers=s["layers"], switch_batch=s["batch"],
                                  switch_experts=s["experts"], input_length=s["input_length"],
-                                 target_length=s["target_length"]), *common(opt)),
+                                 target_length=s["target_length"]), *common(opt),
+                         # The Adafactor row also profiles both sides per op family.
+                         *(("--profile",) if opt == "adafactor" else ())),
                         _cost(s["d_model"], s["d_ff"], 2 * s["layers"], s["vocab"], enc_tokens,
-                              runs, 3, memory)))
+                              runs + (2 if opt == "adafactor" else 0), 3, memory)))
     rows.append(Row("moe_vs_dense", "moe_throughput.py",
                     ("--only", "moe_vs_dense", *width(heads["t5"]),
                      *_flags(layers=s["layers"], batch=s["batch"], length=s["length"],

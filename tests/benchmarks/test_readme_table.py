@@ -338,6 +338,45 @@ def test_a_profiled_moe_vs_dense_line_also_becomes_the_moe_profile_table(results
     assert "top-1 of 8 experts (masked dispatch) in one layer of every 2" in table[-1]
 
 
+def test_a_profiled_switch_line_also_becomes_the_switch_profile_table(results, tmp_path):
+    def side(experts_ms: float, wall: float) -> dict:
+        fams = {f: 10.0 for f in rt.SWITCH_FAMILY_LABELS if f != "host"}
+        fams["experts"] = experts_ms
+        total = sum(fams.values())
+        return {"step_wall_ms": wall, "step_unprofiled_ms": wall - 5, "host_ms": 4.0,
+                "concurrency": 1.4, "op_kinds_ms": {"ynn_fusion": 90.0},
+                "families": {f: {"ms": v, "share": v / total} for f, v in fams.items()}}
+
+    line = {"benchmark": "moetx_vs_hf_switch", "row": "switch_adafactor",
+            "run_all": {"mode": "side_by_side"},
+            "model": {"d_model": 512, "encoder_layers": 8, "decoder_layers": 8, "experts": 8,
+                      "top_k": 1, "sparse_every": 2, "moetx_dispatch": "scatter"},
+            "batch": 8, "input_length": 512, "target_length": 114,
+            "optimizer": {"name": "adafactor"},
+            "moetx_tokens_per_sec": 900.0, "hf_eager_tokens_per_sec": 980.0,
+            "expert_rows": {"routed": 20032, "moetx": 25024, "hf": 10689},
+            "profile": {"moetx": side(60.0, 150.0), "hf_eager": side(20.0, 120.0)},
+            "date": "2026-12-06 20:00:00 UTC"}
+    records = rt.load_results([str(results)])
+    assert rt.make_switch_profile_table(records) is None  # no profile in the fixture lines
+    with open(results, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    table = rt.make_switch_profile_table(rt.load_results([str(results)])).split("\n")
+    assert table[0] == ("| op family | moetx ms/step | moetx share | HF eager ms/step | HF eager "
+                        "share | moetx − HF ms |")
+    assert table[6] == "| expert MLPs | 60 | 42.9% | 20 | 20.0% | +40 |"
+    assert "moetx 150 ms a profiled step (145 unprofiled), HF eager 120 (115)" in table[-1]
+    assert ("20,032 routed (what the MFU's model FLOPs count), moetx 25,024 (every slot of its "
+            "capacity buffers), HF 10,689") in table[-1]
+    assert "top-1 of 8 experts (scatter dispatch in moetx) in one layer of every 2" in table[-1]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{rt.START}\n{rt.END}\n{rt.SWITCH_PROFILE_START}\nold\n"
+                      f"{rt.SWITCH_PROFILE_END}\nb\n")
+    assert rt.main([str(results), "--write", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "| expert MLPs | 60 |" in text and text.endswith("b\n")
+
+
 def means_line(date: str) -> dict:
     """A means.py line: bf16 twice as fast, remat slower, the baseline 10% slower at the end."""
     def variant(s: float, loss: float) -> dict:
