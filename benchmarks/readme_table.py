@@ -469,14 +469,19 @@ MOE_FAMILY_LABELS = {
 }
 
 
+def _latest_profiled(records: list[dict], benchmark: str) -> dict | None:
+    """The latest line of `benchmark` that holds a profile (`--profile`); None without one."""
+    lines = [rec for rec in latest(records)
+             if rec.get("benchmark") == benchmark and rec.get("profile")]
+    return lines[-1] if lines else None
+
+
 def make_moe_profile_table(records: list[dict]) -> str | None:
     """The per-op-family table of the latest `moe_vs_dense` line that holds a profile (MoE
     step beside the dense step of equal active FLOPs) and its caption; None without one."""
-    lines = [rec for rec in latest(records)
-             if rec.get("benchmark") == "moe_vs_dense" and rec.get("profile")]
-    if not lines:
+    rec = _latest_profiled(records, "moe_vs_dense")
+    if rec is None:
         return None
-    rec = lines[-1]
     moe, dense = rec["profile"]["moe"], rec["profile"]["dense"]
     m = rec.get("model", {})
     caption = (
@@ -511,11 +516,9 @@ def make_switch_profile_table(records: list[dict]) -> str | None:
     """The per-op-family table of the latest `moetx_vs_hf_switch` line that holds a profile
     (moetx's Switch step beside HF eager's), with the expert rows each side computes, and its
     caption; None without one."""
-    lines = [rec for rec in latest(records)
-             if rec.get("benchmark") == "moetx_vs_hf_switch" and rec.get("profile")]
-    if not lines:
+    rec = _latest_profiled(records, "moetx_vs_hf_switch")
+    if rec is None:
         return None
-    rec = lines[-1]
     mx, hf = rec["profile"]["moetx"], rec["profile"]["hf_eager"]
     m, rows = rec.get("model", {}), rec.get("expert_rows", {})
     caption = (

@@ -311,14 +311,29 @@ def test_vision_profile_lines_become_one_table_per_model(results, tmp_path):
     assert "\n\n".join(tables) in readme.read_text() and "old" not in readme.read_text()
 
 
+def profiled_side(labels: dict, family: str, family_ms: float, wall: float) -> dict:
+    """One side of a profile: 10 ms in every family of `labels` but `family`, which takes
+    `family_ms`; a profiled step of `wall` ms, 5 ms longer than the unprofiled one."""
+    fams = {f: 10.0 for f in labels if f != "host"}
+    fams[family] = family_ms
+    total = sum(fams.values())
+    return {"step_wall_ms": wall, "step_unprofiled_ms": wall - 5, "host_ms": 4.0,
+            "concurrency": 1.2, "op_kinds_ms": {"dot": 50.0},
+            "families": {f: {"ms": v, "share": v / total} for f, v in fams.items()}}
+
+
+def table_once_appended(results, line: dict, make) -> list[str]:
+    """`make(records)` is None on the fixture lines (they hold no profile) and, once `line` is
+    appended to the results file, a table: its lines."""
+    assert make(rt.load_results([str(results)])) is None
+    with open(results, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    return make(rt.load_results([str(results)])).split("\n")
+
+
 def test_a_profiled_moe_vs_dense_line_also_becomes_the_moe_profile_table(results, tmp_path):
     def side(router_ms: float, wall: float) -> dict:
-        fams = {f: 10.0 for f in rt.MOE_FAMILY_LABELS if f != "host"}
-        fams["router"] = router_ms
-        total = sum(fams.values())
-        return {"step_wall_ms": wall, "step_unprofiled_ms": wall - 5, "host_ms": 4.0,
-                "concurrency": 1.2, "op_kinds_ms": {"dot": 50.0},
-                "families": {f: {"ms": v, "share": v / total} for f, v in fams.items()}}
+        return profiled_side(rt.MOE_FAMILY_LABELS, "router", router_ms, wall)
 
     line = {"benchmark": "moe_vs_dense", "row": "moe_vs_dense",
             "model": {"d_model": 512, "layers": 8, "experts": 8, "top_k": 1,
@@ -326,11 +341,7 @@ def test_a_profiled_moe_vs_dense_line_also_becomes_the_moe_profile_table(results
             "moe_tokens_per_sec": 600.0, "dense_tokens_per_sec": 660.0,
             "profile": {"moe": side(30.0, 110.0), "dense": side(0.0, 100.0)},
             "date": "2026-12-05 20:00:00 UTC"}
-    records = rt.load_results([str(results)])
-    assert rt.make_moe_profile_table(records) is None  # no profile in the fixture lines
-    with open(results, "a") as f:
-        f.write(json.dumps(line) + "\n")
-    table = rt.make_moe_profile_table(rt.load_results([str(results)])).split("\n")
+    table = table_once_appended(results, line, rt.make_moe_profile_table)
     assert table[0] == ("| op family | MoE ms/step | MoE share | dense ms/step | dense share "
                         "| MoE − dense ms |")
     assert table[4] == "| router (logits, top-k, capacity masks) | 30 | 27.3% | 0 | 0.0% | +30 |"
@@ -340,12 +351,7 @@ def test_a_profiled_moe_vs_dense_line_also_becomes_the_moe_profile_table(results
 
 def test_a_profiled_switch_line_also_becomes_the_switch_profile_table(results, tmp_path):
     def side(experts_ms: float, wall: float) -> dict:
-        fams = {f: 10.0 for f in rt.SWITCH_FAMILY_LABELS if f != "host"}
-        fams["experts"] = experts_ms
-        total = sum(fams.values())
-        return {"step_wall_ms": wall, "step_unprofiled_ms": wall - 5, "host_ms": 4.0,
-                "concurrency": 1.4, "op_kinds_ms": {"ynn_fusion": 90.0},
-                "families": {f: {"ms": v, "share": v / total} for f, v in fams.items()}}
+        return profiled_side(rt.SWITCH_FAMILY_LABELS, "experts", experts_ms, wall)
 
     line = {"benchmark": "moetx_vs_hf_switch", "row": "switch_adafactor",
             "run_all": {"mode": "side_by_side"},
@@ -357,11 +363,7 @@ def test_a_profiled_switch_line_also_becomes_the_switch_profile_table(results, t
             "expert_rows": {"routed": 20032, "moetx": 25024, "hf": 10689},
             "profile": {"moetx": side(60.0, 150.0), "hf_eager": side(20.0, 120.0)},
             "date": "2026-12-06 20:00:00 UTC"}
-    records = rt.load_results([str(results)])
-    assert rt.make_switch_profile_table(records) is None  # no profile in the fixture lines
-    with open(results, "a") as f:
-        f.write(json.dumps(line) + "\n")
-    table = rt.make_switch_profile_table(rt.load_results([str(results)])).split("\n")
+    table = table_once_appended(results, line, rt.make_switch_profile_table)
     assert table[0] == ("| op family | moetx ms/step | moetx share | HF eager ms/step | HF eager "
                         "share | moetx − HF ms |")
     assert table[6] == "| expert MLPs | 60 | 42.9% | 20 | 20.0% | +40 |"
