@@ -81,6 +81,7 @@ Within each measurement the variants are timed round-robin (one step of each, re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -467,8 +468,6 @@ def switch_loss_fn(torch, batch_np, aux_loss_factor: float, profiled: bool = Fal
     """`loss_of(model)`: cross entropy + 1e-4 logit z-loss + aux_loss_factor * (encoder +
     decoder load-balancing loss), as moetx's objective. `profiled`: the token loss runs in a
     `fam:logits_loss` range (`profile_switch`)."""
-    import contextlib
-
     enc = torch.from_numpy(batch_np["encoder_input_tokens"].astype("int64"))
     dec_in = torch.from_numpy(batch_np["decoder_input_tokens"].astype("int64"))
     targets = torch.from_numpy(batch_np["decoder_target_tokens"].astype("int64"))
@@ -491,17 +490,16 @@ def hf_switch_family_hooks(torch, model) -> list:
     from profile_step import range_module
     from transformers.models.switch_transformers import modeling_switch_transformers as st
 
-    experts = [m for m in model.modules() if isinstance(m, st.SwitchTransformersExperts)]
-    expert_mlps = {id(e) for m in experts for e in m.values()}
+    families = {st.SwitchTransformersAttention: "attention",
+                st.SwitchTransformersLayerNorm: "layer_norms",
+                st.SwitchTransformersTop1Router: "router",
+                st.SwitchTransformersExperts: "dispatch_combine",
+                st.SwitchTransformersDenseActDense: "mlp"}
+    expert_mlps = {id(e) for m in model.modules()
+                   if isinstance(m, st.SwitchTransformersExperts) for e in m.values()}
     handles = []
     for m in model.modules():
-        family = (
-            "attention" if isinstance(m, st.SwitchTransformersAttention)
-            else "layer_norms" if isinstance(m, st.SwitchTransformersLayerNorm)
-            else "router" if isinstance(m, st.SwitchTransformersTop1Router)
-            else "dispatch_combine" if isinstance(m, st.SwitchTransformersExperts)
-            else ("experts" if id(m) in expert_mlps else "mlp")
-            if isinstance(m, st.SwitchTransformersDenseActDense) else None)
+        family = "experts" if id(m) in expert_mlps else families.get(type(m))
         if family:
             handles.extend(range_module(torch, m, family))
     handles.extend(range_module(torch, model.lm_head, "logits_loss"))
