@@ -816,12 +816,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         records = load_results(args.results)
-        profile, means = make_profile_table(records), make_means_table(records)
-        ops, vision = make_ops_table(records), make_vision_profile_tables(records)
-        moe_profile = make_moe_profile_table(records)
-        switch_profile = make_switch_profile_table(records)
-        input_pipeline = make_input_pipeline_table(records)
-        compile_cache = make_compile_cache_table(records)
+        # Each table of its own, beside the markers it goes between (None: no line for it).
+        extras = [(make(records), start, end) for make, start, end in (
+            (make_profile_table, PROFILE_START, PROFILE_END),
+            (make_means_table, MEANS_START, MEANS_END),
+            (make_ops_table, OPS_START, OPS_END),
+            (make_vision_profile_tables, VISION_PROFILE_START, VISION_PROFILE_END),
+            (make_moe_profile_table, MOE_PROFILE_START, MOE_PROFILE_END),
+            (make_switch_profile_table, SWITCH_PROFILE_START, SWITCH_PROFILE_END),
+            (make_input_pipeline_table, INPUT_START, INPUT_END),
+            (make_compile_cache_table, CACHE_START, CACHE_END))]
         # A file holding only profile / means lines makes only their tables.
         only_extra = records and all(map(is_profile, records))
         table = None if only_extra else make_table(records)
@@ -829,30 +833,14 @@ def main(argv=None) -> int:
             with open(args.write) as f:
                 text = f.read()
             new = text if table is None else rewrite(text, table, args.write)
-            if profile is not None:
-                new = rewrite(new, profile, args.write, PROFILE_START, PROFILE_END)
-            if means is not None:
-                new = rewrite(new, means, args.write, MEANS_START, MEANS_END)
-            if ops is not None:
-                new = rewrite(new, ops, args.write, OPS_START, OPS_END)
-            if vision is not None:
-                new = rewrite(new, vision, args.write, VISION_PROFILE_START,
-                              VISION_PROFILE_END)
-            if moe_profile is not None:
-                new = rewrite(new, moe_profile, args.write, MOE_PROFILE_START, MOE_PROFILE_END)
-            if switch_profile is not None:
-                new = rewrite(new, switch_profile, args.write, SWITCH_PROFILE_START,
-                              SWITCH_PROFILE_END)
-            if input_pipeline is not None:
-                new = rewrite(new, input_pipeline, args.write, INPUT_START, INPUT_END)
-            if compile_cache is not None:
-                new = rewrite(new, compile_cache, args.write, CACHE_START, CACHE_END)
+            for extra, start, end in extras:
+                if extra is not None:
+                    new = rewrite(new, extra, args.write, start, end)
         if args.plot:
             plot_scaling(records, args.plot)
     except (OSError, ValueError) as e:
         raise SystemExit(f"readme_table.py: error: {e}") from None
-    print("\n\n".join(t for t in (table, profile, means, ops, vision, moe_profile,
-                                   switch_profile, input_pipeline, compile_cache)
+    print("\n\n".join(t for t in (table, *(extra for extra, _, _ in extras))
                        if t is not None))
     if args.write and new != text:
         with open(args.write, "w") as f:
