@@ -89,6 +89,13 @@ class TableRow(NamedTuple):
         """moetx's throughput over the peer's."""
         return self.moetx / self.peer
 
+    @property
+    def ceiling(self) -> float | None:
+        """The ratio moetx would reach if its whole step ran at the f32 matmul peak of the
+        same run: the peer's step time over the model FLOPs' time at that peak, which is one
+        over the peer's MFU (None where the line has no peer MFU)."""
+        return 1.0 / self.mfu_peer if self.mfu_peer else None
+
 
 # ------------------------------------------------------------------------------- reading
 def load_results(paths: Iterable[str]) -> list[dict]:
@@ -245,14 +252,16 @@ def _pair(a: float | None, b: float | None, fmt: str, suffix: str = "") -> str:
     return f"{f(a)} / {f(b)}{suffix}"
 
 
-HEADER = ("| benchmark | optimizer | moetx | peer | moetx / peer | MFU moetx / peer "
-          "| first step moetx / peer | peak RSS moetx / peer |")
-RULE = "| --- | --- | --- | --- | --- | --- | --- | --- |"
+HEADER = ("| benchmark | optimizer | moetx | peer | moetx / peer "
+          "| moetx / peer at the f32 peak | MFU moetx / peer | first step moetx / peer "
+          "| peak RSS moetx / peer |")
+RULE = "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 
 
 def render_row(r: TableRow) -> str:
     cells = [r.label, r.optimizer, _rate(r.moetx, r.unit),
              f"{r.peer_label}: {_rate(r.peer, r.unit)}", f"{r.ratio:.2f}×",
+             DASH if r.ceiling is None else f"{r.ceiling:.2f}×",
              _pair(r.mfu_moetx, r.mfu_peer, ".1%"), _pair(r.first_moetx, r.first_peer, ".1f", " s"),
              _pair(r.rss_moetx, r.rss_peer, ",.0f", " MiB")]
     return "| " + " | ".join(cells) + " |"
@@ -285,6 +294,10 @@ def caption(records: list[dict]) -> str:
         parts.append(f"MFU: model FLOPs per second over the fastest f32 matmul measured in the "
                      f"same run ({span(f32)} GFLOP/s"
                      + (f"; bf16: {span(bf16)} GFLOP/s" if bf16 else "") + ").")
+        parts.append("moetx / peer at the f32 peak: the ratio moetx would reach if its whole step "
+                     "ran at that matmul's speed, one over the peer's MFU. A float32 step that "
+                     "executes the model FLOPs beats the peer by more only if it runs faster "
+                     "than the fastest bare matmul measured here.")
     baselines = [v for rec in records for v in (rec.get("rss_baseline_mb") or {}).values()]
     if baselines:
         parts.append("Peak RSS: each side alone in a child process (2 steps) that first imports "
