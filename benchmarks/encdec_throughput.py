@@ -54,6 +54,7 @@ Prints two JSON lines on stdout, `encdec_train_throughput` then `encdec_decode_t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -63,7 +64,7 @@ import time
 # Sibling module: the side-by-side helpers (flags, optimizers, HF variants, round-robin timing,
 # matmul peaks, memory children) are shared with the decoder-only benchmark (importing it
 # imports neither jax nor torch).
-from train_throughput import (CpuLoad, add_side_by_side_flags, check_finite,
+from train_throughput import (CpuLoad, add_side_by_side_flags, best_time, check_finite,
                               check_side_by_side_flags, compile_info, environment_fields,
                               hf_param_count, hf_variants, import_side_libraries, matmul_fields,
                               measure_matmuls, measure_read_bandwidth, memory_child_line,
@@ -245,12 +246,65 @@ def decode_step_bytes(cfg, batch: int, input_length: int, target_length: int) ->
     return out
 
 
+def decode_step_matmuls(jax, jnp, np, cfg, batch: int, input_length: int,
+                        target_length: int):
+    """The matmuls of one cached greedy decoder step of `cfg`, bare, as one jitted function and
+    its arguments: per decoder layer the self-attention's q, k, v and o projections and its two
+    batched matrix-vector products over the self-attention cache (at its mean filled length,
+    rounded), the cross-attention's q and o and its two over the cached cross-attention keys
+    and values, the MLP's kernels; then the logits head; `batch` rows each, float32 weights of
+    the model's shapes, each array its own argument. No softmax, norm or argmax: what XLA's
+    matmul kernels alone need for a step, whoever schedules them. The arguments hold the bytes
+    `decode_step_bytes` counts (the self cache rounded as here)."""
+    d, heads, dk, f = cfg.emb_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+    kv = cfg.num_kv_heads or heads
+    filled = max(1, round((target_length + 1) / 2))
+    rng = np.random.default_rng(0)
+
+    def w(*shape):
+        return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * 0.02)
+
+    layers = [dict(q=w(d, heads * dk), k=w(d, kv * dk), v=w(d, kv * dk), o=w(heads * dk, d),
+                   self_k=w(batch, kv, filled, dk), self_v=w(batch, kv, filled, dk),
+                   cq=w(d, heads * dk), co=w(heads * dk, d),
+                   cross_k=w(batch, kv, input_length, dk), cross_v=w(batch, kv, input_length, dk),
+                   wi=[w(d, f) for _ in cfg.mlp_activations], wo=w(f, d))
+              for _ in range(cfg.num_decoder_layers)]
+    head, x = w(d, cfg.vocab_size), w(batch, d)
+
+    def attend(q, keys, values):  # [batch, heads * dk] -> the same; grouped when kv < heads
+        q = q.reshape(batch, kv, heads // kv, dk)
+        scores = jnp.einsum("bgrk,bgsk->bgrs", q, keys)
+        return jnp.einsum("bgrs,bgsk->bgrk", scores, values).reshape(batch, heads * dk)
+
+    def step(x, layers, head):
+        for p in layers:
+            new_kv = jnp.sum(x @ p["k"] + x @ p["v"], axis=-1, keepdims=True)  # kept live
+            x = x + attend(x @ p["q"], p["self_k"], p["self_v"]) @ p["o"] + new_kv
+            x = x + attend(x @ p["cq"], p["cross_k"], p["cross_v"]) @ p["co"]
+            h = functools.reduce(lambda a, b: a * b, [x @ k for k in p["wi"]])
+            x = x + h @ p["wo"]
+        return x @ head
+
+    return jax.jit(step), (x, layers, head)
+
+
+def measure_decode_matmuls(jax, jnp, np, cfg, batch: int, input_length: int,
+                           target_length: int) -> float:
+    """Milliseconds of one call of `decode_step_matmuls` (best of 5 rounds of 10 calls)."""
+    fn, args = decode_step_matmuls(jax, jnp, np, cfg, batch, input_length, target_length)
+    jax.block_until_ready(fn(*args))
+    return best_time(lambda: jax.block_until_ready(fn(*args)), 10) * 1e3
+
+
 def decode_floor_fields(step_bytes: dict, bandwidth: dict, hf_call_s: float,
                         moetx_one_s: float, moetx_step_ms: float, hf_step_ms: float,
-                        target_length: int) -> dict:
+                        target_length: int, matmuls_ms: float | None = None) -> dict:
     """What bounds cached decoding on this machine: the per-step floor (`step_bytes` read at
-    the faster measured read bandwidth), each side's measured step over it, and the step time
-    moetx would need for 2x `generate` with its measured encoding and first token."""
+    the faster measured read bandwidth), each side's measured step over it, the step time
+    moetx would need for 2x `generate` with its measured encoding and first token, and (given
+    `matmuls_ms`, from `measure_decode_matmuls`) the time XLA's kernels take for the step's
+    matmuls alone."""
     best = max(bandwidth.values())
     floor_ms = step_bytes["total"] / best * 1e3
     needed_ms = (hf_call_s / 2 - moetx_one_s) / max(target_length - 1, 1) * 1e3
@@ -262,6 +316,9 @@ def decode_floor_fields(step_bytes: dict, bandwidth: dict, hf_call_s: float,
         "hf_per_token_step_over_floor": hf_step_ms / floor_ms,
         # <= 0: 2x is out of reach even if every further step took no time.
         "per_token_step_ms_for_2x_generate": needed_ms,
+        **({} if matmuls_ms is None else {
+            "per_token_step_matmuls_ms": matmuls_ms,
+            "moetx_per_token_step_over_matmuls": moetx_step_ms / matmuls_ms}),
     }
 
 
@@ -539,7 +596,9 @@ def main(argv=None) -> int:
         "hf_per_token_step_ms": per_token_ms["hf"],
         **decode_floor_fields(decode_step_bytes(cfg, b, args.input_length, n_tg),
                               measure_read_bandwidth(jax, jnp, torch), hf_dt, mx_one,
-                              per_token_ms["moetx"], per_token_ms["hf"], n_tg),
+                              per_token_ms["moetx"], per_token_ms["hf"], n_tg,
+                              measure_decode_matmuls(jax, jnp, np, cfg, b, args.input_length,
+                                                     n_tg)),
         "all_rows_decoded_full_length": all_decoded,
         "same_tokens": float(same.mean()),
         "same_rows": float(same.all(axis=1).mean()),

@@ -3,6 +3,7 @@ are the model's own (its decoder weights, logits head and caches, from its param
 shapes), and the floor fields follow from them and the measured bandwidth."""
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -63,3 +64,36 @@ def test_floor_fields():
     # 2x generate: a 3 s call, 1 s of it the first token: 2 s over 100 further steps.
     assert fields["per_token_step_ms_for_2x_generate"] == pytest.approx(20.0)
     assert fields["read_bandwidth_gbs"] == {"jax": 10.0, "torch": 20.0}
+
+
+@pytest.mark.parametrize("kv_heads", [None, 1])
+def test_step_matmuls_read_the_step_bytes_and_compute_its_matmuls(kv_heads):
+    shape = argparse.Namespace(d_model=16, layers=2, heads=2, head_dim=4, d_ff=24, vocab=40,
+                               batch=3, input_length=8, target_length=5)
+    cfg = dataclasses.replace(et.moetx_config(shape), num_kv_heads=kv_heads)
+    fn, args = et.decode_step_matmuls(jax, jax.numpy, np, cfg, shape.batch, shape.input_length,
+                                      shape.target_length)
+    # (5 + 1) / 2 = 3 filled positions: the same bytes decode_step_bytes counts, no more.
+    want = et.decode_step_bytes(cfg, shape.batch, shape.input_length, shape.target_length)
+    assert _nbytes(args) - _nbytes(args[0]) == want["total"]
+    assert fn(*args).shape == (shape.batch, shape.vocab)
+    # Every product of the step is computed (none removed as unused): XLA's FLOP count is 2 x
+    # batch x (each kernel's elements and each cached key and value's elements, self-attention
+    # at 3 filled positions), plus the few elementwise adds and products.
+    d, h, k, f = 16, 2, 4, 24
+    kv = kv_heads or h
+    kernels = 4 * d * h * k + 2 * d * kv * k + 3 * d * f  # q, o, cross q, o; k, v; MLP
+    cached = 2 * h * k * (3 + shape.input_length)  # each query head reads its group's K and V
+    per_row = shape.layers * (kernels + cached) + d * shape.vocab
+    flops = fn.lower(*args).cost_analysis()["flops"]
+    assert 2 * shape.batch * per_row <= flops < 2 * shape.batch * per_row * 1.1
+
+
+def test_floor_fields_with_the_matmuls_time():
+    fields = et.decode_floor_fields({"total": 2e8}, {"jax": 2e10}, hf_call_s=6.0,
+                                    moetx_one_s=1.0, moetx_step_ms=30.0, hf_step_ms=40.0,
+                                    target_length=101, matmuls_ms=24.0)
+    assert fields["per_token_step_matmuls_ms"] == 24.0
+    assert fields["moetx_per_token_step_over_matmuls"] == pytest.approx(1.25)
+    assert "per_token_step_matmuls_ms" not in et.decode_floor_fields(
+        {"total": 2e8}, {"jax": 2e10}, 6.0, 1.0, 30.0, 40.0, 101)
