@@ -80,7 +80,7 @@ def test_step_matmuls_read_the_step_bytes_and_compute_its_matmuls(kv_heads):
     # Every product of the step is computed (none removed as unused): XLA's FLOP count is 2 x
     # batch x (each kernel's elements and each cached key and value's elements, self-attention
     # at 3 filled positions), plus the few elementwise adds and products.
-    d, h, k, f = 16, 2, 4, 24
+    d, h, k, f = shape.d_model, shape.heads, shape.head_dim, shape.d_ff
     kv = kv_heads or h
     kernels = 4 * d * h * k + 2 * d * kv * k + 3 * d * f  # q, o, cross q, o; k, v; MLP
     cached = 2 * h * k * (3 + shape.input_length)  # each query head reads its group's K and V
