@@ -22,12 +22,23 @@ def _train_args(model_dir, steps=4, *extra):
             "--gin.LOG_EVERY=1", *extra]
 
 
-def _run_train_inprocess(argv, capsys):
-    from moetx.cli import train as cli_train
+def _main_inprocess(module, args, capsys):
+    """`moetx.cli.<module>.main(args)` in this process, with gin cleared before and after:
+    the exit status and what it wrote to stderr."""
+    import importlib
 
-    code = cli_train.main(argv)
-    err = capsys.readouterr().err
-    return code, err
+    import gin
+
+    gin.clear_config(clear_constants=False)
+    try:
+        code = importlib.import_module(f"moetx.cli.{module}").main(args)
+    finally:
+        gin.clear_config(clear_constants=False)
+    return code, capsys.readouterr().err
+
+
+def _run_train_inprocess(argv, capsys):
+    return _main_inprocess("train", argv, capsys)
 
 
 def _error_line(err: str) -> str:
@@ -147,7 +158,9 @@ def _cli(module, args, timeout=600):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_train_checkpoint_eval_infer_end_to_end(tmp_path):
+def test_train_checkpoint_eval_infer_end_to_end(tmp_path, capsys):
+    """The train command as a process of its own; eval and infer on its checkpoints in this
+    one (their command lines' `main`; starting a process is what the train command shows)."""
     md = tmp_path / "run"
     r = _cli("train", _train_args(md, 6, "--gin.SAVE_EVERY=2", "--gin.KEEP_CHECKPOINTS=2"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -159,32 +172,35 @@ def test_train_checkpoint_eval_infer_end_to_end(tmp_path):
     assert "[eval] before training" in r.stderr and "[eval] after training" in r.stderr
     assert set(train_losses(r.stderr)) == set(range(1, 7))
 
-    r = _cli("eval", [*TINY, "--gin_file=runs/eval.gin", f"--gin.CHECKPOINT_DIR='{md}'", *TASK,
-                      "--gin.EVAL_STEPS=2", "--gin.BATCH_SIZE=4"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = _main_inprocess("eval", [*TINY, "--gin_file=runs/eval.gin",
+                                         f"--gin.CHECKPOINT_DIR='{md}'", *TASK,
+                                         "--gin.EVAL_STEPS=2", "--gin.BATCH_SIZE=8"], capsys)
+    assert code == 0, err[-3000:]
     res = json.loads((md / "eval_results.json").read_text())
     assert res["step"] == 6 and res["tokens"] > 0 and res["perplexity"] > 1
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The king said\nIn the beginning\n")
     out = tmp_path / "out.jsonl"
-    r = _cli("infer", [*TINY, "--gin_file=runs/infer.gin", f"--gin.CHECKPOINT_DIR='{md}'",
-                       f"--gin.PROMPTS_FILE='{prompts}'", f"--gin.OUTPUT_FILE='{out}'",
-                       "--gin.MAX_LENGTH=16", "--gin.TEMPERATURE=0.9", "--gin.TOPK=10"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = _main_inprocess("infer", [
+        *TINY, "--gin_file=runs/infer.gin", f"--gin.CHECKPOINT_DIR='{md}'",
+        f"--gin.PROMPTS_FILE='{prompts}'", f"--gin.OUTPUT_FILE='{out}'", "--gin.MAX_LENGTH=16",
+        "--gin.TEMPERATURE=0.9", "--gin.TOPK=10"], capsys)
+    assert code == 0, err[-3000:]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["prompt"] for x in rows] == ["The king said", "In the beginning"]
     assert all(0 < len(x["output_ids"]) <= 16 for x in rows)
 
-    r = _cli("infer", [*TINY, "--gin_file=runs/infer.gin", f"--gin.CHECKPOINT_DIR='{md}'",
-                       f"--gin.PROMPTS_FILE='{prompts}'", f"--gin.OUTPUT_FILE='{out}'",
-                       "--gin.MODE='score'"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = _main_inprocess("infer", [
+        *TINY, "--gin_file=runs/infer.gin", f"--gin.CHECKPOINT_DIR='{md}'",
+        f"--gin.PROMPTS_FILE='{prompts}'", f"--gin.OUTPUT_FILE='{out}'", "--gin.MODE='score'"],
+        capsys)
+    assert code == 0, err[-3000:]
     scores = [json.loads(x)["score"] for x in out.read_text().splitlines()]
     assert len(scores) == 2 and all(s < 0 for s in scores)
 
 
-def test_encoder_decoder_span_corruption_end_to_end(tmp_path):
+def test_encoder_decoder_span_corruption_end_to_end(tmp_path, capsys):
     md = tmp_path / "t5"
     r = _cli("train", ["--gin_file=models/t5_tiny.gin", "--gin_file=runs/pretrain.gin",
                        f"--gin.MODEL_DIR='{md}'",
@@ -201,11 +217,12 @@ def test_encoder_decoder_span_corruption_end_to_end(tmp_path):
               f"--gin.CHECKPOINT_DIR='{md}'", f"--gin.PROMPTS_FILE='{prompts}'",
               "--gin.VOCABULARY_EXTRA_IDS=100", "--gin.MAX_LENGTH=8"]
     out = tmp_path / "pred.jsonl"
-    r = _cli("infer", common + [f"--gin.OUTPUT_FILE='{out}'"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = _main_inprocess("infer", common + [f"--gin.OUTPUT_FILE='{out}'"], capsys)
+    assert code == 0, err[-3000:]
     row = json.loads(out.read_text())
     assert row["prompt"] == "The king <extra_id_0> said." and len(row["output_ids"]) <= 8
-    r = _cli("infer", common + [f"--gin.OUTPUT_FILE='{out}'", "--gin.MODE='score'"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, err = _main_inprocess("infer", common + [f"--gin.OUTPUT_FILE='{out}'",
+                                                   "--gin.MODE='score'"], capsys)
+    assert code == 0, err[-3000:]
     row = json.loads(out.read_text())
     assert row["targets"] == "<extra_id_0> of France" and row["score"] < 0
