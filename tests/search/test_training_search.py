@@ -4,8 +4,13 @@ library) with hurdles, duplicates and a resume; and the comparison runner."""
 import json
 import os
 
+import pytest
 
 from moetx.search import compare, evolution, fitness, nos
+
+# A search's trials replace this process's gin configuration and leave the last one's behind
+# (an optimizer rule bound to make_optimizer): clear it after each test, as before.
+pytestmark = pytest.mark.usefixtures("clean_gin")
 
 BASE = ("models/decoder_tiny.gin", "runs/pretrain.gin")
 BINDINGS = ("import moetx.search.nos", "MIXTURE_OR_TASK_NAME = 'moetx_en_causal_lm'",
