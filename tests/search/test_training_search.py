@@ -9,7 +9,7 @@ import pytest
 from moetx.search import compare, evolution, fitness, nos
 
 # A search's trials replace this process's gin configuration and leave the last one's behind
-# (an optimizer rule bound to make_optimizer): clear it after each test, as before.
+# (an optimizer rule bound to make_optimizer): clear it before and after each test.
 pytestmark = pytest.mark.usefixtures("clean_gin")
 
 BASE = ("models/decoder_tiny.gin", "runs/pretrain.gin")
