@@ -54,6 +54,20 @@ def clean_gin():
     gin.clear_config(clear_constants=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def gin_cleared_between_files():
+    """Every test file starts and ends with an empty gin configuration, so a binding one file
+    leaves (an in-process search's last trial, a parsed gin file) never reaches the models that
+    another file, run later in the same worker, builds from gin defaults. Within a file, tests
+    that parse gin clear it themselves (`clean_gin`) or share it on purpose (module fixtures,
+    which this fixture, autouse and of the same scope, is set up before and torn down after)."""
+    import gin
+
+    gin.clear_config(clear_constants=False)
+    yield
+    gin.clear_config(clear_constants=False)
+
+
 # The real corpus and default vocabulary, built once per session. They live in the user's cache
 # (`$MOETX_DATA` or `~/.cache/moetx`); `make test` fetches them first, so normally nothing is
 # fetched or trained here.
