@@ -18,5 +18,6 @@ def assert_cached_decoding_matches_teacher_forcing(m, params, seed: int = 3) -> 
         lg, cache = step(params, inp[:, i:i + 1], jnp.int32(i), cache)
         got.append(lg)
     # float32, two summation orders (one token at a time against the whole sequence): logits
-    # of size ~1 have been seen to differ by 1.2e-5 between runs; a wrong cache is off by ~0.1.
-    np.testing.assert_allclose(jnp.stack(got, 1), full, rtol=1e-5, atol=1e-5)
+    # of up to ~6 have differed by up to 1.9e-5 (on a CPU without AVX-512), where a wrong cache
+    # is off by ~0.1.
+    np.testing.assert_allclose(jnp.stack(got, 1), full, rtol=1e-5, atol=1e-4)
