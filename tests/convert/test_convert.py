@@ -28,10 +28,6 @@ from tests.convert.conftest import (
     switch_batch, switch_cfg, t5_batch, t5_cfg, t5x_checkpoint_with_slots,
 )
 
-# Conversion and the abstract model read the gin configuration (the optimizer whose state a
-# checkpoint holds): start every test from an empty one, whatever ran before in this process.
-pytestmark = pytest.mark.usefixtures("clean_gin")
-
 TC = transformer.TransformerConfig
 FIXTURE = str(T5X_FIXTURES / "test_t5_tiny.checkpoint_0")
 FIXTURE_GIN = """include 'models/t5_tiny.gin'

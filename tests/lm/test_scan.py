@@ -20,10 +20,6 @@ from moetx.util import trees
 from tests.conftest import TINY, packed_batch
 from tests.lm.conftest import assert_cached_decoding_matches_teacher_forcing
 
-# Conversion and the abstract model read the gin configuration (the optimizer whose state a
-# checkpoint holds): start every test from an empty one, whatever ran before in this process.
-pytestmark = pytest.mark.usefixtures("clean_gin")
-
 # XLA's cheapest CPU compile: these graphs are tiny and compile time dominates the tests.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 MOE = moe_layers.MoeConfig(num_experts=2, num_selected_experts=1, sparse_every=2)
