@@ -1,7 +1,6 @@
 """Runs killed (SIGKILL) or preempted (SIGTERM) at various points resume with exactly the loss
 curve of an uninterrupted run."""
 
-import os
 import random
 import re
 import signal
@@ -12,7 +11,7 @@ import time
 import pytest
 
 from moetx.trainer import checkpoints
-from tests.conftest import REPO_ROOT, train_losses
+from tests.conftest import REPO_ROOT, one_device_env, train_losses
 
 STEPS = 12
 
@@ -24,20 +23,14 @@ def _train_args(model_dir, steps, *extra):
             "--gin.BATCH_SIZE=8", "--gin.EVAL_STEPS=2", "--gin.LOG_EVERY=1", *extra]
 
 
-def _env():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
 def _cli(args):
     return subprocess.run([sys.executable, "-m", "moetx.cli.train", *args], cwd=REPO_ROOT,
-                          env=_env(), capture_output=True, text=True, timeout=600)
+                          env=one_device_env(), capture_output=True, text=True, timeout=600)
 
 
 def _start(args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "moetx.cli.train", *args], cwd=REPO_ROOT,
-                            env=_env(), **kwargs)
+                            env=one_device_env(), **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ read line by line as it comes (to signal or kill a process at a chosen step) and
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -13,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, one_device_env
 
 TRAIN = ["--gin_file=models/decoder_tiny.gin", "--gin_file=runs/pretrain.gin",
          "--gin.MIXTURE_OR_TASK_NAME='moetx_en_causal_lm'",
@@ -34,10 +33,7 @@ def free_port() -> int:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device per process, as a user's run has
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return {**one_device_env(), "PYTHONUNBUFFERED": "1"}  # one CPU device, as a user's run has
 
 
 class Process:

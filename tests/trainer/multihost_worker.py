@@ -12,10 +12,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 # The shared test helpers (importing the test conftest sets its own 8-device XLA_FLAGS, which the
 # next line replaces before jax creates its backend).
-from tests.conftest import make_trainer, packed_batch, tiny_model  # noqa: E402
+from tests.conftest import TEST_XLA_FLAGS, make_trainer, packed_batch, tiny_model  # noqa: E402
 
 # 4 devices in all: 2 per process with two processes, 4 in the single-process reference.
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={4 // int(sys.argv[2])}"
+os.environ["XLA_FLAGS"] = (f"{TEST_XLA_FLAGS} "
+                           f"--xla_force_host_platform_device_count={4 // int(sys.argv[2])}")
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from moetx.cli import flags as cli
-from tests.conftest import REPO_ROOT, event_tags, train_losses
+from tests.conftest import REPO_ROOT, event_tags, one_device_env, train_losses
 
 TINY = ["--gin_file=models/decoder_tiny.gin"]
 TASK = ["--gin.MIXTURE_OR_TASK_NAME='moetx_en_causal_lm'",
@@ -152,10 +152,8 @@ class TestErrors:
 
 
 def _cli(module, args, timeout=600):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
     return subprocess.run([sys.executable, "-m", f"moetx.cli.{module}", *args], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+                          env=one_device_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_train_checkpoint_eval_infer_end_to_end(tmp_path, capsys):
