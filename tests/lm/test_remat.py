@@ -18,9 +18,6 @@ from tests.conftest import TINY, make_trainer, packed_batch
 # The policies that run on the CPU ('offload' needs a backend with host offload).
 CPU_POLICIES = ("full", "save_dots", "save_all_dots")
 DROPOUT_RNG = jax.random.PRNGKey(7)
-# XLA's cheapest CPU compile (these graphs are tiny; compile time dominates the tests). Every
-# policy is compiled with the same options as 'none'.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 # The decoder-only model's one layer is sparse (MoE) followed by ST-MoE's extra dense MLP; with
 # dropout and router jitter on, so the recomputation must replay the same random numbers. (The
 # encoder-decoder has dense layers.)
@@ -100,7 +97,7 @@ def _assert_same_as_none(model, policies):
     shapes0 = _param_shapes(model)
 
     def run(m):
-        return _grad_fn(m).lower(params, batch).compile(FAST_COMPILE)(params, batch)
+        return _grad_fn(m)(params, batch)
 
     loss0, grads0 = run(model)
     flat0 = jax.tree_util.tree_leaves_with_path(grads0)
@@ -205,8 +202,7 @@ def test_cached_decoding_is_unchanged_by_remat():
         steps[policy] = str(jax.make_jaxpr(m.decode_step)(params, encoded, enc, tokens,
                                                           position, cache))
     assert steps["full"] == steps["none"]
-    step = jax.jit(m.decode_step).lower(params, encoded, enc, tokens, position, cache)
-    logits, cache = step.compile(FAST_COMPILE)(params, encoded, enc, tokens, position, cache)
+    logits, cache = jax.jit(m.decode_step)(params, encoded, enc, tokens, position, cache)
     assert logits.shape == (2, 128) and bool(jnp.isfinite(logits).all())
 
 

@@ -20,8 +20,6 @@ from moetx.util import trees
 from tests.conftest import TINY, packed_batch
 from tests.lm.conftest import assert_cached_decoding_matches_teacher_forcing
 
-# XLA's cheapest CPU compile: these graphs are tiny and compile time dominates the tests.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 MOE = moe_layers.MoeConfig(num_experts=2, num_selected_experts=1, sparse_every=2)
 CASES = {
     "dense": dict(num_decoder_layers=3),
@@ -59,15 +57,10 @@ def _shapes(model):
     return model.input_shapes(2, 16)
 
 
-def _fast(fn, *args):
-    """`jax.jit(fn)(*args)`, compiled with FAST_COMPILE."""
-    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)(*args)
-
-
 def _init(model, seed=0):
     key = jax.random.PRNGKey(seed)
-    return nn.unbox(_fast(lambda k: model.get_initial_variables(k, _shapes(model)),
-                          key)["params"])
+    return nn.unbox(jax.jit(lambda k: model.get_initial_variables(k, _shapes(model)))(
+        key)["params"])
 
 
 def _loss_and_grads(model, params, batch):
@@ -77,7 +70,7 @@ def _loss_and_grads(model, params, batch):
         value, (metrics, _) = model.loss_fn(p, batch, None, weights, factor)
         return value, metrics
 
-    (value, metrics), grads = _fast(jax.value_and_grad(loss, has_aux=True), params)
+    (value, metrics), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return value, metrics, grads
 
 
@@ -173,8 +166,8 @@ def test_cached_greedy_and_beam_decoding_equal_the_unrolled_model():
     assert cache["decoder"]["layers"]["self_attention"]["cached_key"].shape == (2, 2, 4, 8, 8)
     for beams in (0, 2):
         def run(m, p):
-            return np.asarray(_fast(lambda q: m.predict_batch(
-                q, prompts, lengths, jax.random.PRNGKey(0), eos_id=1, num_beams=beams), p))
+            return np.asarray(jax.jit(lambda q: m.predict_batch(
+                q, prompts, lengths, jax.random.PRNGKey(0), eos_id=1, num_beams=beams))(p))
         got, want = run(scanned, params), run(unrolled, flat)
         np.testing.assert_array_equal(got, want)
         assert (got[:, 3:] > 0).any()
@@ -191,7 +184,7 @@ def test_encoder_decoder_greedy_decoding_equal_the_unrolled_model():
     params = _init(scanned)
     enc = _batch(unrolled)["encoder_input_tokens"]
     def run(m, p):
-        return _fast(lambda q: m.predict_batch(q, enc, 6, jax.random.PRNGKey(0), eos_id=1), p)
+        return jax.jit(lambda q: m.predict_batch(q, enc, 6, jax.random.PRNGKey(0), eos_id=1))(p)
     np.testing.assert_array_equal(run(scanned, params), run(unrolled, scan.unscan_params(params)))
 
 
