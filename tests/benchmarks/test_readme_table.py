@@ -316,6 +316,9 @@ def test_vision_profile_lines_become_one_table_per_model(results, tmp_path):
     assert "(2026-12-05 09:00:00 UTC)" in caption
     assert "convolution 50, loop_fusion 20" in caption
     assert "By JAX primitive (ms; `?`: XLA-made, no metadata): erfc 40, ? 12." in caption
+    # moetx's nine other families at 10 / 1.1 ms, timm's norms at 10, timm's host 2 ms; no
+    # throughput line of the model gives FLOPs, so no MFU.
+    assert caption.endswith("makes a step of 94 ms, 1.07× timm's profiled step.")
     assert tables[4].split("\n")[4].startswith("| batch and layer norms | 10 |")
     assert tables[3].startswith("**efficientnet_v2/b0**")
     readme = tmp_path / "README.md"
@@ -375,6 +378,7 @@ def test_a_profiled_switch_line_also_becomes_the_switch_profile_table(results, t
             "optimizer": {"name": "adafactor"},
             "moetx_tokens_per_sec": 900.0, "hf_eager_tokens_per_sec": 980.0,
             "expert_rows": {"routed": 20032, "moetx": 25024, "hf": 10689},
+            "model_flops_per_step": 4.366666667e9, "peak_flops_f32_matmul": 1e11,
             "profile": {"moetx": side(60.0, 150.0), "hf_eager": side(20.0, 120.0)},
             "date": "2026-12-06 20:00:00 UTC"}
     table = table_once_appended(results, line, rt.make_switch_profile_table)
@@ -385,12 +389,28 @@ def test_a_profiled_switch_line_also_becomes_the_switch_profile_table(results, t
     assert ("20,032 routed (what the MFU's model FLOPs count), moetx 25,024 (every slot of its "
             "capacity buffers), HF 10,689") in table[-1]
     assert "top-1 of 8 experts (scatter dispatch in moetx) in one layer of every 2" in table[-1]
+    # Both sides at op time / busy time 1.2: eight families at 10 / 1.2 ms, HF's experts at
+    # 20 / 1.2, host 4 ms: 87.3 ms, HF's 120 ms over it, and the line's FLOPs over that time.
+    assert ("makes a step of 87 ms, 1.37× HF eager's profiled step and 50.0% MFU at this line's "
+            "f32 matmul peak (100 GFLOP/s).") in table[-1]
     readme = tmp_path / "README.md"
     readme.write_text(f"{rt.START}\n{rt.END}\n{rt.SWITCH_PROFILE_START}\nold\n"
                       f"{rt.SWITCH_PROFILE_END}\nb\n")
     assert rt.main([str(results), "--write", str(readme)]) == 0
     text = readme.read_text()
     assert "old" not in text and "| expert MLPs | 60 |" in text and text.endswith("b\n")
+
+
+def test_best_of_both_takes_the_faster_side_per_family_after_each_sides_overlap():
+    a = {"host_ms": 30.0, "concurrency": 1.5,
+         "families": {"conv": {"ms": 150.0}, "norm": {"ms": 30.0}, "other": {"ms": 15.0}}}
+    b = {"host_ms": 5.0,  # no concurrency: torch's ops run one at a time
+         "families": {"conv": {"ms": 120.0}, "norm": {"ms": 10.0}, "other": {"ms": 10.0}}}
+    ms, picks = rt.best_of_both(a, b)
+    # conv: 150 / 1.5 = 100 against 120; norm: 20 against 10; other: 10 against 10 (a's, tie).
+    assert ms == pytest.approx(100.0 + 10.0 + 10.0 + 5.0)
+    assert picks == {"conv": "a", "norm": "b", "other": "a"}
+    assert rt.best_of_both(b, b)[0] == pytest.approx(145.0)  # a side against itself: its ops
 
 
 def means_line(date: str) -> dict:
