@@ -63,7 +63,7 @@ def test_loss_variants_agree_with_a_numpy_reference():
     want = np.sum(log_z - logits[np.arange(10), targets] + step_ops.Z_LOSS * log_z ** 2)
     results = {}
     for name, f in step_ops.jax_loss_variants(jax, jnp, ARGS.loss_chunk).items():
-        results[name] = step_ops.to_numpy(np, jax.value_and_grad(f, argnums=(0, 1))(
+        results[name] = step_ops.to_numpy(np, jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(
             jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(targets)))
         np.testing.assert_allclose(results[name][0], want, rtol=1e-5, err_msg=name)
     assert step_ops.relative_error(np, results["chunked"], results["full"]) < step_ops.TOLERANCE
