@@ -434,8 +434,9 @@ def _best_of_both_note(a: dict, b: dict, peer_name: str, flops: float | None = N
     """A caption's sentence on `best_of_both`: that step against the peer's profiled step, and
     its MFU where the model FLOPs and the f32 matmul peak are known."""
     ms, _ = best_of_both(a, b)
-    note = (f" Best of both: the faster side's time in every family (moetx's op times divided "
-            f"by its op time / busy time) makes a step of {ms:,.0f} ms, "
+    note = (f" Best of both: the faster side's time in every family (each side's op times "
+            f"divided by its op time / busy time where it reports one, as moetx's XLA thunks "
+            f"do) makes a step of {ms:,.0f} ms, "
             f"{b['step_wall_ms'] / ms:.2f}× {peer_name}'s profiled step")
     if flops and peak:
         note += (f" and {flops / (ms / 1e3) / peak:.1%} MFU at {peak_from} f32 matmul peak "
