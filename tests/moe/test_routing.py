@@ -67,10 +67,16 @@ def random_router(seed, shape=(2, 16, 4), scale=1.5):
     return logits, jax.nn.softmax(logits, axis=-1)
 
 
+def jitted(route, **kwargs):
+    """`route` with these keyword arguments as one jitted program (one compilation beats
+    hundreds of eager op dispatches)."""
+    return jax.jit(functools.partial(route, **kwargs))
+
+
 def route_both(probs, logits, **kwargs):
-    """Both implementations, jitted (one compilation beats hundreds of eager op dispatches)."""
-    masked = jax.jit(functools.partial(routing.tokens_choose_masked, **kwargs))(probs, logits)
-    scatter = jax.jit(functools.partial(routing.tokens_choose_scatter, **kwargs))(probs, logits)
+    """Both implementations, jitted."""
+    masked = jitted(routing.tokens_choose_masked, **kwargs)(probs, logits)
+    scatter = jitted(routing.tokens_choose_scatter, **kwargs)(probs, logits)
     return masked, scatter
 
 
@@ -267,8 +273,8 @@ def test_masked_and_scatter_gradients_match(k, bpr):
 
     probs = jax.nn.softmax(logits)
     np.testing.assert_allclose(
-        jax.grad(lambda p: on_probs(routing.tokens_choose_masked, p))(probs),
-        jax.grad(lambda p: on_probs(routing.tokens_choose_scatter, p))(probs),
+        jax.jit(jax.grad(lambda p: on_probs(routing.tokens_choose_masked, p)))(probs),
+        jax.jit(jax.grad(lambda p: on_probs(routing.tokens_choose_scatter, p)))(probs),
         rtol=1e-5, atol=1e-7,
     )
 
@@ -303,20 +309,19 @@ def test_second_expert_policies():
     top, _ = jax.lax.top_k(probs, 2)
     gate_2 = np.asarray(top[..., 1] / top.sum(-1))
 
-    kept_all = routing.tokens_choose_scatter(probs, logits, **common)
+    kept_all = jitted(routing.tokens_choose_scatter, **common)(probs, logits)
     assert (kept_all.buffer_position < 64).all()
     np.testing.assert_allclose(kept_all.combine_weights.sum(-1), 1.0, rtol=1e-6)
 
-    none = routing.tokens_choose_scatter(probs, logits, second_expert_policy="none", **common)
+    none = jitted(routing.tokens_choose_scatter, second_expert_policy="none", **common)(probs,
+                                                                                      logits)
     assert (none.buffer_position[..., 1] == 64).all() and (none.combine_weights[..., 1] == 0).all()
     assert (none.buffer_position[..., 0] < 64).all()
 
     threshold = 0.3
     assert (gate_2 > threshold).any() and (gate_2 <= threshold).any()
-    thresh = routing.tokens_choose_scatter(
-        probs, logits, second_expert_policy="threshold", second_expert_threshold=threshold,
-        **common,
-    )
+    thresh = jitted(routing.tokens_choose_scatter, second_expert_policy="threshold",
+                    second_expert_threshold=threshold, **common)(probs, logits)
     kept_second = np.asarray(thresh.buffer_position[..., 1]) < 64
     np.testing.assert_array_equal(kept_second, gate_2 > threshold)
     weights = np.asarray(thresh.combine_weights)
@@ -324,10 +329,8 @@ def test_second_expert_policies():
     # Mesh-TF renormalises before the policy: a lone first choice keeps g1 / (g1 + g2).
     np.testing.assert_allclose(weights[~kept_second][:, 0], 1 - gate_2[~kept_second], rtol=1e-5)
 
-    masked = routing.tokens_choose_masked(
-        probs, logits, second_expert_policy="threshold", second_expert_threshold=threshold,
-        **common,
-    )
+    masked = jitted(routing.tokens_choose_masked, second_expert_policy="threshold",
+                    second_expert_threshold=threshold, **common)(probs, logits)
     np.testing.assert_array_equal(masked.dispatch_mask.sum((2, 3)), 1 + kept_second)
 
     # With tight capacity, second choices the policy refused claim no slot: the policy's verdict
@@ -350,7 +353,7 @@ def test_random_second_expert_policy():
                   second_expert_threshold=0.2)
     with pytest.raises(ValueError, match="expected an rng"):
         routing.tokens_choose_scatter(probs, logits, **kwargs)
-    out = routing.tokens_choose_scatter(probs, logits, rng=jax.random.key(0), **kwargs)
+    out = jitted(routing.tokens_choose_scatter, **kwargs)(probs, logits, rng=jax.random.key(0))
     top, _ = jax.lax.top_k(probs, 2)
     keep_probability = np.minimum(1.0, np.asarray(top[..., 1] / top.sum(-1)) / 0.2)
     kept = np.asarray(out.buffer_position[..., 1]) < 512
@@ -434,7 +437,8 @@ def test_dropless_ragged_dot_matches_masked_when_nothing_drops():
     order, group_sizes = routing.sort_tokens_by_expert(index, num_experts)
     np.testing.assert_array_equal(group_sizes, np.bincount(np.asarray(index).ravel(), minlength=4))
     assert (np.diff(np.asarray(index.reshape(-1)[order])) >= 0).all()  # grouped by expert
-    np.testing.assert_allclose(dropless_out(kernel), masked_out(kernel), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(dropless_out)(kernel), jax.jit(masked_out)(kernel),
+                               rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
         jax.jit(jax.grad(lambda w: jnp.sum(dropless_out(w) ** 2)))(kernel),
         jax.jit(jax.grad(lambda w: jnp.sum(masked_out(w) ** 2)))(kernel),

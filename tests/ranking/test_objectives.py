@@ -139,11 +139,11 @@ def test_reinforce_gradient_is_unbiased():
     state = {"reinforce": {"reward_mean": jnp.asarray(0.4), "num_updates": jnp.asarray(1.0)}}
 
     @jax.jit
-    def mc_grad(p):
+    def mc_grad(p, batch, weights, state):  # the batch an argument: XLA folds no big constants
         return jax.grad(lambda p: m.loss_fn(p, batch, jax.random.PRNGKey(7), weights, factor,
                                             model_state=state)[0])(p)
 
-    estimate = mc_grad(params)
+    estimate = mc_grad(params, batch, weights, state)
     flat_exact = jnp.concatenate([g.ravel() for g in jax.tree_util.tree_leaves(exact)])
     flat_mc = jnp.concatenate([g.ravel() for g in jax.tree_util.tree_leaves(estimate)])
     assert float(jnp.linalg.norm(flat_exact)) > 1e-3
@@ -164,8 +164,9 @@ def test_moving_average_baseline_is_carried_in_the_model_state():
              "clicks": jnp.zeros((8, 4))}
     weights, factor = m.loss_weights_and_factor(batch)
     state = {"reinforce": variables["reinforce"]}
-    _, (sums, state) = m.loss_fn(variables["params"], batch, jax.random.PRNGKey(2), weights,
-                                 factor, model_state=state)
+    _, (sums, state) = jax.jit(lambda p, s: m.loss_fn(  # one program, not op by op
+        p, batch, jax.random.PRNGKey(2), weights, factor, model_state=s))(variables["params"],
+                                                                          state)
     mean_reward = float(sums["reward_sum"] / sums["count"])
     # The bias-corrected average after one update is that batch's mean reward.
     assert float(state["reinforce"]["num_updates"]) == 1.0
@@ -214,9 +215,9 @@ def test_learned_baseline_is_fitted_without_moving_the_policy():
              "clicks": jnp.zeros((8, 4))}
     weights, factor = with_error.loss_weights_and_factor(batch)
 
-    def grads(m):
-        return jax.grad(lambda p: m.loss_fn(p, batch, jax.random.PRNGKey(2), weights,
-                                            factor)[0])(params)
+    def grads(m):  # one program, not op by op
+        return jax.jit(jax.grad(lambda p: m.loss_fn(p, batch, jax.random.PRNGKey(2), weights,
+                                                    factor)[0]))(params)
 
     g1, g0 = grads(with_error), grads(without)
     np.testing.assert_allclose(g1["item_embed"]["kernel"], g0["item_embed"]["kernel"],
