@@ -91,7 +91,8 @@ def _with_policy(model, policy):
 def _assert_same_as_none(model, policies):
     """Every policy: the same parameter tree (names and shapes), and the loss and gradients of
     'none' up to float reassociation (XLA fuses the recomputed graph differently: observed
-    differences are a few ulps, ~1e-6 relative)."""
+    differences are a few ulps, ~1e-6 relative, and 2e-5 on one entry that sums terms which
+    cancel, 4e-7 of its leaf's largest)."""
     batch = _batch(model)
     params = _params(model)
     shapes0 = _param_shapes(model)
@@ -109,7 +110,11 @@ def _assert_same_as_none(model, policies):
         flat = jax.tree_util.tree_leaves_with_path(grads)
         assert [k for k, _ in flat] == [k for k, _ in flat0]
         for (path, g), (_, g0) in zip(flat, flat0):
-            np.testing.assert_allclose(g, g0, rtol=1e-5, atol=1e-7,
+            # An entry that sums terms which cancel can differ by more than 1e-5 of itself
+            # (2e-5 seen in an embedding gradient): the absolute bound is 1e-6 of the leaf's
+            # largest entry (and at least 1e-7).
+            atol = max(1e-7, 1e-6 * float(np.abs(g0).max()))
+            np.testing.assert_allclose(g, g0, rtol=1e-5, atol=atol,
                                        err_msg=f"{policy} {jax.tree_util.keystr(path)}")
 
 

@@ -75,9 +75,10 @@ def test_every_command_sets_up_the_allocator_before_jax_and_leaves_xla_flags_alo
     assert int(faults_line.split()[1]) < 200, faults_line
 
 
-# XLA's own defaults for the two settings the test session changes (tests/conftest.py).
+# XLA's own defaults for the three settings the test session changes (tests/conftest.py).
 XLA_DEFAULT_COMPILE = {"xla_backend_optimization_level": 3,
-                       "xla_llvm_disable_expensive_passes": False}
+                       "xla_llvm_disable_expensive_passes": False,
+                       "xla_cpu_use_fusion_emitters": True}
 
 
 @pytest.mark.parametrize("config", [{}, {"position_embedding": "rope",
