@@ -28,6 +28,12 @@ def _uses_lax_conv(fn, *args) -> bool:
     return "conv_general_dilated" in str(jax.make_jaxpr(fn)(*args))
 
 
+def _is_dense_path(fn, *args) -> bool:
+    """lax's convolution inside a custom gradient: `dense_conv`."""
+    jaxpr = str(jax.make_jaxpr(fn)(*args))
+    return "conv_general_dilated" in jaxpr and "custom_vjp_call" in jaxpr
+
+
 CASES = [
     # (input shape, kernel shape, strides, padding, groups, expected path)
     ((2, 9, 9, 6), (3, 3, 1, 6), (1, 1), ((1, 1), (1, 1)), 6, "depthwise"),
@@ -43,7 +49,16 @@ CASES = [
     ((2, 3, 4, 8), (3, 3, 8, 5), (2, 1), "SAME", 1, "patches"),
     ((2, 1, 1, 8), (3, 3, 8, 5), (1, 1), ((1, 1), (1, 1)), 1, "patches"),
     ((2, 3, 2, 2, 4), (3, 3, 3, 4, 5), (1, 1, 1), "SAME", 1, "patches"),
-    ((2, 9, 9, 8), (3, 3, 8, 5), (1, 1), ((1, 1), (1, 1)), 1, "lax"),   # large map
+    ((2, 9, 9, 8), (3, 3, 8, 5), (1, 1), ((1, 1), (1, 1)), 1, "lax"),   # large map, few outputs
+    # large maps with MIN_PATCH_GRAD_FEATURES outputs or more: the patches' kernel gradient
+    ((2, 9, 9, 8), (3, 3, 8, 32), (1, 1), ((1, 1), (1, 1)), 1, "dense"),
+    ((2, 9, 8, 4), (3, 3, 4, 32), (2, 2), "SAME", 1, "dense"),
+    ((2, 8, 7, 4), (3, 3, 4, 32), (3, 2), "VALID", 1, "dense"),          # last rows unread
+    ((2, 9, 9, 4), (5, 3, 4, 40), (1, 1), ((2, 1), (0, 3)), 1, "dense"),
+    ((2, 6, 7, 7, 3), (3, 3, 3, 3, 32), (1, 2, 2), "SAME", 1, "dense"),
+    ((2, 11, 4), (3, 4, 32), (2,), "SAME", 1, "dense"),
+    ((2, 16, 16, 3), (8, 8, 3, 32), (8, 8), "VALID", 1, "dense"),         # patch embedding
+    ((2, 9, 9, 4), (3, 3, 4, 32), (1, 1), ((-1, 1), (1, 1)), 1, "lax"),  # negative pad
     ((2, 4, 4, 8), (3, 3, 4, 6), (1, 1), ((1, 1), (1, 1)), 2, "lax"),   # grouped
     ((2, 4, 4, 4), (3, 3, 1, 8), (1, 1), ((1, 1), (1, 1)), 4, "lax"),   # channel multiplier
     ((2, 3, 3, 8), (1, 1, 8, 5), (1, 1), "VALID", 1, "pointwise"),
@@ -60,7 +75,8 @@ def test_matches_lax_values_and_gradients(xs, ws, strides, padding, groups, path
     x = jnp.asarray(rng.standard_normal(xs), jnp.float32)
     w = jnp.asarray(rng.standard_normal(ws), jnp.float32)
     ref, ours = _both(x, w, strides, padding, groups)
-    assert _uses_lax_conv(ours, x, w) == (path == "lax")
+    assert _uses_lax_conv(ours, x, w) == (path in ("lax", "dense"))
+    assert _is_dense_path(ours, x, w) == (path == "dense")
     np.testing.assert_allclose(np.asarray(ours(x, w)), np.asarray(ref(x, w)),
                                rtol=1e-5, atol=1e-5)
     cot = jnp.asarray(rng.standard_normal(ref(x, w).shape), jnp.float32)
@@ -84,6 +100,29 @@ def test_pointwise_gradient_is_two_fast_matmuls():
     ours = compiled_grad(conv_ops.conv_general_dilated)
     assert " convolution(" not in ours and not slow_form_dots(ours)
     assert " convolution(" in compiled_grad(lax.conv_general_dilated)
+
+
+def test_dense_kernel_gradient_is_a_fast_matmul():
+    """A k×k conv with 32 or more outputs on a large map: XLA's convolution forward and for the
+    input gradient (two in the compiled gradient, as lax's), and the kernel gradient one matmul
+    over the patches in YNNPACK's form (`slow_form_dots`), where lax's gradient has a third
+    convolution over the batch (the slow one on CPUs). Traced for TPUs or GPUs, lax's gradient."""
+    from moetx.util import platform as platform_lib
+
+    x, w = jnp.ones((4, 12, 12, 16)), jnp.ones((3, 3, 16, 32))
+
+    def grad_hlo(conv):
+        f = lambda x, w: jnp.sum(conv(x, w, (1, 1), "SAME",  # noqa: E731
+                                      dimension_numbers=_numbers(2)) ** 2)
+        return jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w).compile().as_text()
+
+    ours = grad_hlo(conv_ops.conv_general_dilated)
+    assert ours.count(" convolution(") == 2 and " dot(" in ours and not slow_form_dots(ours)
+    assert grad_hlo(lax.conv_general_dilated).count(" convolution(") == 3
+    for platform in ("gpu", "tpu"):
+        with platform_lib.trace_for(platform):
+            assert not _is_dense_path(lambda x, w: conv_ops.conv_general_dilated(
+                x, w, (1, 1), "SAME", dimension_numbers=_numbers(2)), x, w)
 
 
 def test_channels_first_and_dilated_go_to_lax():

@@ -67,9 +67,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from moetx.nn.layers import dense_contract
+from moetx.util import platform as platform_lib
 
 # Dense convs whose input is at most kernel + this along every spatial axis use patches.
 SMALL_INPUT_MARGIN = 1
+# Other dense convs with at least this many output channels take `dense_conv` on CPUs.
+MIN_PATCH_GRAD_FEATURES = 32
 
 
 def channels_last_numbers(nd: int) -> lax.ConvDimensionNumbers:
@@ -91,16 +94,18 @@ def _is_channels_last(dimension_numbers: Any, lhs: jax.Array, rhs: jax.Array) ->
     return got == want
 
 
-def _taps(xp: jax.Array, kernel: Sequence[int], strides: Sequence[int]):
-    """Yield (tap, strided slice of the padded input xp [B, *spatial, C]) for every kernel tap,
-    in row-major tap order; each slice has the output's spatial shape."""
+def _taps(xp: jax.Array, kernel: Sequence[int], strides: Sequence[int], first: int = 1):
+    """Yield (tap, strided slice of the padded input xp) for every kernel tap, in row-major tap
+    order; each slice has the output's spatial shape. The spatial axes are `first`, ...: xp is
+    [B, *spatial, C] by default, [C, B, *spatial] with `first=2`."""
     nd = len(kernel)
-    out = [(xp.shape[1 + i] - kernel[i]) // strides[i] + 1 for i in range(nd)]
+    axes = range(first, first + nd)
+    out = [(xp.shape[a] - k) // s + 1 for a, k, s in zip(axes, kernel, strides)]
+    lead, trail = xp.shape[:first], xp.shape[first + nd:]
     for tap in itertools.product(*(range(k) for k in kernel)):
-        start = (0,) + tap + (0,)
-        limit = ((xp.shape[0],) + tuple(t + (o - 1) * s + 1 for t, o, s in zip(tap, out, strides))
-                 + (xp.shape[-1],))
-        yield tap, lax.slice(xp, start, limit, (1,) + tuple(strides) + (1,))
+        start = (0,) * first + tap + (0,) * len(trail)
+        limit = lead + tuple(t + (o - 1) * s + 1 for t, o, s in zip(tap, out, strides)) + trail
+        yield tap, lax.slice(xp, start, limit, (1,) * first + tuple(strides) + (1,) * len(trail))
 
 
 def _padded(x: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
@@ -176,6 +181,48 @@ def patches_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     return jnp.tensordot(cols, w, axes=1, precision=precision)
 
 
+def dense_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+               pads: Sequence[tuple[int, int]], precision: Any = None) -> jax.Array:
+    """Dense (ungrouped, undilated) conv, x [B, *spatial, C_in], kernel [*k, C_in, C_out]: XLA's
+    convolution forward and for the input gradient, the kernel gradient one matmul over explicit
+    patches (`_dense_bwd`)."""
+    return _dense(x, kernel, tuple(strides), tuple(tuple(p) for p in pads), precision)
+
+
+def _lax_dense(x, kernel, strides, pads, precision):
+    return lax.conv_general_dilated(x, kernel, strides, pads, precision=precision,
+                                    dimension_numbers=channels_last_numbers(x.ndim - 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _dense(x, kernel, strides, pads, precision):
+    return _lax_dense(x, kernel, strides, pads, precision)
+
+
+def _dense_fwd(x, kernel, strides, pads, precision):
+    return _lax_dense(x, kernel, strides, pads, precision), (x, kernel)
+
+
+def _dense_bwd(strides, pads, precision, residuals, dy):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x: _lax_dense(x, kernel, strides, pads, precision), x)
+    (dx,) = input_vjp(dy)
+    # Kernel gradient: the patches transposed, [(tap, C_in), B * positions], times dy
+    # [B * positions, C_out]. The input is transposed once to [C_in, B, *spatial] so that every
+    # tap's slice is already in the patches' row layout; the barrier keeps XLA from folding the
+    # layout back into the dot, whose left operand then contracts its last axis (YNNPACK's
+    # matmul on CPUs, not a convolution over the batch).
+    nd = x.ndim - 2
+    xt = jnp.moveaxis(_padded(x, pads), -1, 0)
+    cols = jnp.concatenate([piece for _, piece in _taps(xt, kernel.shape[:nd], strides, 2)])
+    cols = lax.optimization_barrier(cols.reshape(cols.shape[0], -1))
+    dkernel = jnp.matmul(cols, dy.reshape(-1, dy.shape[-1]), precision=precision)
+    return dx.astype(x.dtype), dkernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 def pointwise_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int]) -> jax.Array:
     """A 1x1 (unpadded) conv as a matmul over channels: x [B, *spatial, C_in] subsampled by
     `strides`, kernel [1, ..., 1, C_in, C_out]."""
@@ -218,4 +265,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     if feature_group_count == 1 and all(
             n <= k + SMALL_INPUT_MARGIN for n, k in zip(spatial, kernel)):
         return patches_conv(lhs, rhs, strides, pads, precision)
+    if (feature_group_count == 1 and rhs.shape[-1] >= MIN_PATCH_GRAD_FEATURES
+            and all(lo >= 0 and hi >= 0 for lo, hi in pads)
+            and platform_lib.traced_platform() == "cpu"):
+        return dense_conv(lhs, rhs, strides, pads, precision)
     return fallback()
