@@ -3,9 +3,10 @@
 and torch (oneDNN), same shapes, same run.
 
 Each row times value-and-grad of sum(conv(x, w)^2) with respect to x and w (batch 16, NHWC for
-JAX, NCHW for torch), median of `--steps` round-robin calls. The shapes are the two kinds
+JAX, NCHW for torch), median of `--steps` round-robin calls. The shapes are the kinds
 `moetx.vision.models.conv_ops` replaces (depthwise convs; dense convs on maps no larger than the
-kernel plus one; 1x1 convs, a matmul over channels) and one that stays on lax. `path` says which
+kernel plus one; 1x1 convs, a matmul over channels; other dense convs with 32 or more outputs,
+whose kernel gradient is a matmul over the patches) and one that stays on lax. `path` says which
 implementation `conv_ops` picks.
 Depthwise rows also time `autodiff_bwd`: conv_ops' forward with the gradient autodiff derives
 from it, in place of the written-out one.
@@ -37,6 +38,11 @@ SHAPES = [
     ("dense 3x3 2x2x512", 3, 2, 512, 512, 1, False),
     ("dense 3x3 4x4x512 /2", 3, 4, 512, 512, 2, False),
     ("dense 3x3 8x8x128 /2", 3, 8, 128, 128, 2, False),
+    # Larger maps: CoAtNet-0's second stem conv at 64², EfficientNetV2-B0's stage 2 at 96², and
+    # its stage 1 conv, whose 16 outputs stay on lax.
+    ("dense 3x3 32x32x64", 3, 32, 64, 64, 1, False),
+    ("dense 3x3 24x24x32 -> 128", 3, 24, 32, 128, 1, False),
+    ("dense 3x3 48x48x32 -> 16", 3, 48, 32, 16, 1, False),
     # 1x1: CoAtNet-0's MBConv expansion and last MLP at 64², a ResNet bottleneck's reduction.
     ("pointwise 1x1 32x32x64 -> 384", 1, 32, 64, 384, 1, False),
     ("pointwise 1x1 2x2x3072 -> 768", 1, 2, 3072, 768, 1, False),
@@ -99,12 +105,14 @@ def main(argv=None) -> int:
                 lambda x, w, strides, pads, **_: conv_ops.shifted_sum(x, w, strides, pads))
         rr = time_round_robin(steps, args.steps, 2, log)
         ms = {k: statistics.median(v) * 1e3 for k, v in rr.times.items()}
-        uses_lax = "conv_general_dilated" in str(jax.make_jaxpr(
+        jaxpr = str(jax.make_jaxpr(
             lambda x, w: conv_ops.conv_general_dilated(
                 x, w, (stride, stride), pad, dimension_numbers=dn,
                 feature_group_count=groups))(x, w))
-        path = ("lax" if uses_lax else "depthwise" if depthwise else "pointwise" if k == 1
-                else "patches")
+        if "conv_general_dilated" in jaxpr:  # lax's forward, with conv_ops' gradient or lax's
+            path = "dense" if "custom_vjp_call" in jaxpr else "lax"
+        else:
+            path = "depthwise" if depthwise else "pointwise" if k == 1 else "patches"
         rows.append({"shape": name, "path": path, "lax_ms": round(ms["lax"], 2),
                      "conv_ops_ms": round(ms["conv_ops"], 2), "torch_ms": round(ms["torch"], 2),
                      "speedup_over_lax": round(ms["lax"] / ms["conv_ops"], 2),

@@ -4,7 +4,7 @@ summation order.
 
 XLA hands most convolutions to YNNPACK, which is as fast as torch's oneDNN (a 3x3, 256 -> 256
 conv on 16x16x16 runs at ~360 GFLOP/s on both, forward and backward). Two kinds fall back to
-slow generic loops, and a third has a slow weight gradient:
+slow generic loops, and two more have a slow weight gradient:
 
 - Depthwise convolutions (`feature_group_count == channels`), at every size. Here they are a
   sum over the k*k taps of a strided slice of the padded input times that tap's per-channel
@@ -20,6 +20,19 @@ slow generic loops, and a third has a slow weight gradient:
   (a [16, 32, 32, 64] -> 384 one took 32 ms). Here they are a matmul over channels of the
   (stride-subsampled) input, `moetx.nn.layers.dense_contract`, whose kernel gradient is a
   YNNPACK matmul on CPUs.
+- Other dense k x k convs with 32 or more output channels, on CPUs (`dense_conv`). XLA's
+  forward and input gradient are fast, but it computes the kernel gradient as a convolution
+  over the batch. Here that one is a matmul of the transposed patches, [k*k*C_in, B*positions],
+  with the output cotangent. Kernel gradient alone, lax -> here, batch 16, medians of 10
+  (2026-12-07, 2-core Zen 3, a slow day: 140 GFLOP/s f32 matmul peak): 32x32x64 -> 64
+  71-108 -> 35-37 ms, 24x24x32 -> 128 19-22 -> 11-15 ms, 12x12x48 -> 192 11-12 -> 5-6 ms,
+  16x16x64 -> 64 13-16 -> 8-9 ms, 48x48x16 -> 64 /2 10-11 -> 5-6 ms, 96x96x3 -> 32 /2 4.9 ->
+  3.6 ms, 8x8x128 -> 128 5.6 -> 5.3-6.0 ms (a tie). With fewer outputs the matmul's few
+  columns lose: 48x48x32 -> 16 8-11 ms on lax against 23-26 ms here, so those stay on lax.
+  Whole train steps, both versions compiled in one process, alternating, medians of 30 steps
+  (equal losses): EfficientNetV2-B0 at 96² 443 -> 422 ms, CoAtNet-0 at 64² 765 -> 710 ms,
+  ResNet-RS-50 at 64² 706 -> 646 ms (12 steps), gMLP-S at 64² 405 -> 408 ms (its patch
+  embedding, a 16x16 stride-16 conv, is the only one).
 
 The depthwise conv's gradient is written out rather than left to autodiff. Autodiff of the
 sum of slices pads each tap's cotangent back to the input's size and adds the k*k copies; the
@@ -52,7 +65,8 @@ Routing the 1x1 convs here made whole steps 5-23% faster (2026-12-06, idle, two 
 EfficientNetV2-B0 at 96², 348/339 -> 298/305 ms; ResNet-RS-50 at 64², 469/479 -> 375/435 ms.
 
 Anything else (feature groups other than 1 or depthwise, dilation, channel-first layouts,
-padded 1x1 kernels) goes to `lax.conv_general_dilated` unchanged.
+padded 1x1 kernels, dense convs with fewer than 32 outputs or traced for GPUs and TPUs, whose
+convolutions need none of this) goes to `lax.conv_general_dilated` unchanged.
 """
 
 from __future__ import annotations
