@@ -86,20 +86,21 @@ def test_matches_lax_values_and_gradients(xs, ws, strides, padding, groups, path
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
 
 
+def _compiled_grad(conv, x, w, padding) -> str:
+    """The compiled HLO of the gradient of sum(conv(x, w)²) with respect to x and w."""
+    f = lambda x, w: jnp.sum(conv(x, w, (1, 1), padding,  # noqa: E731
+                                  dimension_numbers=_numbers(2)) ** 2)
+    return jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w).compile().as_text()
+
+
 def test_pointwise_gradient_is_two_fast_matmuls():
     """A 1x1 conv is a matmul over channels (`dense_contract`): its compiled gradient has no
     convolution, whose weight-gradient form XLA's CPU backend ran at 25-40 GFLOP/s in
     CoAtNet-0's step, and no dot in the slow form (`slow_form_dots`). The lax conv's has one."""
     x, w = jnp.ones((4, 8, 8, 16)), jnp.ones((1, 1, 16, 32))
-
-    def compiled_grad(conv):
-        f = lambda x, w: jnp.sum(conv(x, w, (1, 1), "VALID",  # noqa: E731
-                                      dimension_numbers=_numbers(2)) ** 2)
-        return jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w).compile().as_text()
-
-    ours = compiled_grad(conv_ops.conv_general_dilated)
+    ours = _compiled_grad(conv_ops.conv_general_dilated, x, w, "VALID")
     assert " convolution(" not in ours and not slow_form_dots(ours)
-    assert " convolution(" in compiled_grad(lax.conv_general_dilated)
+    assert " convolution(" in _compiled_grad(lax.conv_general_dilated, x, w, "VALID")
 
 
 def test_dense_kernel_gradient_is_a_fast_matmul():
@@ -110,15 +111,9 @@ def test_dense_kernel_gradient_is_a_fast_matmul():
     from moetx.util import platform as platform_lib
 
     x, w = jnp.ones((4, 12, 12, 16)), jnp.ones((3, 3, 16, 32))
-
-    def grad_hlo(conv):
-        f = lambda x, w: jnp.sum(conv(x, w, (1, 1), "SAME",  # noqa: E731
-                                      dimension_numbers=_numbers(2)) ** 2)
-        return jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, w).compile().as_text()
-
-    ours = grad_hlo(conv_ops.conv_general_dilated)
+    ours = _compiled_grad(conv_ops.conv_general_dilated, x, w, "SAME")
     assert ours.count(" convolution(") == 2 and " dot(" in ours and not slow_form_dots(ours)
-    assert grad_hlo(lax.conv_general_dilated).count(" convolution(") == 3
+    assert _compiled_grad(lax.conv_general_dilated, x, w, "SAME").count(" convolution(") == 3
     for platform in ("gpu", "tpu"):
         with platform_lib.trace_for(platform):
             assert not _is_dense_path(lambda x, w: conv_ops.conv_general_dilated(

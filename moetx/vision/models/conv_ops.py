@@ -25,7 +25,7 @@ slow generic loops, and two more have a slow weight gradient:
   over the batch. Here that one is a matmul of the transposed patches, [k*k*C_in, B*positions],
   with the output cotangent. Kernel gradient alone, lax -> here, batch 16, medians of 10
   (2026-12-07, 2-core Zen 3, a slow day: 140 GFLOP/s f32 matmul peak): 32x32x64 -> 64
-  71-108 -> 35-37 ms, 24x24x32 -> 128 19-22 -> 11-15 ms, 12x12x48 -> 192 11-12 -> 5-6 ms,
+  71-108 -> 29-37 ms, 24x24x32 -> 128 19-22 -> 11-15 ms, 12x12x48 -> 192 11-12 -> 5-6 ms,
   16x16x64 -> 64 13-16 -> 8-9 ms, 48x48x16 -> 64 /2 10-11 -> 5-6 ms, 96x96x3 -> 32 /2 4.9 ->
   3.6 ms, 8x8x128 -> 128 5.6 -> 5.3-6.0 ms (a tie). With fewer outputs the matmul's few
   columns lose: 48x48x32 -> 16 8-11 ms on lax against 23-26 ms here, so those stay on lax.
