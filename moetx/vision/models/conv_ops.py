@@ -65,7 +65,7 @@ Routing the 1x1 convs here made whole steps 5-23% faster (2026-12-06, idle, two 
 EfficientNetV2-B0 at 96², 348/339 -> 298/305 ms; ResNet-RS-50 at 64², 469/479 -> 375/435 ms.
 
 Anything else (feature groups other than 1 or depthwise, dilation, channel-first layouts,
-padded 1x1 kernels, dense convs with fewer than 32 outputs or traced for GPUs and TPUs, whose
+negative (cropping) pads, padded 1x1 kernels, dense convs with fewer than 32 outputs or traced for GPUs and TPUs, whose
 convolutions need none of this) goes to `lax.conv_general_dilated` unchanged.
 """
 
@@ -268,6 +268,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
     spatial = lhs.shape[1:-1]
     pads = (lax.padtype_to_pads(spatial, kernel, strides, padding) if isinstance(padding, str)
             else [tuple(p) for p in padding])
+    if any(lo < 0 or hi < 0 for lo, hi in pads):  # cropping: lax's (the paths here pad)
+        return fallback()
     if math.prod(kernel) == 1:
         if (feature_group_count == 1 and precision is None
                 and all(tuple(p) == (0, 0) for p in pads)):
@@ -280,7 +282,6 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
             n <= k + SMALL_INPUT_MARGIN for n, k in zip(spatial, kernel)):
         return patches_conv(lhs, rhs, strides, pads, precision)
     if (feature_group_count == 1 and rhs.shape[-1] >= MIN_PATCH_GRAD_FEATURES
-            and all(lo >= 0 and hi >= 0 for lo, hi in pads)
             and platform_lib.traced_platform() == "cpu"):
         return dense_conv(lhs, rhs, strides, pads, precision)
     return fallback()
