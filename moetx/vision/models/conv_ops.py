@@ -65,8 +65,9 @@ Routing the 1x1 convs here made whole steps 5-23% faster (2026-12-06, idle, two 
 EfficientNetV2-B0 at 96², 348/339 -> 298/305 ms; ResNet-RS-50 at 64², 469/479 -> 375/435 ms.
 
 Anything else (feature groups other than 1 or depthwise, dilation, channel-first layouts,
-negative (cropping) pads, padded 1x1 kernels, dense convs with fewer than 32 outputs or traced for GPUs and TPUs, whose
-convolutions need none of this) goes to `lax.conv_general_dilated` unchanged.
+negative (cropping) pads, padded 1x1 kernels, dense convs with fewer than 32 outputs or traced
+for GPUs and TPUs, whose convolutions need none of this) goes to `lax.conv_general_dilated`
+unchanged.
 """
 
 from __future__ import annotations
