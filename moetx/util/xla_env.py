@@ -44,6 +44,10 @@ XLA flags measured and not set (no gain, within +-2% on the train step, unless n
   --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME (0.96x),
   --xla_cpu_multi_thread_eigen=false (0.98x; Eigen only runs the few dots YNNPACK declines),
   --xla_cpu_experimental_ynn_fusion_type=-individual_dot (dots to Eigen: 0.98x on the step),
+  --xla_cpu_experimental_ynn_fusion_type=-reduce (reductions on XLA's own loops; as a compile
+      option, LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT): much slower, gMLP-S
+      354 -> 419 ms and EfficientNetV2-B0 364 -> 571 ms a step (2026-12-08, one process,
+      alternating steps),
   jax_default_matmul_precision=bfloat16 (no change: the f32 YNNPACK
   dots ignore it). --xla_cpu_use_thunk_runtime is still accepted but is a no-op (it is no
   longer a compile option), and there is no intra-op thread count flag in this jaxlib

@@ -59,6 +59,13 @@ At the largest shape both gradients spend most of their time in the kernel gradi
 reductions over the whole batch. In whole training steps the written-out gradient is the
 faster (each A/B in one process, round-robin, idle): EfficientNetV2-B0 at 96², batch 16,
 292 -> 282 ms and 306 -> 292 ms a step; CoAtNet-0 at 64², 635 -> 599 and 633 -> 620 ms.
+XLA hands those reductions to YNNPACK, which takes no fused producer, so each tap's slice is
+written out first, with the batch norm and activation that make the conv's input recomputed
+in it (130 such fusions for the 144 tap sums of B0's step). Tried on B0's step and not kept
+(2026-12-08, one process, alternating steps, medians): the backward reading the input behind
+an optimisation barrier, 387 against 368 ms; each tap's sum as a row of ones times the
+product (a YNNPACK matrix-vector product, 10-25% faster alone at B0's shapes), 328 against
+331 ms. XLA's own reductions for the whole step are much slower (`moetx.util.xla_env`).
 
 Routing the 1x1 convs here made whole steps 5-23% faster (2026-12-06, idle, two runs a side,
 `benchmarks/vision_throughput.py --skip_timm`): CoAtNet-0 at 64², 649/685 -> 614/527 ms;
