@@ -64,8 +64,9 @@ written out first, with the batch norm and activation that make the conv's input
 in it (130 such fusions for the 144 tap sums of B0's step). Tried on B0's step and not kept
 (2026-12-08, one process, alternating steps, medians): the backward reading the input behind
 an optimisation barrier, 387 against 368 ms; each tap's sum as a row of ones times the
-product (a YNNPACK matrix-vector product, 10-25% faster alone at B0's shapes), 328 against
-331 ms. XLA's own reductions for the whole step are much slower (`moetx.util.xla_env`).
+product (a YNNPACK matrix-vector product, alone 22-26% faster at three of four B0 shapes timed,
+equal at 6x6x672), 328 against 331 ms. XLA's own reductions for the whole step are much
+slower (`moetx.util.xla_env`).
 
 Routing the 1x1 convs here made whole steps 5-23% faster (2026-12-06, idle, two runs a side,
 `benchmarks/vision_throughput.py --skip_timm`): CoAtNet-0 at 64², 649/685 -> 614/527 ms;
