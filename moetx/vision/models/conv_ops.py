@@ -68,6 +68,21 @@ product (a YNNPACK matrix-vector product, alone 22-26% faster at three of four B
 equal at 6x6x672), 328 against 331 ms. XLA's own reductions for the whole step are much
 slower (`moetx.util.xla_env`).
 
+What did help (2026-12-08): on CPUs, when the output cotangent has at most
+`MAX_FUSED_TAP_SUM_ELEMENTS` (2^19) float32 elements, all taps' sums are one variadic
+reduction (`_tap_sums`). YNNPACK does not take it, so XLA runs it as one loop that reads the
+input and the cotangent once, with no slice written out, but on one thread. Kernel gradient
+alone, per-tap sums -> one reduction (batch 16, the input made by a SiLU in the same jit,
+medians of 15, two runs): 24²x192 /2 2.5-3.1 -> 2.1-2.2 ms, 8²x384 2.2 -> 1.6, 6²x672 1.3-1.8
+-> 1.1-1.6, 4²x768 1.9 -> 1.3, 3²x1152 0.65-0.72 -> 0.57, 6²x384 0.77-0.94 -> 0.60-1.00,
+6²x768 1.7 -> 1.7; larger cotangents lose the second core: 8²x768 2.9-4.5 -> 5.2-7.2 ms,
+8²x1152 5.1 -> 15.8, 12²x768 7.3 -> 16.9, 16²x384 7.3 -> 8.8, 16²x768 /2 6.3 -> 9.4
+(32²x384 /2 11.7-13.2 -> 10.0-11.2, an exception, stays per tap). Whole steps, both compiled
+in one process, alternating, medians, equal losses: EfficientNetV2-B0 at 96² 190.2 -> 182.1 ms
+(30 steps) and 199.9 -> 185.5 ms (40); CoAtNet-0 at 64², whose depthwise convs are mostly
+above the threshold, 403.8 -> 410.0 (16) and 400.3 -> 398.6 ms (24). One reduction for every
+shape: B0 190.2 -> 180.0 and 201.3 -> 187.8 ms, but CoAtNet-0 368.0 -> 387.2 and 403.8 -> 418.1.
+
 Routing the 1x1 convs here made whole steps 5-23% faster (2026-12-06, idle, two runs a side,
 `benchmarks/vision_throughput.py --skip_timm`): CoAtNet-0 at 64², 649/685 -> 614/527 ms;
 EfficientNetV2-B0 at 96², 348/339 -> 298/305 ms; ResNet-RS-50 at 64², 469/479 -> 375/435 ms.
@@ -96,6 +111,9 @@ from moetx.util import platform as platform_lib
 SMALL_INPUT_MARGIN = 1
 # Other dense convs with at least this many output channels take `dense_conv` on CPUs.
 MIN_PATCH_GRAD_FEATURES = 32
+# Depthwise kernel gradients whose output cotangent has at most this many elements are one
+# variadic reduction on CPUs (`_tap_sums`).
+MAX_FUSED_TAP_SUM_ELEMENTS = 1 << 19
 
 
 def channels_last_numbers(nd: int) -> lax.ConvDimensionNumbers:
@@ -182,12 +200,30 @@ def _depthwise_bwd(strides, pads, residuals, dy):
     spread = lax.pad(dy, jnp.zeros((), dy.dtype), config)
     dx = shifted_sum(spread, jnp.flip(kernel, axis=tuple(range(nd))), (1,) * nd,
                       ((0, 0),) * nd)
-    # Kernel gradient: per tap, the sum over batch and positions of the input slice that tap
-    # reads times the output cotangent.
-    xp = _padded(x, pads)
-    axes = tuple(range(dy.ndim - 1))
-    dw = jnp.stack([jnp.sum(piece * dy, axis=axes) for _, piece in _taps(xp, taps, strides)])
+    dw = _tap_sums(_padded(x, pads), dy, taps, strides)
     return dx.astype(x.dtype), dw.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _add_each(a: tuple, b: tuple) -> tuple:
+    return tuple(u + v for u, v in zip(a, b))
+
+
+def _tap_sums(xp: jax.Array, dy: jax.Array, taps: Sequence[int],
+              strides: Sequence[int]) -> jax.Array:
+    """The depthwise kernel gradient, [taps, C]: per tap, the sum over batch and positions of
+    the padded input's slice that tap reads times the output cotangent dy.
+
+    On CPUs, float32 and at most `MAX_FUSED_TAP_SUM_ELEMENTS` elements in dy, all taps' sums
+    are one variadic reduction, which XLA runs as one fused loop over the input and dy (one
+    thread); otherwise one reduction per tap, each of which YNNPACK runs on every core from
+    its own written-out slice."""
+    axes = tuple(range(dy.ndim - 1))
+    products = tuple(piece * dy for _, piece in _taps(xp, taps, strides))
+    if (dy.dtype == jnp.float32 and dy.size <= MAX_FUSED_TAP_SUM_ELEMENTS
+            and platform_lib.traced_platform() == "cpu"):
+        zeros = (jnp.zeros((), dy.dtype),) * len(products)
+        return jnp.stack(lax.reduce(products, zeros, _add_each, axes))
+    return jnp.stack([jnp.sum(p, axis=axes) for p in products])
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
