@@ -79,9 +79,10 @@ medians of 15, two runs): 24²x192 /2 2.5-3.1 -> 2.1-2.2 ms, 8²x384 2.2 -> 1.6,
 8²x1152 5.1 -> 15.8, 12²x768 7.3 -> 16.9, 16²x384 7.3 -> 8.8, 16²x768 /2 6.3 -> 9.4
 (32²x384 /2 11.7-13.2 -> 10.0-11.2, an exception, stays per tap). Whole steps, both compiled
 in one process, alternating, medians, equal losses: EfficientNetV2-B0 at 96² 190.2 -> 182.1 ms
-(30 steps) and 199.9 -> 185.5 ms (40); CoAtNet-0 at 64², whose depthwise convs are mostly
-above the threshold, 403.8 -> 410.0 (16) and 400.3 -> 398.6 ms (24). One reduction for every
-shape: B0 190.2 -> 180.0 and 201.3 -> 187.8 ms, but CoAtNet-0 368.0 -> 387.2 and 403.8 -> 418.1.
+(30 steps) and 199.9 -> 185.5 ms (40); CoAtNet-0 at 64², whose depthwise convs are all above
+the threshold (its compiled step is unchanged), 403.8 -> 410.0 (16) and 400.3 -> 398.6 ms (24),
+the spread between two runs of one program. One reduction for every shape: B0 190.2 -> 180.0
+and 201.3 -> 187.8 ms, but CoAtNet-0 368.0 -> 387.2 and 403.8 -> 418.1.
 
 Routing the 1x1 convs here made whole steps 5-23% faster (2026-12-06, idle, two runs a side,
 `benchmarks/vision_throughput.py --skip_timm`): CoAtNet-0 at 64², 649/685 -> 614/527 ms;
